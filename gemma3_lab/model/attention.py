@@ -1,0 +1,121 @@
+"""Gemma 3 grouped-query attention with q/k norm, per-layer RoPE and two equal paths.
+
+The fast path calls SDPA; the explicit path computes scores and the softmax pattern
+so they can be hooked. It is taken whenever `hook_attn_scores` or `hook_pattern` is in
+use (or `explicit` is set), and a test keeps both paths in agreement (STYLE 9).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import TextConfig
+from ..hook_point import HookPoint
+from ..masks import layer_mask
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+@dataclass
+class MaskPlan:
+    """One layer type's mask for one forward, built lazily: SDPA rarely needs it dense."""
+
+    q_slots: Tensor  # (S,)
+    kv_slots: Tensor  # (T,)
+    window: int | None
+    block_ids: Tensor | None = None  # (B, L) over all slots
+    key_valid: Tensor | None = None  # (B, L) over all slots
+    _sdpa: tuple | None = field(default=None, repr=False)
+
+    @cached_property
+    def dense(self) -> Tensor:
+        """(B|1, 1, S, T) bool, True = may attend."""
+        return layer_mask(self.q_slots, self.kv_slots, self.window, self.block_ids, self.key_valid)
+
+    def sdpa_args(self) -> tuple[Tensor | None, bool]:
+        """(attn_mask, is_causal) for SDPA, skipping the mask when a kernel flag says the same."""
+        if self._sdpa is None:
+            self._sdpa = self._plan_sdpa()
+        return self._sdpa
+
+    def _plan_sdpa(self) -> tuple[Tensor | None, bool]:
+        S, T = len(self.q_slots), len(self.kv_slots)
+        plain = self.block_ids is None and self.key_valid is None
+        in_window = self.window is None or T <= self.window
+        if plain and in_window and S == T and int(self.q_slots[0]) == int(self.kv_slots[0]):
+            return None, True
+        if plain and in_window and S == 1:
+            return None, False  # a decode step sees every cached key
+        return sdpa_safe(self.dense), False
+
+
+def sdpa_safe(mask: Tensor) -> Tensor:
+    """Unmask fully masked rows (padding queries) so SDPA gives no NaN.
+
+    Their outputs are meaningless either way; transformers does the same for SDPA.
+    """
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim, self.scale = N, K, H, cfg.attn_scale
+        self.q_proj = nn.Linear(D, N * H, bias=False)
+        self.k_proj = nn.Linear(D, K * H, bias=False)
+        self.v_proj = nn.Linear(D, K * H, bias=False)
+        self.o_proj = nn.Linear(N * H, D, bias=False)
+        self.q_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.explicit = False  # force the explicit-softmax path
+        self.hook_q = HookPoint()  # (B, S, N, H) before q_norm
+        self.hook_k = HookPoint()  # (B, S, K, H)
+        self.hook_v = HookPoint()  # (B, S, K, H)
+        self.hook_rot_q = HookPoint()  # (B, S, N, H) after q_norm and RoPE
+        self.hook_rot_k = HookPoint()  # (B, S, K, H)
+        self.hook_mask = HookPoint()  # (B|1, 1, S, T) bool, the exact mask used
+        self.hook_attn_scores = HookPoint()  # (B, N, S, T) scaled scores, masked = finfo.min
+        self.hook_pattern = HookPoint()  # (B, N, S, T) softmax
+        self.hook_z = HookPoint()  # (B, S, N, H) per-head output before o_proj
+        self.hook_out = HookPoint()  # (B, S, D) o_proj output, before post_attention_norm
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, plan: MaskPlan, cache=None) -> Tensor:
+        B, S, _ = x.shape
+        N, K, H = self.n_heads, self.n_kv, self.head_dim
+        q = self.hook_q(self.q_proj(x).view(B, S, N, H))  # (B, S, N, H)
+        k = self.hook_k(self.k_proj(x).view(B, S, K, H))  # (B, S, K, H)
+        v = self.hook_v(self.v_proj(x).view(B, S, K, H))
+        # q/k norm comes before RoPE; v is never normed (spec §2.3)
+        q = self.hook_rot_q(apply_rope(self.q_norm(q), cos, sin))
+        k = self.hook_rot_k(apply_rope(self.k_norm(k), cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N|K, S, H)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, K, T, H)
+        mask = self.hook_mask(plan.dense) if self.hook_mask.active else None
+        if self.explicit or self.hook_pattern.active or self.hook_attn_scores.active:
+            z = self._explicit(q, k, v, plan.dense if mask is None else mask)
+        else:
+            attn_mask, is_causal = plan.sdpa_args() if mask is None else (sdpa_safe(mask), False)
+            z = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale, enable_gqa=K != N
+            )
+        z = self.hook_z(z.transpose(1, 2))  # (B, S, N, H)
+        return self.hook_out(self.o_proj(z.reshape(B, S, N * H)))
+
+    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        """Scores, additive finfo.min mask, float32 softmax cast back — as transformers' eager."""
+        rep = self.n_heads // self.n_kv
+        if rep > 1:  # kv head j serves query heads j*rep .. j*rep+rep-1
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, N, S, T)
+        additive = torch.zeros(mask.shape, dtype=scores.dtype).masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        scores = self.hook_attn_scores(scores + additive)
+        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        return torch.matmul(pattern, v)  # (B, N, S, H)

@@ -1,0 +1,29 @@
+"""Gemma's RMSNorm: computed in float32 with the (1 + w) scale, cast back once (spec §2.2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..hook_point import HookPoint
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * (1 + w). The stored weight is the offset w, initialised to zero.
+
+    Unlike Llama, the multiply by (1 + w) happens in float32 before the single cast back,
+    which matters at bfloat16.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.hook_scale = HookPoint()  # (..., 1) the 1/rms factor, float32
+        self.hook_normalized = HookPoint()  # (..., dim) the output
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        scale = self.hook_scale(torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))
+        y = (xf * scale) * (1.0 + self.weight.float())
+        return self.hook_normalized(y.type_as(x))
