@@ -115,7 +115,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         scores = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, N, S, T)
-        additive = torch.zeros(mask.shape, dtype=scores.dtype).masked_fill_(~mask, torch.finfo(scores.dtype).min)
+        additive = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(~mask, torch.finfo(scores.dtype).min)
         scores = self.hook_attn_scores(scores + additive)
         pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
         return torch.matmul(pattern, v)  # (B, N, S, H)

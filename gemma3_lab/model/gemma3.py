@@ -38,14 +38,20 @@ class Gemma3Network(nn.Module):
         # Gemma 3 ties the head to the unscaled embedding; an untied config gets its own
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.vision, self.projector = _vision_parts(config)
-        for t in AttentionType:
-            self.register_buffer(f"inv_freq_{t.short}", inv_freq(cfg.rope_for(t), cfg.head_dim), persistent=False)
+        self.init_buffers()
         self.hook_embed = HookPoint()  # (B, S, D) embedding rows, before the sqrt(D) scale
         self.hook_embed_scaled = HookPoint()  # (B, S, D) after the scale
         self.hook_image_features = HookPoint()  # (n_images, 256, D) projector output
         self.hook_inputs_embeds = HookPoint()  # (B, S, D) what enters block 0 (images scattered in)
         self.hook_logits = HookPoint()  # (B, S', V)
         self.hook_points = name_hook_points(self)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """RoPE frequencies: float32 always (as transformers), rebuilt after a meta-device build."""
+        cfg = self.config.text
+        for t in AttentionType:
+            freqs = inv_freq(cfg.rope_for(t), cfg.head_dim)
+            self.register_buffer(f"inv_freq_{t.short}", freqs.to(device) if device else freqs, persistent=False)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -68,18 +74,19 @@ class Gemma3Network(nn.Module):
         cfg = self.config.text
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
-        key_valid = _key_valid(attention_mask, cache, B, past, S)
-        block_ids = _block_ids(token_types, cache, B, past, S)
+        dev = input_ids.device
+        key_valid = _key_valid(attention_mask, cache, B, past, S, dev)
+        block_ids = _block_ids(token_types, cache, B, past, S, dev)
         if position_ids is None:
-            position_ids = _positions(key_valid, cache, B, past, S)
+            position_ids = _positions(key_valid, cache, B, past, S, dev)
 
         h = self._embed(input_ids, pixel_values)
         cos_sin = {t: rope_tables(position_ids, getattr(self, f"inv_freq_{t.short}"), h.dtype) for t in set(cfg.layer_types)}
-        q_slots = torch.arange(past, past + S)
+        q_slots = torch.arange(past, past + S, device=dev)
         plans = {
             t: MaskPlan(
                 q_slots,
-                cache.kv_slots(t, S) if cache is not None else q_slots,
+                cache.kv_slots(t, S).to(dev) if cache is not None else q_slots,
                 cfg.window_for(t),
                 block_ids,
                 key_valid,
@@ -148,38 +155,38 @@ def _vision_parts(config: Gemma3Config):
     return VisionTower(config.vision), Projector(config)
 
 
-def _key_valid(attention_mask: Tensor | None, cache: KVCache | None, B: int, past: int, S: int) -> Tensor | None:
+def _key_valid(attention_mask: Tensor | None, cache: KVCache | None, B: int, past: int, S: int, dev) -> Tensor | None:
     """(B, past+S) bool over all slots, False on padding; None when nothing is padding."""
     if attention_mask is not None and attention_mask.shape[1] == past + S:
         full = attention_mask.bool()
     else:
         old = cache.key_valid if cache is not None and cache.key_valid is not None else None
-        old = old if old is not None else torch.ones(B, past, dtype=torch.bool)
-        new = attention_mask[:, -S:].bool() if attention_mask is not None else torch.ones(B, S, dtype=torch.bool)
+        old = old if old is not None else torch.ones(B, past, dtype=torch.bool, device=dev)
+        new = attention_mask[:, -S:].bool() if attention_mask is not None else torch.ones(B, S, dtype=torch.bool, device=dev)
         full = torch.cat((old, new), dim=1)
     return None if bool(full.all()) else full
 
 
-def _block_ids(token_types: Tensor | None, cache: KVCache | None, B: int, past: int, S: int) -> Tensor | None:
+def _block_ids(token_types: Tensor | None, cache: KVCache | None, B: int, past: int, S: int, dev) -> Tensor | None:
     """(B, past+S) image block id of every slot (-1 for text), or None without images."""
     old = cache.block_ids if cache is not None else None
     has_images = token_types is not None and bool((token_types[:, -S:] == 1).any())
     if old is None and not has_images:
         return None
     if old is None:
-        old = torch.full((B, past), -1)
+        old = torch.full((B, past), -1, device=dev)
     if not has_images:  # e.g. decode steps after an image prompt: plain causal text
-        return torch.cat((old, torch.full((B, S), -1)), dim=1)
+        return torch.cat((old, torch.full((B, S), -1, device=dev)), dim=1)
     new = image_block_ids(token_types[:, -S:])
     shift = int(old.max()) + 1 if old.numel() else 0  # keep block ids unique across calls
     return torch.cat((old, torch.where(new >= 0, new + max(shift, 0), new)), dim=1)
 
 
-def _positions(key_valid: Tensor | None, cache: KVCache | None, B: int, past: int, S: int) -> Tensor:
+def _positions(key_valid: Tensor | None, cache: KVCache | None, B: int, past: int, S: int, dev) -> Tensor:
     """RoPE positions: count of real tokens before each slot (pads get 0), as generate does."""
     if cache is not None and cache.next_position is not None:
-        return cache.next_position[:, None] + torch.arange(S)[None]
+        return cache.next_position[:, None] + torch.arange(S, device=dev)[None]
     if key_valid is None:
-        return torch.arange(past, past + S)[None].expand(B, S)
+        return torch.arange(past, past + S, device=dev)[None].expand(B, S)
     pos = key_valid.long().cumsum(-1) - 1
     return pos.clamp_min(0)[:, -S:]

@@ -1,0 +1,85 @@
+"""`Gemma3`: the network plus its tokenizer, processor, hook API and generation — the object
+`gl.load()` returns and every notebook, visualizer and the app work with."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .chat import apply_chat_template
+from .config import Gemma3Config
+from .hooks import HookedMixin
+from .inputs import Inputs
+from .model.gemma3 import Gemma3Network, ModelOutput
+from .processor import Processor
+
+
+class Gemma3(HookedMixin, Gemma3Network):
+    def __init__(self, config: Gemma3Config, tokenizer=None) -> None:
+        super().__init__(config)
+        self.tokenizer = tokenizer
+        self.source = ""  # where the weights came from, for display
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def processor(self) -> Processor:
+        return Processor(self.tokenizer, self.config)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        return apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def to_inputs(self, x) -> Inputs:
+        """Text, chat messages, a list of ids, a (B, T) tensor or Inputs -> Inputs."""
+        if isinstance(x, Inputs):
+            return x
+        if isinstance(x, Tensor):
+            ids = x[None] if x.dim() == 1 else x
+            ones = torch.ones_like(ids)
+            return Inputs(ids, ones, torch.zeros_like(ids))
+        if isinstance(x, (list, tuple)) and x and all(isinstance(i, int) for i in x):
+            return self.to_inputs(torch.tensor(x))
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer: pass token ids")
+        return self.processor(x)
+
+    # ------------------------------------------------------------------ running
+    def forward(self, inputs, **kwargs) -> ModelOutput:
+        """model(input_ids) or model(Inputs) or model("text"); kwargs as Gemma3Network.forward."""
+        if isinstance(inputs, Tensor):
+            ids = inputs[None] if inputs.dim() == 1 else inputs
+            return super().forward(ids.to(self.device), **kwargs)
+        x = self.to_inputs(inputs).to(self.device)
+        merged = {**x.model_kwargs(), **kwargs}
+        return super().forward(x.input_ids, **merged)
+
+    def generate(self, prompt, images=None, **kwargs):
+        from .generate import generate
+
+        return generate(self, prompt, images=images, **kwargs)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def describe(self) -> str:
+        """One line saying what this model is; notes such as "untrained vision" always shown."""
+        cfg = self.config
+        parts = [
+            cfg.name,
+            f"{self.num_parameters() / 1e6:.0f}M params",
+            f"{cfg.text.num_layers} layers ({len(cfg.text.local_layers)} local / {len(cfg.text.global_layers)} global)",
+            str(self.dtype).removeprefix("torch."),
+            "text+vision" if cfg.is_multimodal else "text-only",
+        ]
+        return " · ".join(parts + list(cfg.notes))
+
+    def __repr__(self) -> str:
+        return f"<gemma3_lab.Gemma3 {self.describe()}>"
