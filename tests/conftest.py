@@ -1,0 +1,48 @@
+"""Shared fixtures: the real bundled 270M (ours and transformers' on the same converted
+folder) loaded once per session, and tiny random checkpoints written by transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def long_prompt() -> str:
+    return (DATA / "long_prompt.txt").read_text()
+
+
+@pytest.fixture(scope="session")
+def real_folder() -> Path:
+    """The bundled GGUF converted once to an HF folder (in the user cache, reused across runs)."""
+    from gemma3_lab.load import bundled_gguf_path
+    from gemma3_lab.loading.gguf import cached_conversion
+
+    return cached_conversion(bundled_gguf_path(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_model(real_folder):
+    import gemma3_lab as gl
+
+    return gl.load(progress=False)
+
+
+def _hf(folder, impl):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_eager(real_folder):
+    return _hf(real_folder, "eager")
+
+
+@pytest.fixture(scope="session")
+def hf_sdpa(real_folder):
+    return _hf(real_folder, "sdpa")
