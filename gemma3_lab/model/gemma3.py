@@ -145,6 +145,8 @@ class Gemma3Network(nn.Module):
             raise ValueError(f"attention path must be 'sdpa' or 'explicit', not {path!r}")
         for b in self.blocks:
             b.attn.explicit = path == "explicit"
+        if self.vision is not None:
+            self.vision.set_attention_path(path)
 
 
 def _vision_parts(config: Gemma3Config):
