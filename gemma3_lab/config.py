@@ -167,7 +167,8 @@ class TextConfig:
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "hidden_activation": "gelu_pytorch_tanh",
-            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            # transformers validates this as an int; 27B uses 168, every size is whole
+            "query_pre_attn_scalar": int(self.query_pre_attn_scalar) if float(self.query_pre_attn_scalar).is_integer() else self.query_pre_attn_scalar,
             "sliding_window": self.sliding_window,
             "layer_types": [t.value for t in self.layer_types],
             "rope_parameters": {

@@ -74,14 +74,34 @@ def test_known_continuation(real_model):
     assert res.text.startswith(" the capital of the country of France. It is the largest city in France")
 
 
-def test_cached_decode_equals_uncached_across_window(real_model, long_ids):
-    prompt = long_ids[:, :500]
-    res = real_model.generate(prompt, max_new_tokens=40, stop_ids=(), capture=["hook_logits"])
-    step_logits = torch.cat([t[:, -1] for t in res.captures["hook_logits"]])  # (41, V)
+def _cached_vs_uncached(model, prompt, new_tokens=40):
+    """Logits of each cached decode step and of one uncached forward over the final sequence."""
+    res = model.generate(prompt, max_new_tokens=new_tokens, stop_ids=(), capture=["hook_logits"])
+    steps = torch.cat([t[:, -1] for t in res.captures["hook_logits"]])  # (new_tokens, V)
     full = torch.cat([prompt, torch.tensor([res.token_ids])], dim=1)
-    assert full.shape[1] == 540  # crosses the 512 window
+    assert full.shape[1] > model.config.text.sliding_window  # the steps cross the window
     with torch.no_grad():
-        ref = real_model(full).logits[0, 499:539]
-    d = (step_logits[:40] - ref).abs().max()
-    print(f"cached vs uncached: {d:.3g}")
-    assert d <= 1e-5
+        ref = model(full).logits[0, prompt.shape[1] - 1 : -1]
+    return steps, ref
+
+
+def test_cached_decode_equals_uncached_across_window(real_model, long_ids):
+    """500-token prompt + 40 tokens crosses the 512 window.
+
+    In float64 the cache path must agree to 1e-5 (it agrees to ~1e-12: same arithmetic).
+    In float32 a one-row decode and a 540-row forward hit different BLAS kernels, whose
+    rounding alone moves logits by ~2e-5 (the first step, which uses no cache at all,
+    already differs that much), so there we require the same tokens and <= 1e-4.
+    """
+    from gemma3_lab.load import build
+
+    prompt = long_ids[:, :500]
+    m64 = build(real_model.config, {k: v.double() for k, v in real_model.state_dict().items()}, real_model.tokenizer)
+    steps, ref = _cached_vs_uncached(m64, prompt)
+    d64 = (steps - ref).abs().max()
+    steps, ref = _cached_vs_uncached(real_model, prompt)
+    d32 = (steps - ref).abs().max()
+    print(f"cached vs uncached: float64 {d64:.3g}, float32 {d32:.3g}")
+    assert d64 <= 1e-5
+    assert d32 <= 1e-4
+    assert torch.equal(steps.argmax(-1), ref.argmax(-1))
