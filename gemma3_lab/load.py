@@ -103,7 +103,12 @@ def build(config: Gemma3Config, state: dict[str, torch.Tensor], tokenizer=None) 
     """
     device = next(iter(state.values())).device
     with torch.device("meta"):
-        model = Gemma3(config, tokenizer)
+        if "score.weight" in state:  # a sequence-classification checkpoint
+            from .model.classify import Gemma3Classifier
+
+            model = Gemma3Classifier(config, state["score.weight"].shape[0], tokenizer)
+        else:
+            model = Gemma3(config, tokenizer)
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers(device)
     return model.eval()
