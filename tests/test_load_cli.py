@@ -1,0 +1,83 @@
+"""gl.load's dispatch and errors, and the command line on the real model."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gemma3_lab as gl
+from gemma3_lab.cli import main
+
+
+def test_unknown_name_lists_the_choices():
+    with pytest.raises(FileNotFoundError, match="demo-multimodal"):
+        gl.load("gemma-17-huge")
+
+
+def test_unknown_dtype_is_a_clear_error():
+    with pytest.raises(ValueError, match="bfloat16"):
+        gl.load(dtype="int3")
+
+
+def test_cuda_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error only exists without it")
+    with pytest.raises(ValueError, match="CUDA"):
+        gl.load(device="cuda")
+
+
+@pytest.mark.real
+def test_folder_without_tokenizer_names_the_folder(real_folder, tmp_path):
+    folder = tmp_path / "no-tok"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).symlink_to(real_folder / name)
+    with pytest.raises(FileNotFoundError, match="no-tok.*tokenizer"):
+        gl.load(folder)
+
+
+@pytest.mark.real
+def test_folder_and_gguf_load_the_same_model(real_model, real_folder):
+    m = gl.load(real_folder, progress=False)
+    ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, real_model(ids).logits)
+    assert "gemma-3-270m" in real_model.describe() and "text-only" in real_model.describe()
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("generate", "masks", "verify", "convert", "info"):
+        assert cmd in out
+
+
+def test_cli_reports_errors_without_traceback(capsys):
+    assert main(["info", "--model", "/nonexistent/folder"]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_cli_generate_streams_the_library_greedy_text(real_model, real_folder):
+    expected = real_model.generate("The capital of France is", max_new_tokens=8).text
+    out = subprocess.run(
+        [sys.executable, "-m", "gemma3_lab", "generate", "The capital of France is", "--max-new-tokens", "8"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected.strip()
+    assert "tok/s" in out.stderr
+
+
+@pytest.mark.real
+@pytest.mark.oracle
+def test_cli_verify_agrees_with_transformers(capsys, real_folder):
+    assert main(["verify", "--model", str(real_folder), "--tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy continuation identical: True" in out
