@@ -1,0 +1,137 @@
+"""Core speed of gemma3_lab against transformers on the real bundled Gemma 3 270M, side by side
+in one run: load (warm and cold), greedy decode tokens/s (float32, bfloat16), prefill.
+
+    .venv/bin/python bench/bench_core.py [--tokens 64] [--quick]
+
+Prints one line per measurement with the ratio the issue asks for. Numbers are wall-clock
+on this machine; run it on an otherwise idle machine (2 cores are easily disturbed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+PROMPT = "The capital of France is"
+SNIPPETS = {
+    "ours_warm": "import time, gemma3_lab as gl; t=time.perf_counter(); gl.load(progress=False); print(time.perf_counter()-t)",
+    "ours_cold": (
+        "import os, time, gemma3_lab as gl; t=time.perf_counter(); gl.load(progress=False); print(time.perf_counter()-t)"
+    ),
+    "hf_gguf": (
+        "import time, torch, os; from transformers import AutoModelForCausalLM; from gemma3_lab.load import bundled_gguf_path; "
+        "p=bundled_gguf_path(); t=time.perf_counter(); "
+        "AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32); print(time.perf_counter()-t)"
+    ),
+}
+
+
+def _subprocess_seconds(code: str, env: dict | None = None) -> float:
+    """Load times are measured in fresh processes: no warm Python caches."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_load() -> None:
+    warm = min(_subprocess_seconds(SNIPPETS["ours_warm"]) for _ in range(3))
+    print(f"warm load (cached conversion):      {warm:7.2f} s        target <= 2 s")
+    with tempfile.TemporaryDirectory() as d:
+        cold = _subprocess_seconds(SNIPPETS["ours_cold"], {**os.environ, "GEMMA3_LAB_CACHE": d})
+    hf = _subprocess_seconds(SNIPPETS["hf_gguf"])
+    print(f"cold load from GGUF:  ours {cold:6.2f} s  transformers {hf:6.2f} s   ratio {cold / hf:5.2f}x   target <= 0.5x")
+
+
+def _hf_model(folder, impl="sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl).eval()
+
+
+def _ours_tps(model, ids, n) -> float:
+    model.generate(ids, max_new_tokens=4, stop_ids=())  # warm-up
+    best = 0.0
+    for _ in range(2):
+        res = model.generate(ids, max_new_tokens=n, stop_ids=())
+        best = max(best, res.tokens_per_second)
+    return best
+
+
+@torch.no_grad()
+def _hf_tps(hf, ids, n) -> float:
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, top_k=None, top_p=None, pad_token_id=0)
+    hf.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
+    best = 0.0
+    for _ in range(2):
+        # decode rate as ours reports it: tokens after the first, over the time after the prefill
+        t0 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+        t1 = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        t2 = time.perf_counter()
+        best = max(best, (n - 1) / ((t2 - t1) - (t1 - t0)))
+    return best
+
+
+def bench_decode(n: int) -> None:
+    import gemma3_lab as gl
+
+    model = gl.load(progress=False)
+    folder = model.source
+    hf = _hf_model(folder)
+    ids = model.to_inputs(PROMPT).input_ids
+    ours32 = _ours_tps(model, ids, n)
+    theirs = _hf_tps(hf, ids, n)
+    print(f"greedy decode fp32:   ours {ours32:6.2f} tok/s  transformers {theirs:6.2f} tok/s   ratio {ours32 / theirs:5.2f}x   target >= 1.3x")
+    del model
+    m16 = gl.load(dtype="bfloat16", progress=False)
+    ours16 = _ours_tps(m16, ids, n)
+    print(f"greedy decode bf16:   ours {ours16:6.2f} tok/s  vs transformers fp32          ratio {ours16 / theirs:5.2f}x   target >= 2.5x")
+
+
+@torch.no_grad()
+def bench_prefill() -> None:
+    import gemma3_lab as gl
+
+    model = gl.load(progress=False)
+    hf = _hf_model(model.source)
+    text = open(os.path.join(os.path.dirname(__file__), "..", "tests", "data", "long_prompt.txt")).read()
+    base = model.to_inputs(text).input_ids
+    for n in (512, 2048):
+        ids = base.repeat(1, n // base.shape[1] + 1)[:, :n]
+
+        def best(fn):
+            fn()
+            ts = []
+            for _ in range(3):
+                t = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t)
+            return min(ts)
+
+        ours = best(lambda: model(ids))
+        theirs = best(lambda: hf(input_ids=ids))
+        print(f"prefill {n:4d} tokens:  ours {ours:6.3f} s  transformers sdpa {theirs:6.3f} s   ratio {ours / theirs:5.2f}x   target <= 1.0x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["load", "decode", "prefill"])
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if "load" not in args.skip:
+        bench_load()
+    if "decode" not in args.skip:
+        bench_decode(args.tokens)
+    if "prefill" not in args.skip:
+        bench_prefill()
+
+
+if __name__ == "__main__":
+    main()
