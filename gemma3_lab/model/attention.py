@@ -102,11 +102,25 @@ class Attention(nn.Module):
             z = self._explicit(q, k, v, plan.dense if mask is None else mask)
         else:
             attn_mask, is_causal = plan.sdpa_args() if mask is None else (sdpa_safe(mask), False)
-            z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale, enable_gqa=K != N
-            )
+            if S == 1:
+                z = self._one_query(q, k, v, attn_mask)
+            else:
+                z = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale, enable_gqa=K != N
+                )
         z = self.hook_z(z.transpose(1, 2))  # (B, S, N, H)
         return self.hook_out(self.o_proj(z.reshape(B, S, N * H)))
+
+    def _one_query(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """A decode step: CPU SDPA kernels are tuned for long blocks and cost ~10x more for
+        one query than these three small matmuls. Query heads are grouped per kv head."""
+        B, N, _, H = q.shape
+        K = k.shape[1]
+        scores = torch.matmul(q.view(B, K, N // K, H), k.transpose(2, 3)) * self.scale  # (B, K, rep, T)
+        if mask is not None:  # (B|1, 1, 1, T): same for every head
+            scores = scores.masked_fill(~mask, float("-inf"))
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(pattern, v).view(B, N, 1, H)  # (B, N, 1, H)
 
     def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         """Scores, additive finfo.min mask, float32 softmax cast back — as transformers' eager."""
