@@ -59,6 +59,27 @@ class GenerationResult:
         return None if len(self.token_ids) == len(other.token_ids) else min(len(self.token_ids), len(other.token_ids))
 
 
+def warp(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """Sampling scores from (V,) logits: temperature, then top-k, then top-p; dropped = -inf."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    scores = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(scores, min(top_k, scores.numel())).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # drop the low tail whose total mass is <= 1 - top_p, always keeping the best token
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[-1] = False
+        scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return scores
+
+
 def sample_next(
     logits: Tensor,
     do_sample: bool = False,
@@ -67,25 +88,11 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> int:
-    """Choose a token from (V,) logits."""
+    """Choose a token from (V,) logits: argmax, or a draw from the warped distribution."""
     if not do_sample:
         return int(torch.argmax(logits))
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    scores = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(scores, min(top_k, scores.numel())).values[-1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        # drop the low tail whose mass is <= 1 - top_p, always keeping the best token
-        sorted_scores, order = torch.sort(scores, descending=False)
-        cum = sorted_scores.softmax(-1).cumsum(-1)
-        drop = cum <= 1 - top_p
-        drop[-1] = False
-        scores = scores.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(scores.softmax(-1), 1, generator=generator))
+    probs = warp(logits, temperature, top_k, top_p).softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 @torch.no_grad()
