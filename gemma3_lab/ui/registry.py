@@ -1,0 +1,105 @@
+"""The models the app may run: the bundled names plus local folders under one allow-listed
+root, each loaded once and shared read-only by every browser session.
+
+A loaded model is used under its own lock: hooks are attached to the shared modules for
+the length of a generation, so two sessions must not run the same model at once (a second
+session waits for the first; sessions on different models run side by side).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..load import BUNDLED, NAMES
+
+ROOT_ENV = "GEMMA3_LAB_MODELS_ROOT"
+
+
+@dataclass
+class Entry:
+    model: object
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    def lock_busy(self) -> bool:
+        if self.lock.acquire(blocking=False):
+            self.lock.release()
+            return False
+        return True
+
+
+class ModelRegistry:
+    """`resolve(choice)` checks a model choice; `get(key)` loads it once and returns its Entry.
+
+    choice: a bundled name (`gemma-3-270m`, `demo-multimodal`) or a folder / .gguf file
+    inside `root` (absolute, or relative to the root). Anything outside the root, through
+    `..` or a symlink, is refused. With no root, only the bundled names are allowed.
+    """
+
+    def __init__(self, root: str | os.PathLike | None = None, loader=None, dtype: str = "float32") -> None:
+        if root is None:
+            root = os.environ.get(ROOT_ENV) or None
+        self.root = Path(root).expanduser().resolve() if root else None
+        self.dtype = dtype
+        self._loader = loader
+        self._entries: dict[str, Entry] = {}
+        self._loading: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    # ------------------------------------------------------------------ choices
+    def choices(self) -> list[str]:
+        """Bundled names, then every folder (with config.json) and .gguf file under the root."""
+        found: list[str] = []
+        if self.root is not None and self.root.is_dir():
+            for p in sorted(self.root.iterdir()):
+                if (p.is_dir() and (p / "config.json").exists()) or p.suffix == ".gguf":
+                    found.append(str(p))
+        return list(NAMES) + found
+
+    def resolve(self, choice: str | None) -> str:
+        """A cache key for `choice`, or ValueError saying why it is not allowed."""
+        choice = (choice or "").strip() or BUNDLED
+        if choice in NAMES:
+            return choice
+        if self.root is None:
+            raise ValueError(
+                f"model {choice!r}: local folders are disabled; set {ROOT_ENV} to a folder of "
+                f"checkpoints to allow them (bundled: {', '.join(NAMES)})"
+            )
+        path = Path(choice).expanduser()
+        path = (path if path.is_absolute() else self.root / path).resolve()
+        if path != self.root and self.root not in path.parents:
+            raise ValueError(f"model folder {choice!r} is outside the allowed root {self.root} ({ROOT_ENV})")
+        if not path.exists():
+            raise ValueError(f"model folder {choice!r}: no such folder or file under {self.root}")
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ValueError(f"model folder {choice!r} has no config.json (a Hugging Face Gemma 3 folder is expected)")
+        return str(path)
+
+    # ------------------------------------------------------------------ loading
+    def is_loaded(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> Entry:
+        """Load `key` (a resolved choice) once; concurrent callers wait for the same load."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            return entry
+        with self._guard:
+            lock = self._loading.setdefault(key, threading.Lock())
+        with lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                model = self._load(key)
+                model.requires_grad_(False)
+                entry = self._entries[key] = Entry(model)
+        return entry
+
+    def _load(self, key: str):
+        if self._loader is not None:
+            return self._loader(key)
+        from ..load import load
+
+        return load(key, dtype=self.dtype, progress=False)
