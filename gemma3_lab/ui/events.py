@@ -10,9 +10,11 @@ import inspect as pyinspect
 
 import gradio as gr
 
-from .layout import COLUMN_FIELDS, Page
+from .figures import layer_mask_image, to_image
+from .inspector import inspect_token, sequence_inputs
+from .layout import COLUMN_FIELDS, Page, head_choices, layer_choices
 from .registry import ModelRegistry
-from .render import divergence_md, results_json, status_md, tokens_html
+from .render import divergence_md, results_json, status_md, tokens_html, topk_html
 from .runner import prepare, run_all
 from .session import COLUMNS, Session
 from .settings import ColumnSpec, SettingsError, build_prompt, parse_decoding, uploaded_images
@@ -88,3 +90,72 @@ def wire(page: Page, registry: ModelRegistry, session: gr.State) -> None:
     page.generate.click(**gen)
     page.prompt.submit(**{**gen, "api_visibility": "private"})
     page.stop.click(stop, inputs=[session], outputs=[page.divergence], api_name="stop", queue=False)
+    wire_inspector(page, registry, session)
+    a = page.atlas
+    a["draw"].click(make_atlas(registry), inputs=[a["column"], session], outputs=[a["image"]], api_name="mask_atlas",
+                    concurrency_id="inspect")
+
+
+def make_inspect(registry: ModelRegistry):
+    def inspect(column, index, layer, head, session: Session):
+        """Inspect token `index` (0 = first generated) of column "A" or "B" at a layer and head
+        (-1 = mean of heads)."""
+        if column not in COLUMNS:
+            raise gr.Error(f"column must be A or B, not {column!r}")
+        if index is None:
+            raise gr.Error("which token? give its index (0 = the first generated token)")
+        try:
+            ins = inspect_token(registry, session, column, index, layer if layer is not None else 0, head)
+        except LookupError as e:
+            raise gr.Error(str(e.args[0] if e.args else e)) from None
+        config = registry.get(session.run(column).spec.model).model.config
+        data = {
+            "column": column, "index": ins.index, "layer": ins.layer, "head": ins.head,
+            "layer_type": ins.layer_kind, "query_position": ins.query,
+            "top_k": ins.top_k, "attended": ins.attended,
+        }
+        run = session.run(column)
+        window = config.text.sliding_window if ins.layer_kind != "global" else None
+        mask = layer_mask_image(ins.mask, sequence_inputs(run).token_types, ins.labels, window,
+                                run.inputs.image_spans, f"mask of layer {ins.layer} ({ins.layer_kind})", ins.query)
+        return (
+            column, ins.index, ins.header, topk_html(run.steps[ins.index]), ins.attended,
+            gr.Dropdown(choices=layer_choices(config), value=ins.layer),
+            gr.Dropdown(choices=head_choices(config), value=ins.head),
+            None, mask, data,
+        )
+
+    return inspect
+
+
+def wire_inspector(page: Page, registry: ModelRegistry, session: gr.State) -> None:
+    w = page.inspector
+    inspect = make_inspect(registry)
+    outputs = [w[k] for k in ("column", "index", "header", "top_k", "attended", "layer", "head", "heatmap", "mask",
+                              "json")]
+    common = dict(outputs=outputs, concurrency_id="inspect", show_progress="minimal")
+    gr.on([w["layer"].input, w["head"].input], inspect, inputs=[w["column"], w["index"], w["layer"], w["head"], session],
+          api_name="inspect", **common)
+    for col in COLUMNS:
+        def clicked(layer, head, session, evt: gr.SelectData, col=col):
+            return inspect(col, evt.index, layer, head, session)
+
+        page.columns[col].tokens.select(clicked, inputs=[w["layer"], w["head"], session], api_visibility="private",
+                                        **common)
+
+
+def make_atlas(registry: ModelRegistry):
+    def mask_atlas(column, session: Session):
+        """Every layer's mask over column A's or B's prompt and generated tokens."""
+        from ..viz.atlas import mask_atlas as draw
+
+        try:
+            run = session.run(column)
+        except LookupError as e:
+            raise gr.Error(str(e.args[0])) from None
+        if run.inputs is None:
+            raise gr.Error(f"column {column} has no processed prompt yet: press Generate first")
+        model = registry.get(run.spec.model).model
+        return to_image(draw(model, sequence_inputs(run, upto=len(run.steps))))
+
+    return mask_atlas

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..load import BUNDLED
-from .render import CLICK_JS, CSS, LEGEND, tokens_html
+from .render import CLICK_JS, CSS, LEGEND, TOPK_CSS, tokens_html, topk_html
 from .settings import DECODING, MAX_NEW_TOKENS
 
 # the order of one column's settings in the `generate` endpoint, after prompt/chat/images;
@@ -36,7 +36,7 @@ def column_settings(name: str, model_choices: list[str], default_model: str = BU
     )
     with gr.Row():
         s["decoding"] = gr.Radio(list(DECODING), value="greedy", label="decoding", elem_id=f"decoding-{name}")
-        s["max_new_tokens"] = gr.Slider(1, MAX_NEW_TOKENS, value=24, step=1, label="max new tokens",
+        s["max_new_tokens"] = gr.Number(24, label=f"max new tokens (1–{MAX_NEW_TOKENS})", precision=0,
                                         elem_id=f"max-{name}")
     with gr.Row():
         s["temperature"] = gr.Number(1.0, label="temperature", min_width=80, elem_id=f"temperature-{name}")
@@ -63,6 +63,7 @@ class Page:
     divergence: gr.Markdown
     results: gr.JSON
     inspector: dict  # name -> component
+    atlas: dict
 
 
 def build_page(model_choices: list[str]) -> Page:
@@ -79,19 +80,77 @@ def build_page(model_choices: list[str]) -> Page:
             images = gr.File(label="images (optional)", file_count="multiple", type="filepath", elem_id="images",
                              height=110)
     with gr.Row():
-        generate = gr.Button("Generate A and B", variant="primary", elem_id="generate")
+        generate = gr.Button("Generate both", variant="primary", elem_id="generate")
         stop = gr.Button("Stop", variant="stop", elem_id="stop")
-    columns = {}
+    with gr.Tabs():
+        with gr.Tab("Generate & inspect", id="main"):
+            columns = {}
+            with gr.Row(equal_height=False):
+                for name in ("A", "B"):
+                    with gr.Column(min_width=320):
+                        with gr.Accordion(f"column {name} settings", open=True):
+                            settings = column_settings(name, model_choices)
+                        status = gr.Markdown(elem_id=f"status-{name}")
+                        tokens = token_strip(name)
+                        columns[name] = ColumnWidgets(name, settings, status, tokens)
+            gr.HTML(LEGEND, css_template=CSS, js_on_load=None)
+            divergence = gr.Markdown(elem_id="divergence")
+            inspector = build_inspector()
+            with gr.Accordion("results as JSON (what the `generate` endpoint returns)", open=False):
+                results = gr.JSON(elem_id="results")
+        with gr.Tab("Mask atlas", id="atlas"):
+            atlas = build_atlas_tab()
+    return Page(prompt, chat, images, columns, generate, stop, divergence, results, inspector, atlas)
+
+
+def layer_choices(config) -> list[tuple[str, int]]:
+    t = config.text
+    return [(f"L{i} {t.layer_types[i].short}", i) for i in range(t.num_layers)]
+
+
+def head_choices(config) -> list[tuple[str, int]]:
+    return [("mean of heads", -1)] + [(f"head {h}", h) for h in range(config.text.num_heads)]
+
+
+def build_inspector(config=None) -> dict:
+    """The inspector panel; its layer/head choices follow the model of the clicked column."""
+    from ..config import PRESETS
+
+    config = config or PRESETS["gemma-3-270m"]
+    w = {}
+    gr.Markdown("## Inspector")
+    w["header"] = gr.Markdown("Click a generated token to see its candidates and where it attended.",
+                              elem_id="insp-header")
+    w["column"] = gr.Textbox(visible=False, label="column")
+    w["index"] = gr.Number(visible=False, label="index", precision=0)
     with gr.Row(equal_height=False):
-        for name in ("A", "B"):
-            with gr.Column(min_width=320):
-                with gr.Accordion(f"column {name} settings", open=True):
-                    settings = column_settings(name, model_choices)
-                status = gr.Markdown(elem_id=f"status-{name}")
-                tokens = token_strip(name)
-                columns[name] = ColumnWidgets(name, settings, status, tokens)
-    gr.HTML(LEGEND, css_template=CSS, js_on_load=None)
-    divergence = gr.Markdown(elem_id="divergence")
-    with gr.Accordion("results as JSON (what the `generate` endpoint returns)", open=False):
-        results = gr.JSON(elem_id="results")
-    return Page(prompt, chat, images, columns, generate, stop, divergence, results, {})
+        with gr.Column(scale=2, min_width=280):
+            gr.Markdown("**Top candidates** (the probability the model gave each; chosen token highlighted)")
+            w["top_k"] = gr.HTML(topk_html(None), css_template=TOPK_CSS, js_on_load=None, elem_id="insp-topk")
+            w["attended"] = gr.Dataframe(headers=["position", "token", "attention weight"], label="attended most",
+                                         interactive=False, elem_id="insp-attended")
+        with gr.Column(scale=3, min_width=360):
+            with gr.Row():
+                w["layer"] = gr.Dropdown(layer_choices(config), value=config.text.global_layers[0], label="layer",
+                                         elem_id="insp-layer")
+                w["head"] = gr.Dropdown(head_choices(config), value=-1, label="head", elem_id="insp-head")
+            w["heatmap"] = gr.Image(label="where it attended", type="pil", interactive=False, elem_id="insp-heatmap",
+                                    buttons=["download", "fullscreen"], height=420)
+    with gr.Row(equal_height=False):
+        w["mask"] = gr.Image(label="the mask this layer used", type="pil", interactive=False, elem_id="insp-mask",
+                             buttons=["download", "fullscreen"], height=420)
+    with gr.Accordion("inspection as JSON (what the `inspect` endpoint returns)", open=False):
+        w["json"] = gr.JSON(elem_id="insp-json")
+    return w
+
+
+def build_atlas_tab() -> dict:
+    w = {}
+    gr.Markdown("Every layer's attention mask over a column's prompt and generated tokens: local sliding-window "
+                "layers and global layers, image tokens attending both ways inside their image.")
+    with gr.Row():
+        w["column"] = gr.Radio(["A", "B"], value="A", label="column", elem_id="atlas-column")
+        w["draw"] = gr.Button("Draw the mask atlas", elem_id="atlas-draw")
+    w["image"] = gr.Image(label="mask atlas", type="pil", interactive=False, elem_id="atlas-image",
+                          buttons=["download", "fullscreen"])
+    return w

@@ -114,3 +114,30 @@ def results_json(session: Session) -> dict:
             "done": res is not None or run.error is not None,
         }
     return out
+
+
+TOPK_CSS = """
+.g3-topk { border-collapse: collapse; font-size: 14px; width: 100%; }
+.g3-topk td, .g3-topk th { padding: 3px 8px; text-align: left; }
+.g3-topk .piece { font-family: ui-monospace, monospace; white-space: pre; }
+.g3-topk .bar { display: inline-block; height: 10px; background: #5b8def; border-radius: 2px; vertical-align: middle; }
+.g3-topk tr.chosen { background: #fff3c4; font-weight: 600; }
+"""
+
+
+def topk_html(step) -> str:
+    """The step's recorded top-k under the model's own distribution (temperature 1, no
+    filtering), the chosen token marked; exact probabilities, nothing rounded to 0 %."""
+    if step is None:
+        return "<p class='g3-empty'>Click a generated token.</p>"
+    rows = []
+    ids = list(step.top_k_ids)
+    for rank, ((piece, p), i) in enumerate(zip(step.top_k, ids), 1):
+        cls = " class='chosen'" if i == step.token_id else ""
+        rows.append(f"<tr{cls}><td>{rank}</td><td class='piece'>{html.escape(repr(piece)[1:-1])}</td><td>{i}</td>"
+                    f"<td>{p:.4f}</td><td><span class='bar' style='width:{max(p * 120, 1):.0f}px'></span></td></tr>")
+    if step.token_id not in ids:
+        rows.append(f"<tr class='chosen'><td>…</td><td class='piece'>{html.escape(repr(step.token)[1:-1])}</td>"
+                    f"<td>{step.token_id}</td><td>{step.prob:.4f}</td><td>(sampled, outside the top {len(ids)})</td></tr>")
+    return ("<table class='g3-topk'><tr><th>#</th><th>token</th><th>id</th><th>p</th><th></th></tr>"
+            + "".join(rows) + "</table>")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..images import load_image
@@ -53,11 +53,11 @@ class ColumnSpec:
     decoding: Decoding
     pan_and_scan: bool = False
     intervention: object = None  # an InterventionSpec (ui.interventions), or None
-    extra: dict = field(default_factory=dict)
 
 
-def _number(name: str, value, kind=float, *, lo=None, hi=None, lo_open=False, allow_none=False):
-    col = name
+def _number(what: str, value, kind=float, *, lo=None, hi=None, lo_open=False, allow_none=False):
+    """`value` as a checked number; `what` names the setting in the message."""
+    col = what
     if value is None or (isinstance(value, str) and not value.strip()):
         if allow_none:
             return None

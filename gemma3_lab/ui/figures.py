@@ -1,0 +1,41 @@
+"""The visualizers' matplotlib figures turned into images for the page (and closed at once,
+so a long-running server does not pile up figures). Drawing itself is `gemma3_lab.viz`'s."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # the server draws in worker threads, never on a screen
+
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+DPI = 110
+
+
+def to_image(fig) -> Image.Image:
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def layer_mask_image(mask, token_types, labels: list[str], window: int | None, spans, title: str, query: int):
+    """One layer's real mask (from its `hook_mask`) drawn with the mask visualizer's cells;
+    the row of the query that produced the inspected token is marked."""
+    from ..masks import image_block_ids
+    from ..viz.atlas import draw_mask
+    from ..viz.maskset import cell_classes
+
+    side = min(3.5 + 0.16 * len(labels), 7.5)
+    fig, ax = plt.subplots(figsize=(side + 0.8, side + 0.6), layout="constrained")
+    draw_mask(ax, cell_classes(mask, image_block_ids(token_types)[0]), labels, window, spans, title, fontsize=9)
+    ax.axhline(query, color="#1f4fd1", linewidth=1.2, alpha=0.8)
+    ax.annotate("query", (len(labels) - 0.5, query), xytext=(4, 0), textcoords="offset points", va="center",
+                color="#1f4fd1", fontsize=8, annotation_clip=False)
+    return to_image(fig)

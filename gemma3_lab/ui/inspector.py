@@ -1,0 +1,128 @@
+"""What the inspector shows for one generated token: its top-k candidates (recorded by
+`generate`), where the query that produced it attended, and that layer's mask.
+
+The token at step i (sequence position p) was chosen from the logits at query p - 1, so
+attention is read from row p - 1 of one forward over the prompt plus the generated
+tokens, run with the column's intervention hooks, through `run_with_cache`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..hooks import act_name
+from ..inputs import Inputs
+from .registry import ModelRegistry
+from .session import ColumnRun, Session
+
+KEEP_LAYERS = 4  # activation caches kept per column (one forward each)
+MEAN = -1  # head choice: the mean over the layer's heads
+
+
+@dataclass
+class Inspection:
+    col: str
+    index: int
+    layer: int
+    head: int  # MEAN or a head index
+    header: str  # markdown
+    top_k: list[list]  # [[piece, id, probability], ...] as recorded by generate
+    pattern: torch.Tensor  # (N, S, T) the layer's attention over the sequence
+    mask: torch.Tensor  # (S, T) bool, the mask the layer used
+    labels: list[str]  # one per position
+    query: int  # the row that produced the token
+    attended: list[list]  # [[position, token, weight], ...] highest first
+    n_layers: int
+    n_heads: int
+    layer_kind: str
+
+
+def sequence_inputs(run: ColumnRun, upto: int | None = None) -> Inputs:
+    """The prompt followed by the generated tokens before step `upto` (all but the last by
+    default: no later query is needed), as one uncached input."""
+    steps = run.steps[: (len(run.steps) - 1 if upto is None else upto)]
+    x = run.inputs
+    if not steps:
+        return x
+    new = torch.tensor([[s.token_id for s in steps]], dtype=x.input_ids.dtype)
+    ones = torch.ones_like(new)
+    return replace(
+        x,
+        input_ids=torch.cat([x.input_ids, new], 1),
+        attention_mask=torch.cat([x.attention_mask, ones], 1),
+        token_types=torch.cat([x.token_types, torch.zeros_like(new)], 1),
+    )
+
+
+def layer_cache(registry: ModelRegistry, run: ColumnRun, layer: int):
+    """run_with_cache of one layer's pattern and mask over the sequence, with the column's hooks."""
+    if layer in run.caches:
+        return run.caches[layer]
+    entry = registry.get(run.spec.model)
+    names = [act_name("pattern", layer), act_name("mask", layer)]
+    with entry.lock, entry.model.hooks(run.hooks):
+        _, cache = entry.model.run_with_cache(sequence_inputs(run), names_filter=names)
+    if len(run.caches) >= KEEP_LAYERS:
+        run.caches.pop(next(iter(run.caches)))
+    run.caches[layer] = cache
+    return cache
+
+
+def dense(t) -> torch.Tensor:
+    """Cached patterns of local layers may be stored as bands; `.dense()` is their exact full view."""
+    return t.dense() if hasattr(t, "dense") else t
+
+
+def topk_rows(step) -> list[list]:
+    return [[piece, int(i), float(p)] for (piece, p), i in zip(step.top_k, step.top_k_ids)]
+
+
+def inspect_token(registry: ModelRegistry, session: Session, col: str, index, layer, head) -> Inspection:
+    run = session.run(col)
+    if not run.steps:
+        raise LookupError(f"column {col} has no generated tokens to inspect")
+    index = int(index)
+    if not 0 <= index < len(run.steps):
+        raise LookupError(f"column {col} has {len(run.steps)} generated tokens; there is no token {index}")
+    if run.result is None:
+        raise LookupError(f"column {col} is still generating: inspect its tokens when it has finished")
+    model = registry.get(run.spec.model).model
+    cfg = model.config.text
+    layer = int(layer)
+    if not 0 <= layer < cfg.num_layers:
+        raise LookupError(f"layer {layer} does not exist: {model.config.name} has layers 0–{cfg.num_layers - 1}")
+    head = MEAN if head is None else int(head)
+    if not (head == MEAN or 0 <= head < cfg.num_heads):
+        raise LookupError(f"head {head} does not exist: layer {layer} has heads 0–{cfg.num_heads - 1}")
+    step = run.steps[index]
+    cache = layer_cache(registry, run, layer)
+    pattern = dense(cache["pattern", layer])[0].float()  # (N, S, T)
+    mask = cache["mask", layer][0, 0]  # (S, T)
+    labels = _labels(model, run)
+    query = step.position - 1
+    row = pattern[:, query] if head == MEAN else pattern[head, query][None]
+    weights = row.mean(0)[: query + 1]
+    top = torch.topk(weights, min(8, query + 1))
+    attended = [[int(j), labels[int(j)], round(float(w), 4)] for w, j in zip(top.values, top.indices)]
+    kind = cfg.layer_types[layer].short
+    header = (
+        f"**column {col}, step {index}**: token {step.token!r} (id {step.token_id}) at position {step.position}, "
+        f"p = {step.prob:.4f} (log p = {step.logprob:.3f}). It was chosen from the logits at position {query} "
+        f"({labels[query]!r}); attention below is that query's, layer {layer} ({kind}"
+        + (f", window {cfg.sliding_window}" if kind != "global" else "") + ")"
+        + (", mean of heads." if head == MEAN else f", head {head}.")
+    )
+    return Inspection(col, index, layer, head, header, topk_rows(step), pattern, mask, labels, query, attended,
+                      cfg.num_layers, cfg.num_heads, kind)
+
+
+def _labels(model, run: ColumnRun) -> list[str]:
+    ids = sequence_inputs(run).input_ids[0].tolist()
+    soft = model.config.image_token_id
+    out = []
+    for i in ids:
+        piece = "<image_soft_token>" if i == soft else (model.tokenizer.id_to_token(i) or f"<{i}>")
+        out.append(piece.replace("\n", "\\n"))
+    return out
