@@ -162,7 +162,12 @@ def label_figure(fig, config: Gemma3Config | None, images: bool = False) -> None
         return
     note = model_note(config)
     text = config.name + (f" · {note}" if note else "")
-    fig.text(0.01, 0.005, text, fontsize=7, color="#b00020" if note and images else "#555555",
+    eng = fig.get_layout_engine()
+    if eng is not None and "rect" in eng.get():  # keep the axes clear of the foot line
+        left, bottom, width, height = eng.get()["rect"]
+        if bottom < 0.04:
+            eng.set(rect=(left, 0.04, width, height - (0.04 - bottom)))
+    fig.text(0.01, 0.005, text, fontsize=7 if not images else 8, color="#b00020" if note and images else "#555555",
              ha="left", va="bottom", wrap=True)
 
 
