@@ -132,8 +132,9 @@ def build_inspector(config=None) -> dict:
         with gr.Column(scale=3, min_width=360):
             with gr.Row():
                 w["layer"] = gr.Dropdown(layer_choices(config), value=config.text.global_layers[0], label="layer",
-                                         elem_id="insp-layer")
-                w["head"] = gr.Dropdown(head_choices(config), value=-1, label="head", elem_id="insp-head")
+                                         allow_custom_value=True, elem_id="insp-layer")
+                w["head"] = gr.Dropdown(head_choices(config), value=-1, label="head", allow_custom_value=True,
+                                        elem_id="insp-head")
             w["heatmap"] = gr.Image(label="where it attended", type="pil", interactive=False, elem_id="insp-heatmap",
                                     buttons=["download", "fullscreen"], height=420)
     with gr.Row(equal_height=False):

@@ -1,0 +1,203 @@
+"""The web app driven through `gradio_client`, as a script would: both columns generate, the
+numbers it returns are the library's, bad requests come back as messages and the app keeps
+answering. The app runs in a thread of this process on a free port."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from gemma3_lab.load import BUNDLED  # noqa: E402
+
+pytestmark = pytest.mark.real
+PROMPT = "The capital of France is"
+N = 5  # new tokens per column: the CPU is shared, keep every call short
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_folder(path: Path, tokenizer_json: Path) -> Path:
+    """A 2-layer random Gemma 3 with the real vocabulary and a 64-token context, as an HF folder."""
+    from gemma3_lab.config import Gemma3Config, TextConfig, pattern_layer_types
+    from gemma3_lab.explorer import Gemma3
+    from gemma3_lab.loading.hf import save_hf_folder
+
+    text = TextConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                      query_pre_attn_scalar=16, sliding_window=8, layer_types=pattern_layer_types(2),
+                      max_position_embeddings=64)
+    cfg = Gemma3Config(text=text, name="tiny")
+    torch.manual_seed(0)
+    model = Gemma3(cfg)
+    model.init_buffers()
+    save_hf_folder(cfg, model.state_dict(), path)
+    shutil.copy(tokenizer_json, path / "tokenizer.json")
+    return path
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, real_folder):
+    from gemma3_lab.ui import ModelRegistry, build_app
+
+    root = tmp_path_factory.mktemp("models")
+    tiny_folder(root / "tiny", real_folder / "tokenizer.json")
+    demo = build_app(ModelRegistry(root=root))
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.url = f"http://127.0.0.1:{port}/"
+    demo.root = root
+    yield demo
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def model(app):
+    return app.registry.get(BUNDLED).model
+
+
+@pytest.fixture()
+def client(app):
+    return Client(app.url, verbose=False)
+
+
+def settings(**changes) -> dict:
+    base = {"prompt": PROMPT, "chat": False, "images": []}
+    for c in "ab":
+        base.update({f"{c}_model": BUNDLED, f"{c}_decoding": "greedy", f"{c}_temperature": 1.0, f"{c}_top_k": 0,
+                     f"{c}_top_p": 1.0, f"{c}_seed": 0, f"{c}_max_new_tokens": N, f"{c}_pan_and_scan": False})
+    base.update(changes)
+    return base
+
+
+def generate(client, **changes) -> dict:
+    """The `generate` endpoint's last output: the results JSON."""
+    return client.predict(**settings(**changes), api_name="/generate")[-1]
+
+
+def test_endpoints_are_named(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/generate", "/stop", "/inspect", "/mask_atlas"} <= names
+
+
+def test_both_columns_generate_and_equal_the_library(client, model):
+    out = generate(client, b_decoding="sample", b_temperature=0.8, b_top_k=40, b_seed=7)
+    greedy = model.generate(PROMPT, max_new_tokens=N)
+    sampled = model.generate(PROMPT, max_new_tokens=N, do_sample=True, temperature=0.8, top_k=40, seed=7)
+    a, b = out["A"], out["B"]
+    assert a["token_ids"] == greedy.token_ids and a["text"] == greedy.text
+    assert a["probs"] == [round(s.prob, 6) for s in greedy.steps]
+    assert b["token_ids"] == sampled.token_ids and b["stop_reason"] == sampled.stop_reason
+    assert out["first_divergence"] == greedy.first_divergence(sampled)
+    assert a["done"] and b["done"] and a["prompt_tokens"] == len(greedy.prompt_ids)
+
+
+def test_inspector_numbers_come_from_the_library(client, model):
+    generate(client)
+    status, index, header, topk, attended, layer, head, heatmap, mask, data = client.predict(
+        column="A", index=2, layer=5, head=-1, api_name="/inspect")
+    res = model.generate(PROMPT, max_new_tokens=N)
+    step = res.steps[2]
+    assert data["top_k"] == [[p, i, q] for (p, q), i in zip(step.top_k, step.top_k_ids)]
+    assert data["query_position"] == step.position - 1 and data["layer_type"] == "global"
+    ids = torch.tensor([res.prompt_ids + res.token_ids[:-1]])
+    _, cache = model.run_with_cache(ids, names_filter=["blocks.5.attn.hook_pattern"])
+    row = cache["pattern", 5][0, :, step.position - 1].float().mean(0)
+    for pos, _, w in data["attended"]:
+        assert w == pytest.approx(round(float(row[pos]), 4), abs=1e-4)
+    assert f"p = {step.prob:.4f}" in header and Path(mask).exists()
+
+
+def test_mask_atlas_endpoint(client):
+    generate(client, a_max_new_tokens=2, b_max_new_tokens=1)
+    assert Path(client.predict(column="B", api_name="/mask_atlas")).stat().st_size > 10_000
+
+
+def test_local_folder_under_the_root(client, app):
+    out = generate(client, a_model="tiny", b_model=str(app.root / "tiny"), a_max_new_tokens=3, b_max_new_tokens=3)
+    assert out["A"]["token_ids"] == out["B"]["token_ids"] and len(out["A"]["token_ids"]) == 3
+
+
+def test_stop_ends_the_generation(client):
+    job = client.submit(**settings(a_max_new_tokens=200, b_max_new_tokens=200), api_name="/generate")
+    while not job.outputs() or not (job.outputs()[-1][-1].get("A") or {}).get("tokens"):
+        assert not job.done(), "finished before it could be stopped"
+        time.sleep(0.2)
+    client.predict(api_name="/stop")
+    out = job.result()[-1]
+    assert out["A"]["stop_reason"] == "stopped" and len(out["A"]["token_ids"]) < 200
+
+
+def test_sessions_do_not_share_results(app, client):
+    generate(client, a_max_new_tokens=1, b_max_new_tokens=1)
+    other = Client(app.url, verbose=False)
+    with pytest.raises(Exception, match="has not generated anything"):
+        other.predict(column="A", index=0, layer=0, head=-1, api_name="/inspect")
+    client.predict(column="A", index=0, layer=0, head=-1, api_name="/inspect")  # the first session still has its own
+
+
+def _png(path: Path) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(path)
+    return path
+
+
+BAD = {
+    "empty prompt": (dict(prompt="  "), "the prompt is empty"),
+    "past the context": (dict(prompt="hello " * 33_000), "past gemma-3-270m's context of 32768"),
+    "past a small context": (dict(a_model="tiny", prompt="hello " * 70), "past tiny's context of 64"),
+    "non-image upload": (dict(images="text"), "is not an image"),
+    "image for text-only": (dict(images="png"), "text-only model"),
+    "folder outside the root": (dict(b_model="/etc"), "outside the allowed root"),
+    "dot-dot escape": (dict(a_model="../../etc"), "outside the allowed root"),
+    "missing folder": (dict(a_model="nope"), "no such folder"),
+    "temperature": (dict(a_decoding="sample", a_temperature=0), "temperature: 0 must be > 0"),
+    "top-p": (dict(b_decoding="sample", b_top_p=1.5), "top-p: 1.5 must be ≤ 1"),
+    "max tokens": (dict(a_max_new_tokens=0), "max new tokens: 0 must be ≥ 1"),
+    "decoding": (dict(a_decoding="beam"), "is not in the list of choices"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_errors_are_messages(client, tmp_path, case):
+    changes, message = BAD[case]
+    if changes.get("images") == "text":
+        (tmp_path / "notes.txt").write_text("not a picture")
+        changes = {**changes, "images": [handle_file(str(tmp_path / "notes.txt"))]}
+    elif changes.get("images") == "png":
+        changes = {**changes, "images": [handle_file(str(_png(tmp_path / "red.png")))]}
+    with pytest.raises(Exception) as err:
+        generate(client, **changes)
+    assert message in str(err.value)
+
+
+def test_inspect_errors_are_messages(client):
+    with pytest.raises(Exception, match="has not generated anything"):
+        client.predict(column="B", index=0, layer=0, head=-1, api_name="/inspect")
+    generate(client, a_max_new_tokens=2, b_max_new_tokens=2)
+    for kw, message in [
+        (dict(index=9), "there is no token 9"),
+        (dict(layer=18), "layer 18 does not exist"),
+        (dict(head=4), "head 4 does not exist"),
+        (dict(column="C"), "column must be A or B"),
+    ]:
+        with pytest.raises(Exception, match=message):
+            client.predict(**{"column": "A", "index": 0, "layer": 0, "head": -1, **kw}, api_name="/inspect")
+
+
+def test_still_answers_after_errors(client):
+    for bad in (dict(prompt=""), dict(a_model="/etc")):
+        with pytest.raises(Exception):
+            generate(client, **bad)
+    assert len(generate(client, a_max_new_tokens=1, b_max_new_tokens=1)["A"]["token_ids"]) == 1
