@@ -46,7 +46,10 @@ def load_image(source, name: str | None = None):
     """A PIL RGB image from a path, bytes, a PIL image, or an (H, W[, C]) uint8 array.
 
     Transparency is composited over white and palettes are expanded, as transformers'
-    `convert_to_rgb` does. Raises ValueError naming the input when it is not an image.
+    `convert_to_rgb` does; EXIF orientation is not applied (transformers does not either).
+    Raises ValueError naming the input when it is not an image. Images over `MAX_PIXELS`
+    are refused, or for JPEG decoded at reduced scale: crop boxes then refer to the
+    decoded image (the one kept in `Inputs.images`).
     """
     from PIL import Image
 

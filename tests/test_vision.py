@@ -141,6 +141,24 @@ def test_left_padded_batch_of_two(pair, path, impl):
     assert (got - ref)[real].abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("path,impl", PATHS)
+def test_bfloat16_image_features_are_exact(tmp_path, path, impl):
+    """In bfloat16 the tower, pool, norm and projection round exactly as transformers does."""
+    hf = _hf_model(image_token=299)
+    config, state = load_hf_state_dict(_save(hf, tmp_path, "current"), dtype=torch.bfloat16, progress=False)
+    ours = build(config, state)
+    hf = hf.to(torch.bfloat16)
+    hf.config.vision_config._attn_implementation = impl
+    ours.set_attention_path(path)
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(11))
+    ids, mask, types = _batch([_prompt(3, 2, seed=12)])
+    with torch.no_grad():
+        ref = hf.model.get_image_features(pixel_values=pixels.to(torch.bfloat16)).pooler_output
+        _, cache = ours.run_with_cache(Inputs(ids, mask, types, pixels), names_filter="hook_image_features")
+    assert cache["hook_image_features"].dtype == torch.bfloat16
+    assert torch.equal(cache["hook_image_features"], ref)
+
+
 def test_soft_token_outside_the_vocabulary(tmp_path):
     """262144 is past a 262144-row vocabulary (the 270M's): the slot looks up <pad> and is overwritten."""
     hf = _hf_model(image_token=300)
