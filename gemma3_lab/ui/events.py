@@ -10,7 +10,7 @@ import inspect as pyinspect
 
 import gradio as gr
 
-from .figures import layer_mask_image, to_image
+from .figures import heatmap_image, layer_mask_image, to_image
 from .inspector import inspect_token, sequence_inputs
 from .layout import COLUMN_FIELDS, Page, head_choices, layer_choices
 from .registry import ModelRegistry
@@ -99,7 +99,7 @@ def wire(page: Page, registry: ModelRegistry, session: gr.State) -> None:
 def make_inspect(registry: ModelRegistry):
     def inspect(column, index, layer, head, session: Session):
         """Inspect token `index` (0 = first generated) of column "A" or "B" at a layer and head
-        (-1 = mean of heads)."""
+        (-1 = all heads)."""
         if column not in COLUMNS:
             raise gr.Error(f"column must be A or B, not {column!r}")
         if index is None:
@@ -116,13 +116,12 @@ def make_inspect(registry: ModelRegistry):
         }
         run = session.run(column)
         window = config.text.sliding_window if ins.layer_kind != "global" else None
-        mask = layer_mask_image(ins.mask, sequence_inputs(run).token_types, ins.labels, window,
-                                run.inputs.image_spans, f"mask of layer {ins.layer} ({ins.layer_kind})", ins.query)
+        mask = layer_mask_image(ins.mask, ins.inputs.token_types, ins.labels, window, ins.inputs.image_spans, f"mask of layer {ins.layer} ({ins.layer_kind})", ins.query)
         return (
             column, ins.index, ins.header, topk_html(run.steps[ins.index]), ins.attended,
             gr.Dropdown(choices=layer_choices(config), value=ins.layer),
             gr.Dropdown(choices=head_choices(config), value=ins.head),
-            None, mask, data,
+            heatmap_image(ins), mask, data,
         )
 
     return inspect

@@ -25,6 +25,26 @@ def to_image(fig) -> Image.Image:
     return Image.open(buf).convert("RGB")
 
 
+def mark_query(fig, query: int) -> None:
+    """A line through the row of the query that produced the inspected token, on every panel."""
+    for ax in fig.axes:
+        if ax.get_label() != "<colorbar>":
+            ax.axhline(query, color="#1f4fd1", linewidth=1.2, alpha=0.85)
+
+
+def heatmap_image(ins):
+    """The layer's attention from the visualizers: one head, or every head of the layer."""
+    from ..viz.attention import attention_heatmap, head_grid
+
+    spans = ins.inputs.image_spans
+    if ins.head < 0:
+        fig = head_grid(ins.cache, ins.layer, tokens=ins.labels, spans=spans)
+    else:
+        fig = attention_heatmap(ins.cache, ins.layer, ins.head, tokens=ins.labels, spans=spans)
+    mark_query(fig, ins.query)
+    return to_image(fig)
+
+
 def layer_mask_image(mask, token_types, labels: list[str], window: int | None, spans, title: str, query: int):
     """One layer's real mask (from its `hook_mask`) drawn with the mask visualizer's cells;
     the row of the query that produced the inspected token is marked."""
@@ -35,7 +55,7 @@ def layer_mask_image(mask, token_types, labels: list[str], window: int | None, s
     side = min(3.5 + 0.16 * len(labels), 7.5)
     fig, ax = plt.subplots(figsize=(side + 0.8, side + 0.6), layout="constrained")
     draw_mask(ax, cell_classes(mask, image_block_ids(token_types)[0]), labels, window, spans, title, fontsize=9)
-    ax.axhline(query, color="#1f4fd1", linewidth=1.2, alpha=0.8)
+    mark_query(fig, query)
     ax.annotate("query", (len(labels) - 0.5, query), xytext=(4, 0), textcoords="offset points", va="center",
                 color="#1f4fd1", fontsize=8, annotation_clip=False)
     return to_image(fig)

@@ -14,11 +14,12 @@ import torch
 
 from ..hooks import act_name
 from ..inputs import Inputs
+from ..viz.common import dense, token_labels
 from .registry import ModelRegistry
 from .session import ColumnRun, Session
 
 KEEP_LAYERS = 4  # activation caches kept per column (one forward each)
-MEAN = -1  # head choice: the mean over the layer's heads
+ALL_HEADS = -1  # head choice: the heatmap shows every head, the table their mean
 
 
 @dataclass
@@ -26,10 +27,11 @@ class Inspection:
     col: str
     index: int
     layer: int
-    head: int  # MEAN or a head index
+    head: int  # ALL_HEADS or a head index
     header: str  # markdown
     top_k: list[list]  # [[piece, id, probability], ...] as recorded by generate
-    pattern: torch.Tensor  # (N, S, T) the layer's attention over the sequence
+    cache: object  # ActivationCache: the layer's hook_pattern and hook_mask over `inputs`
+    inputs: Inputs  # prompt + generated tokens, as run
     mask: torch.Tensor  # (S, T) bool, the mask the layer used
     labels: list[str]  # one per position
     query: int  # the row that produced the token
@@ -70,11 +72,6 @@ def layer_cache(registry: ModelRegistry, run: ColumnRun, layer: int):
     return cache
 
 
-def dense(t) -> torch.Tensor:
-    """Cached patterns of local layers may be stored as bands; `.dense()` is their exact full view."""
-    return t.dense() if hasattr(t, "dense") else t
-
-
 def topk_rows(step) -> list[list]:
     return [[piece, int(i), float(p)] for (piece, p), i in zip(step.top_k, step.top_k_ids)]
 
@@ -93,16 +90,17 @@ def inspect_token(registry: ModelRegistry, session: Session, col: str, index, la
     layer = _whole("layer", layer)
     if not 0 <= layer < cfg.num_layers:
         raise LookupError(f"layer {layer} does not exist: {model.config.name} has layers 0–{cfg.num_layers - 1}")
-    head = MEAN if head is None else _whole("head", head)
-    if not (head == MEAN or 0 <= head < cfg.num_heads):
+    head = ALL_HEADS if head is None else _whole("head", head)
+    if not (head == ALL_HEADS or 0 <= head < cfg.num_heads):
         raise LookupError(f"head {head} does not exist: layer {layer} has heads 0–{cfg.num_heads - 1}")
     step = run.steps[index]
     cache = layer_cache(registry, run, layer)
     pattern = dense(cache["pattern", layer])[0].float()  # (N, S, T)
     mask = cache["mask", layer][0, 0]  # (S, T)
-    labels = _labels(model, run)
+    x = sequence_inputs(run)
+    labels = token_labels(model.tokenizer, x.input_ids, model.config, x.image_spans)
     query = step.position - 1
-    row = pattern[:, query] if head == MEAN else pattern[head, query][None]
+    row = pattern[:, query] if head == ALL_HEADS else pattern[head, query][None]
     weights = row.mean(0)[: query + 1]
     top = torch.topk(weights, min(8, query + 1))
     attended = [[int(j), labels[int(j)], round(float(w), 4)] for w, j in zip(top.values, top.indices)]
@@ -112,9 +110,9 @@ def inspect_token(registry: ModelRegistry, session: Session, col: str, index, la
         f"p = {step.prob:.4f} (log p = {step.logprob:.3f}). It was chosen from the logits at position {query} "
         f"({labels[query]!r}); attention below is that query's, layer {layer} ({kind}"
         + (f", window {cfg.sliding_window}" if kind != "global" else "") + ")"
-        + (", mean of heads." if head == MEAN else f", head {head}.")
+        + (f", all {cfg.num_heads} heads (the table: their mean)." if head == ALL_HEADS else f", head {head}.")
     )
-    return Inspection(col, index, layer, head, header, topk_rows(step), pattern, mask, labels, query, attended,
+    return Inspection(col, index, layer, head, header, topk_rows(step), cache, x, mask, labels, query, attended,
                       cfg.num_layers, cfg.num_heads, kind)
 
 
@@ -126,13 +124,3 @@ def _whole(what: str, value) -> int:
     if x != int(x):
         raise LookupError(f"{what} must be a whole number, not {value!r}")
     return int(x)
-
-
-def _labels(model, run: ColumnRun) -> list[str]:
-    ids = sequence_inputs(run).input_ids[0].tolist()
-    soft = model.config.image_token_id
-    out = []
-    for i in ids:
-        piece = "<image_soft_token>" if i == soft else (model.tokenizer.id_to_token(i) or f"<{i}>")
-        out.append(piece.replace("\n", "\\n"))
-    return out

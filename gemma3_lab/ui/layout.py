@@ -109,7 +109,7 @@ def layer_choices(config) -> list[tuple[str, int]]:
 
 
 def head_choices(config) -> list[tuple[str, int]]:
-    return [("mean of heads", -1)] + [(f"head {h}", h) for h in range(config.text.num_heads)]
+    return [("all heads", -1)] + [(f"head {h}", h) for h in range(config.text.num_heads)]
 
 
 def build_inspector(config=None) -> dict:
@@ -127,19 +127,20 @@ def build_inspector(config=None) -> dict:
         with gr.Column(scale=2, min_width=280):
             gr.Markdown("**Top candidates** (the probability the model gave each; chosen token highlighted)")
             w["top_k"] = gr.HTML(topk_html(None), css_template=TOPK_CSS, js_on_load=None, elem_id="insp-topk")
-            w["attended"] = gr.Dataframe(headers=["position", "token", "attention weight"], label="attended most",
-                                         interactive=False, elem_id="insp-attended")
+            w["attended"] = gr.Dataframe(
+                headers=["position", "token", "attention weight"], interactive=False, elem_id="insp-attended",
+                label="attended most by that query (the chosen head, or the mean over heads)")
         with gr.Column(scale=3, min_width=360):
             with gr.Row():
                 w["layer"] = gr.Dropdown(layer_choices(config), value=config.text.global_layers[0], label="layer",
                                          allow_custom_value=True, elem_id="insp-layer")
                 w["head"] = gr.Dropdown(head_choices(config), value=-1, label="head", allow_custom_value=True,
                                         elem_id="insp-head")
-            w["heatmap"] = gr.Image(label="where it attended", type="pil", interactive=False, elem_id="insp-heatmap",
-                                    buttons=["download", "fullscreen"], height=420)
-    with gr.Row(equal_height=False):
-        w["mask"] = gr.Image(label="the mask this layer used", type="pil", interactive=False, elem_id="insp-mask",
-                             buttons=["download", "fullscreen"], height=420)
+            w["mask"] = gr.Image(label="the mask this layer used", type="pil", interactive=False,
+                                 elem_id="insp-mask", buttons=["download", "fullscreen"], height=380)
+    w["heatmap"] = gr.Image(label="where it attended: the layer's attention, the producing query's row marked",
+                            type="pil", interactive=False, elem_id="insp-heatmap", buttons=["download", "fullscreen"],
+                            height=460)
     with gr.Accordion("inspection as JSON (what the `inspect` endpoint returns)", open=False):
         w["json"] = gr.JSON(elem_id="insp-json")
     return w
