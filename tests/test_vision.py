@@ -199,3 +199,42 @@ def test_wrong_pixel_size_is_refused(pair):
     _, ours = pair
     with pytest.raises(ValueError, match=r"28×28"):
         ours.vision(torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.real
+def test_load_folder_and_generate_with_an_image(tmp_path, real_folder):
+    """A 4B-style folder (262208-row vocabulary, tokenizer with <image_soft_token>) through
+    gl.load and model.generate, greedy tokens equal to transformers' generate."""
+
+    import numpy as np
+    import transformers
+    from PIL import Image
+    from tokenizers import AddedToken
+
+    import gemma3_lab as gl
+    from gemma3_lab.tokenizer import Tokenizer
+
+    cfg = transformers.Gemma3Config(
+        text_config={**TEXT, "vocab_size": 262208}, vision_config=VISION, mm_tokens_per_image=4)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n or "mm_input_projection" in n:
+                p.normal_(0.0, 0.3)
+    hf.save_pretrained(tmp_path)
+    tok = Tokenizer.from_file(real_folder / "tokenizer.json")
+    tok.backend.add_special_tokens([AddedToken("<image_soft_token>", normalized=False, special=True)])
+    tok.save(tmp_path)
+    model = gl.load(tmp_path, progress=False)
+    assert model.config.is_multimodal and model.tokenizer.image_token_id == 262144
+    yy, xx = np.mgrid[0:50, 0:70]
+    picture = Image.fromarray(np.stack([xx * 3, yy * 5, (xx + yy) % 256], -1).astype(np.uint8))
+    messages = [{"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": "Hi"}]}]
+    res = model.generate(messages, max_new_tokens=5)
+    x = res.inputs
+    assert x.pixel_values.shape == (1, 3, 28, 28) and int(x.token_types.sum()) == 4
+    with torch.no_grad():
+        ref = hf.generate(input_ids=x.input_ids, attention_mask=x.attention_mask, token_type_ids=x.token_types,
+                          pixel_values=x.pixel_values, max_new_tokens=len(res.token_ids), do_sample=False)
+    assert ref[0, x.input_ids.shape[1]:].tolist() == res.token_ids
