@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from ..config import TextConfig
 from ..hook_point import HookPoint
 from ..masks import layer_mask
+from .banded import skew
+from .explicit import explicit_attention
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -53,6 +55,41 @@ class MaskPlan:
             return None, False  # a decode step sees every cached key
         return sdpa_safe(self.dense), False
 
+    # the explicit path asks for rows of the mask, so a long prompt never needs it whole
+    def rows(self, a: int, b: int) -> Tensor:
+        """(B|1, 1, b-a, T) bool: the dense mask of query rows a..b-1 alone."""
+        return layer_mask(self.q_slots[a:b], self.kv_slots, self.window, self.block_ids, self.key_valid)
+
+    def band_extent(self) -> tuple[int, int]:
+        """(back, fwd): how many slots before and after itself any query of a local layer can see."""
+        q0, q1 = int(self.q_slots[0]), int(self.q_slots[-1])
+        k0, k1 = int(self.kv_slots[0]), int(self.kv_slots[-1])
+        # forward only inside an image: later soft tokens of the own image (spec §3.3)
+        return max(min(self.window - 1, q1 - k0), 0), min(_image_reach(self.block_ids, q0, q1), max(k1 - q0, 0))
+
+    def band_rows(self, a: int, b: int, back: int, width: int) -> Tensor:
+        """(B|1, 1, b-a, width) bool: rows a..b-1 in band layout, column j = key slot q - back + j."""
+        qs = self.q_slots[a:b]
+        lo, L = int(qs[0]) - back, (b - a) + width - 1  # the keys the chunk's bands span
+        k0 = int(self.kv_slots[0])
+        i0, i1 = max(lo, k0), min(lo + L, k0 + len(self.kv_slots))
+        m = layer_mask(qs, torch.arange(i0, i1, device=qs.device), self.window, self.block_ids, self.key_valid)
+        m = F.pad(m, (i0 - lo, lo + L - i1), value=False)  # keys outside the cache: never
+        return skew(m, width)
+
+
+def _image_reach(block_ids: Tensor | None, q0: int, q1: int) -> int:
+    """Largest distance from a query slot in q0..q1 to the last soft token of its image."""
+    if block_ids is None:
+        return 0
+    reach = 0
+    for b in range(block_ids.shape[0]):
+        for bid in block_ids[b, q0 : q1 + 1].unique().tolist():
+            if bid >= 0:
+                slots = (block_ids[b] == bid).nonzero()
+                reach = max(reach, int(slots.max()) - max(int(slots.min()), q0))
+    return reach
+
 
 def sdpa_safe(mask: Tensor) -> Tensor:
     """Unmask fully masked rows (padding queries) so SDPA gives no NaN.
@@ -74,6 +111,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.explicit = False  # force the explicit-softmax path
+        self.store_dtype: torch.dtype | None = None  # hooked scores/patterns built in this dtype
         self.hook_q = HookPoint()  # (B, S, N, H) before q_norm
         self.hook_k = HookPoint()  # (B, S, K, H)
         self.hook_v = HookPoint()  # (B, S, K, H)
@@ -99,7 +137,13 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)  # (B, K, T, H)
         mask = self.hook_mask(plan.dense) if self.hook_mask.active else None
         if self.explicit or self.hook_pattern.active or self.hook_attn_scores.active:
-            z = self._explicit(q, k, v, plan.dense if mask is None else mask)
+            rep = N // K
+            if rep > 1:  # kv head j serves query heads j*rep .. j*rep+rep-1
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+            z = explicit_attention(
+                q, k, v, plan, mask, self.scale, self.hook_attn_scores, self.hook_pattern, self.store_dtype
+            )
         else:
             attn_mask, is_causal = plan.sdpa_args() if mask is None else (sdpa_safe(mask), False)
             if S == 1:
@@ -121,15 +165,3 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(pattern, v).view(B, N, 1, H)  # (B, N, 1, H)
-
-    def _explicit(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        """Scores, additive finfo.min mask, float32 softmax cast back — as transformers' eager."""
-        rep = self.n_heads // self.n_kv
-        if rep > 1:  # kv head j serves query heads j*rep .. j*rep+rep-1
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale  # (B, N, S, T)
-        additive = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device).masked_fill_(~mask, torch.finfo(scores.dtype).min)
-        scores = self.hook_attn_scores(scores + additive)
-        pattern = self.hook_pattern(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
-        return torch.matmul(pattern, v)  # (B, N, S, H)

@@ -44,6 +44,7 @@ class Gemma3Network(nn.Module):
         self.hook_image_features = HookPoint()  # (n_images, 256, D) projector output
         self.hook_inputs_embeds = HookPoint()  # (B, S, D) what enters block 0 (images scattered in)
         self.hook_logits = HookPoint()  # (B, S', V)
+        self.hook_slots = HookPoint()  # (S,) long: the cache slot (absolute position) of each query
         self.hook_points = name_hook_points(self)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
@@ -75,6 +76,8 @@ class Gemma3Network(nn.Module):
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
         dev = input_ids.device
+        # first, so hooks later in this forward can ask where its queries sit (decode steps)
+        q_slots = self.hook_slots(torch.arange(past, past + S, device=dev))
         key_valid = _key_valid(attention_mask, cache, B, past, S, dev)
         block_ids = _block_ids(token_types, cache, B, past, S, dev)
         if position_ids is None:
@@ -82,7 +85,6 @@ class Gemma3Network(nn.Module):
 
         h = self._embed(input_ids, pixel_values)
         cos_sin = {t: rope_tables(position_ids, getattr(self, f"inv_freq_{t.short}"), h.dtype) for t in set(cfg.layer_types)}
-        q_slots = torch.arange(past, past + S, device=dev)
         plans = {
             t: MaskPlan(
                 q_slots,

@@ -19,11 +19,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
+        self.hook_in = HookPoint()  # (..., dim) the input, as it arrives
         self.hook_scale = HookPoint()  # (..., 1) the 1/rms factor, float32
         self.hook_normalized = HookPoint()  # (..., dim) the output
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = self.hook_in(x).float()
         scale = self.hook_scale(torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps))
         y = (xf * scale) * (1.0 + self.weight.float())
         return self.hook_normalized(y.type_as(x))
