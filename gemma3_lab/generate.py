@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .capture import Capture, capture_hooks
 from .inputs import Inputs
 from .kv_cache import KVCache
 
@@ -44,7 +45,7 @@ class GenerationResult:
     inputs: Inputs | None = None
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    captures: dict[str, list[Tensor]] = field(default_factory=dict)
+    captures: dict[str, Capture] = field(default_factory=dict)  # hook name -> every forward, by position
 
     @property
     def tokens_per_second(self) -> float:
@@ -116,8 +117,9 @@ def generate(
     """Generate from one prompt (text, chat messages, ids or Inputs).
 
     `on_token(step)` is called as each token is chosen (for streaming); `should_stop()` is
-    polled between steps; `capture` names hook points recorded at every forward
-    (prefill first), see `GenerationResult.captures`.
+    polled between steps; `capture` (names, globs or a predicate, as `names_filter`) picks
+    hook points recorded at every forward: `res.captures[name]` is a `Capture` indexed by
+    absolute position, `.tensor()` the whole sequence computed (prompt and all but the last token).
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -132,8 +134,8 @@ def generate(
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     tok = model.tokenizer
     cache = KVCache(model.config.text)
-    captures: dict[str, list[Tensor]] = {}
-    hooks = _capture_hooks(model, capture, captures)
+    captures: dict[str, Capture] = {}
+    hooks = capture_hooks(model, capture, captures)
 
     ids: list[int] = []
     steps: list[Step] = []
@@ -197,18 +199,3 @@ def _prompt_inputs(model, prompt, images, pan_and_scan: bool) -> Inputs:
     if images or pan_and_scan:
         return model.processor(prompt, images=images, pan_and_scan=pan_and_scan)
     return model.to_inputs(prompt)
-
-
-def _capture_hooks(model, names, store: dict[str, list[Tensor]]):
-    if not names:
-        return []
-    names = [names] if isinstance(names, str) else list(names)
-    hooks = []
-    for n in names:
-        model.hook_point(n)  # unknown names fail before anything runs
-
-        def save(t, hook, n=n):
-            store.setdefault(n, []).append(t.detach().clone())
-
-        hooks.append((n, save))
-    return hooks
