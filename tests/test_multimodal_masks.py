@@ -11,7 +11,8 @@ from gemma3_lab.config import Gemma3Config, TextConfig, VisionConfig, pattern_la
 from gemma3_lab.explorer import Gemma3
 from gemma3_lab.inputs import Inputs
 from gemma3_lab.kv_cache import KVCache
-from gemma3_lab.masks import layer_mask
+from gemma3_lab.masks import image_block_ids, layer_mask
+from gemma3_lab.processor import pad_left
 
 BOI, EOI, IMG = 297, 298, 299
 
@@ -20,8 +21,6 @@ def test_written_out_masks():
     """Two 2-token images at slots 1-2 and 4-5; window 2 in the local layer."""
     types = torch.tensor([[0, 1, 1, 0, 1, 1, 0, 0]])
     pos = torch.arange(8)
-    from gemma3_lab.masks import image_block_ids
-
     blocks = image_block_ids(types)
     full = torch.tensor([
         [1, 0, 0, 0, 0, 0, 0, 0],
@@ -64,14 +63,9 @@ def tiny():
 
 
 def _inputs(rows: list[list[int]], n_pixels: int, seed: int = 0) -> Inputs:
-    T = max(map(len, rows))
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r)
-        mask[b, T - len(r):] = 1
+    x = pad_left(rows, 0)
     pixels = torch.randn(n_pixels, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
-    return Inputs(ids, mask, (ids == IMG).long(), pixels)
+    return Inputs(x.input_ids, x.attention_mask, (x.input_ids == IMG).long(), pixels)
 
 
 IMAGE = [BOI, IMG, IMG, IMG, IMG, EOI]

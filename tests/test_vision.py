@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from gemma3_lab.inputs import Inputs
 from gemma3_lab.load import build
 from gemma3_lab.loading.hf import load_hf_state_dict
+from gemma3_lab.processor import pad_left
 
 pytestmark = pytest.mark.oracle
 
@@ -70,14 +71,9 @@ def _prompt(n_text_before: int, n_images: int, seed: int) -> list[int]:
 
 
 def _batch(rows: list[list[int]], image_token: int = 299):
-    T = max(map(len, rows))
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = torch.tensor(r)
-        mask[b, T - len(r):] = 1
-    ids[ids == 299] = image_token
-    return ids, mask, (ids == image_token).long()
+    """(ids, attention_mask, token_types), left-padded as the processor does."""
+    x = pad_left([[image_token if i == 299 else i for i in r] for r in rows], 0)
+    return x.input_ids, x.attention_mask, (x.input_ids == image_token).long()
 
 
 def _hf_logits(hf, ids, mask, types, pixels, impl):
