@@ -75,7 +75,7 @@ class Processor:
         if tok_id is not None and tok_id != cfg.image_token_id:
             raise ValueError(f"the tokenizer's <image_soft_token> is {tok_id} but the model expects {cfg.image_token_id}")
         grid = int(cfg.mm_tokens_per_image**0.5)
-        rows, types, spans = [], [], []
+        rows, spans = [], []
         first = 0
         for b, text in enumerate(texts):
             mine = pieces[first:first + counts[b]]
