@@ -28,9 +28,9 @@ def load_demo_multimodal(dtype: torch.dtype = torch.float32, device: torch.devic
     Nothing about the vision side is trained: use it to explore the image path (processor,
     soft-token placement, bidirectional image masks, hooks), not to describe pictures.
     The tower keeps SigLIP's 896 px / patch 14 / 256-token geometry but is reduced to
-    4 layers × 288 (4 heads of 72); measured on the 2-core development CPU, one 896×896
-    image goes through tower and projector in about 2–3 s in float32 when the machine is
-    otherwise idle (≈6 s while other jobs share it), the full 27 × 1152 shape ≈ 4 min.
+    4 layers × 288 (4 heads of 72). Measured in float32 on the 2-core development CPU while
+    other jobs shared it (load average 5–9): one 896×896 image through tower and projector
+    in 5–7.5 s; the full 27 × 1152 shape took 8.75 s per layer there, ≈ 4 min per image.
     Soft-token id 262144 lies outside the 270M's 262144-row vocabulary; the model's
     out-of-vocabulary guard looks up <pad> there before the image features overwrite it.
     """
