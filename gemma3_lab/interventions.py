@@ -1,0 +1,157 @@
+"""Ready-made interventions: each returns `(name, fn)` hook pairs for `model.hooks(...)`,
+`model.run_with_hooks(fwd_hooks=...)`, or around `model.generate` (`with model.hooks(pairs):`).
+
+Positions are absolute slots: in a decode step the hook learns where its token sits from
+`hook_slots`, so "position 7" means the same token in a prefill and while generating.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor
+
+from .activation_cache import ActivationCache, canonical, layout
+from .model.banded import BandedPattern
+
+Hooks = list[tuple[str, object]]
+
+
+class _Slots:
+    """Remembers the slots of the forward in progress (set by the `hook_slots` pair)."""
+
+    def __init__(self) -> None:
+        self.now: Tensor | None = None
+
+    def pair(self) -> tuple[str, object]:
+        def track(t, hook):
+            self.now = t.cpu()
+
+        return ("hook_slots", track)
+
+    def rows(self, positions: Iterable[int] | None) -> tuple[Tensor, Tensor]:
+        """(rows in this forward, index into `positions`) of the wanted positions present now."""
+        now = self.now
+        if positions is None:
+            idx = torch.arange(len(now))
+            return idx, now
+        want = torch.as_tensor(list(positions), dtype=torch.long)
+        hit = now[:, None] == want[None, :]  # (S, P)
+        rows, which = hit.nonzero(as_tuple=True)
+        return rows, want[which]
+
+
+def _heads(name: str, heads, n_rep: int) -> list[int] | None:
+    if heads is None:
+        return None
+    heads = [heads] if isinstance(heads, int) else list(heads)
+    return sorted({h // n_rep for h in heads}) if layout(name).kv_heads else heads
+
+
+def ablate_heads(layer: int, heads: int | Iterable[int], mode: str = "zero", means=None) -> Hooks:
+    """Silence query heads of one layer at `hook_z` (their output before o_proj).
+
+    mode="zero" writes zeros; mode="mean" writes each head's mean output over batch and
+    positions of a reference run: `means` is an ActivationCache holding this layer's
+    `attn.hook_z`, or a (N, H) tensor.
+    """
+    name = f"blocks.{layer}.attn.hook_z"
+    heads = [heads] if isinstance(heads, int) else list(heads)
+    if mode == "zero":
+        fill = None
+    elif mode == "mean":
+        if means is None:
+            raise ValueError("mode='mean' needs means: an ActivationCache with " + name + " or an (N, H) tensor")
+        fill = means[name].mean(dim=(0, 1)) if isinstance(means, ActivationCache) else means  # (N, H)
+    else:
+        raise ValueError(f"mode must be 'zero' or 'mean', not {mode!r}")
+
+    def fn(z, hook):
+        z = z.clone()
+        for h in heads:
+            z[:, :, h] = 0.0 if fill is None else fill[h].to(z.dtype)
+        return z
+
+    return [(name, fn)]
+
+
+def patch(source: ActivationCache, names: str | Iterable[str], positions: Iterable[int] | None = None,
+          heads: int | Iterable[int] | None = None) -> Hooks:
+    """Activation patching: overwrite activations with the same hook points' values in `source`.
+
+    `positions` (absolute slots, default all present in both) and `heads` (query heads; k/v:
+    the kv heads they read) narrow what is copied. `source` must keep those positions.
+    """
+    names = [canonical(n) for n in ([names] if isinstance(names, str) else names)]
+    slots = _Slots()
+    src_pos = source.positions
+
+    def make(name):
+        lay = layout(name)
+        if lay.seq is None:
+            raise ValueError(f"{name} is not per token: patch it whole with a hook of your own")
+        src = source[name]
+        src_heads = _heads(name, heads, _n_rep(source))
+
+        def fn(t, hook):
+            rows, pos = slots.rows(positions)
+            # where each wanted position sits in the source cache
+            have = torch.arange(_len(src, lay)) if src_pos is None else src_pos
+            match = have[:, None] == pos[None, :]
+            keep = match.any(0)
+            rows, src_rows = rows[keep], match[:, keep].float().argmax(0)
+            if not len(rows):
+                return None
+            out = t.clone()
+            dst = out.band if isinstance(out, BandedPattern) else out
+            s = src.band if isinstance(src, BandedPattern) else src
+            hsel = slice(None) if src_heads is None else torch.tensor(src_heads)
+            if lay.head is None:
+                _put(dst, lay.seq, rows, _take(s, lay.seq, src_rows).to(dst.dtype))
+            else:  # copy only the chosen heads
+                piece = _take(s, lay.seq, src_rows)
+                cur = _take(dst, lay.seq, rows)
+                idx = [slice(None)] * cur.dim()
+                idx[lay.head] = hsel
+                cur[tuple(idx)] = piece[tuple(idx)].to(dst.dtype)
+                _put(dst, lay.seq, rows, cur)
+            return out
+
+        return (name, fn)
+
+    return [slots.pair()] + [make(n) for n in names]
+
+
+def steer(name: str, vector: Tensor, scale: float = 1.0, positions: Iterable[int] | None = None) -> Hooks:
+    """Add `scale * vector` (D,) to the activation at `name` (e.g. `blocks.6.hook_resid_post`),
+    at every position or only at the given absolute slots."""
+    name = canonical(name)
+    slots = _Slots()
+
+    def fn(t, hook):
+        v = (scale * vector).to(device=t.device, dtype=t.dtype)
+        if positions is None:
+            return t + v
+        rows, _ = slots.rows(positions)
+        out = t.clone()
+        out[:, rows.to(t.device)] += v
+        return out
+
+    return [slots.pair(), (name, fn)]
+
+
+def _n_rep(cache: ActivationCache) -> int:
+    return cache.model.config.text.n_rep if cache.model is not None else 1
+
+
+def _len(t, lay) -> int:
+    return len(t.q_slots) if isinstance(t, BandedPattern) else t.shape[lay.seq]
+
+
+def _take(t: Tensor, axis: int, rows: Tensor) -> Tensor:
+    return t.index_select(axis, rows.to(t.device))
+
+
+def _put(t: Tensor, axis: int, rows: Tensor, values: Tensor) -> None:
+    t.index_copy_(axis, rows.to(t.device), values)
