@@ -15,7 +15,8 @@ class ImageSpan:
 
     Slots [start, end) of row `batch`; token t of the span comes from cell
     (row, col) = divmod(t, grid) of the crop's grid×grid pooled patch grid.
-    `box` is the crop's (left, top, right, bottom) in the original picture's pixels.
+    `box` is the crop's (left, top, right, bottom) in the pixels of `Inputs.images[image]` (the
+    picture as decoded: the original, except a huge JPEG decoded at reduced scale).
     """
 
     batch: int
