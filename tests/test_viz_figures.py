@@ -145,7 +145,7 @@ def test_surprisal(run):
         p = torch.softmax(run.logits[0, t - 1].double(), -1)[ids[0, t]]
         assert abs(float(bits[t]) - float(-torch.log2(p))) < 1e-3
     fig = LV.surprisal_text(run.tokens, bits)
-    texts = [t.get_text() for t in fig.axes[0].texts]
+    texts = [t.get_text() for t in fig.texts if t.get_gid() == "token"]
     assert texts == [LV._display(t) for t in run.tokens]
     h = LV.surprisal_html(run.tokens, bits)
     assert h.count("<span") == len(run.tokens) and "bits" in h

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .common import dense, label_figure, set_token_ticks, shorten, token_labels
+from .common import dense, fig_label, label_figure, set_token_ticks, token_labels
 
 CMAP = "magma_r"  # light = little attention, dark = much; masked cells grey
 MASKED_GREY = "#d9d9d9"
@@ -152,7 +152,7 @@ def token_view(cache, query: int, tokens: list[str] | None = None, layers=None, 
     n_heads = len(keys) // max(len(starts), 1)
     ax.set_ylabel(f"layer (l = local, g = global), {n_heads} heads each, head 0 on top")
     ax.set_xlabel("key (attended to)")
-    ax.set_title(f"Where does {shorten(tokens[query], 24)!r} (slot {query}) look? · every layer and head")
+    ax.set_title(f"Where does {fig_label(tokens[query], 24)!r} (slot {query}) look? · every layer and head")
     fig.colorbar(im, ax=ax, shrink=0.8, label="probability (square-root colour scale)")
     label_figure(fig, getattr(model, "config", None))
     return fig

@@ -3,6 +3,7 @@ visual is drawn for, and matplotlib helpers (tick thinning, the untrained-vision
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,22 @@ def dense(pattern) -> Tensor:
 
 def shorten(label: str, width: int = LABEL_WIDTH) -> str:
     return label if len(label) <= width else label[: width - 1] + "…"
+
+
+@functools.lru_cache(maxsize=1)
+def _font_chars() -> frozenset[int]:
+    import matplotlib
+    from matplotlib import font_manager, ft2font
+
+    path = font_manager.findfont(font_manager.FontProperties(family=matplotlib.rcParams["font.family"]))
+    return frozenset(ft2font.FT2Font(path).get_charmap())
+
+
+def fig_label(label: str, width: int = LABEL_WIDTH) -> str:
+    """A label matplotlib can draw: characters the font lacks (CJK with DejaVu) written as
+    U+XXXX rather than empty boxes, then shortened."""
+    chars = _font_chars()
+    return shorten("".join(c if ord(c) in chars or c.isspace() else f"U+{ord(c):04X}" for c in label), width)
 
 
 def printable(piece: str) -> str:
@@ -61,8 +78,9 @@ class Source:
     name: str
 
 
+@functools.lru_cache(maxsize=1)
 def bundled_tokenizer():
-    """The bundled 270M's tokenizer (Gemma 3 shares one vocabulary across sizes)."""
+    """The bundled 270M's tokenizer (Gemma 3 shares one vocabulary across sizes), read once."""
     from ..load import bundled_gguf_path
     from ..loading.gguf import cached_conversion
     from ..tokenizer import Tokenizer
@@ -120,22 +138,28 @@ def use_color(color: bool | None, stream) -> bool:
 
 
 def tick_positions(n: int, spans=(), max_ticks: int = MAX_TICKS) -> list[int]:
-    """Slots to label: every one when they fit; else the text tokens and each image's first,
-    quarter and last soft tokens (256 labels "img0·k" say little), thinned evenly if still too many."""
+    """Slots to label: every one when they fit; else, keeping labels apart by n / max_ticks
+    slots, first the ends and each image's boundaries and quarter marks, then text tokens."""
     if n <= max_ticks:
         return list(range(n))
     soft = {i for s in spans for i in range(s.start, s.end)}
-    keep = sorted({i for i in range(n) if i not in soft} | {
-        i for s in spans for i in (s.start, *range(s.start + 64, s.end, 64), s.end - 1)})
-    step = max(1, -(-len(keep) // max_ticks))
-    return keep[::step]
+    first = [0, n - 1] + [i for s in spans for i in (s.start - 1, s.start, *range(s.start + 64, s.end, 64),
+                                                           s.end - 1, s.end) if 0 <= i < n]
+    rest = [i for i in range(n) if i not in soft]
+    gap = 0.9 * n / max_ticks
+    kept: list[int] = []
+    for i in first + rest:  # greedy by priority: a later candidate too close to a kept one is dropped
+        if all(abs(i - k) >= gap for k in kept):
+            kept.append(i)
+    return sorted(kept)
 
 
 def set_token_ticks(ax, labels: list[str], axis: str = "both", spans=(), max_ticks: int = MAX_TICKS) -> None:
     """Token labels as tick labels (see `tick_positions` for long prompts); the other axis,
     if any, gets no ticks."""
     pos = tick_positions(len(labels), spans, max_ticks)
-    text = [shorten(labels[p]) for p in pos]
+    # when only some slots are labelled, the slot number says where each one is
+    text = [fig_label(labels[p]) if len(pos) == len(labels) else f"{p} {fig_label(labels[p])}" for p in pos]
     if axis in ("x", "both"):
         ax.set_xticks(pos, text, rotation=90, fontsize=_tick_size(len(pos)))
     else:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .attention import pattern
-from .common import label_figure, shorten, token_labels
+from .common import fig_label, label_figure, token_labels
 
 TEXT, SPECIAL = 0, 1  # strip codes; soft tokens of span k get code 2 + k
 SPAN_COLORS = ["#e8a200", "#2a9d8f", "#8e5ccf", "#d1495b", "#3d7dd8", "#6a994e", "#bc6c25", "#577590"]
@@ -88,7 +88,7 @@ def token_strip(inputs, tokenizer, config, batch: int = 0):
                                                  f"slots {spans[k].start}–{spans[k].end - 1}", None))
             i = spans[k].end
         else:
-            cells.append((1, colors[int(codes[i])], shorten(labels[i], 18), i))
+            cells.append((1, colors[int(codes[i])], fig_label(labels[i], 18), i))
             i += 1
     width = sum(c[0] for c in cells)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, min(0.24 * width + 2, 22)), 4.4),
@@ -251,7 +251,7 @@ def image_attention(cache, inputs, query: int | None = None, layers=None, heads=
         ax.tick_params(labelsize=7)
     if tokens is None and model is not None:
         tokens = token_labels(model.tokenizer, inputs.input_ids, config, inputs.image_spans, batch)
-    who = f"{shorten(tokens[query], 24)!r} (slot {query})" if tokens else f"slot {query}"
+    who = f"{fig_label(tokens[query], 24)!r} (slot {query})" if tokens else f"slot {query}"
     n_avg = len(layers) * (len(list(heads)) if heads is not None else 2)
     fig.suptitle(f"Attention from {who} to image {image} · {_which(layers, 'layer')} · "
                  f"{_which(heads, 'head') if heads is not None else 'all heads'}{' (mean)' if n_avg > 1 else ''}",

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from .common import label_figure, shorten
+from .common import fig_label, label_figure
 
 LENS_CMAP = "viridis"
 SURPRISAL_CMAP = "YlOrRd"
@@ -35,11 +35,11 @@ def logit_lens_grid(lens, columns: list[int] | None = None, max_positions: int =
     for r in range(R):
         for c, col in enumerate(cols):
             p = float(probs[r, c])
-            ax.text(c, r, shorten(lens.top_tokens[r][col][0], 9), ha="center", va="center", fontsize=6.5,
+            ax.text(c, r, fig_label(lens.top_tokens[r][col][0], 9), ha="center", va="center", fontsize=6.5,
                     color="black" if p > 0.55 else "white")
     shown = [lens.tokens[c] for c in cols]
     pos = lens.positions if getattr(lens, "positions", None) else list(range(lens.top_probs.shape[1]))
-    ax.set_xticks(range(C), [f"{shorten(t, 12)} ({pos[c]})" for t, c in zip(shown, cols)], rotation=60,
+    ax.set_xticks(range(C), [f"{fig_label(t, 12)} ({pos[c]})" for t, c in zip(shown, cols)], rotation=60,
                   ha="right", fontsize=7)
     ax.set_yticks(range(R), lens.layer_labels, fontsize=7)
     ax.set_xlabel("input token (slot): the cells predict the token after it")
@@ -113,40 +113,49 @@ def _display(piece: str) -> str:
     return piece.replace("▁", " ").replace("\\n", "↵")
 
 
-def surprisal_text(tokens: list[str], bits: Tensor, line_chars: int = 90, config=None, vmax: float | None = None):
-    """The text token by token on a background coloured by surprisal (bits); slot 0 unscored."""
+def surprisal_text(tokens: list[str], bits: Tensor, width_in: float = 11.0, config=None, vmax: float | None = None):
+    """The text token by token on a background coloured by surprisal (bits); slot 0 unscored.
+    Tokens are measured with the renderer and wrapped to `width_in` inches."""
     import matplotlib
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
+    from matplotlib.font_manager import FontProperties
 
     finite = bits[torch.isfinite(bits)]
-    vmax = vmax or (float(finite.max()) if len(finite) else 1.0)
-    norm = Normalize(0.0, vmax)
+    norm = Normalize(0.0, vmax or (float(finite.max()) if len(finite) else 1.0))
     cmap = matplotlib.colormaps[SURPRISAL_CMAP]
-    # lay out in character cells (monospace) so wrapping is exact
-    placed, x, y = [], 0, 0
+    font = FontProperties(family="monospace", size=10)
+    fig = plt.figure(figsize=(width_in, 2))
+    renderer = fig.canvas.get_renderer()
+    margin, line_h, pad = 0.3, 0.3, 0.04  # inches
+    placed, x, line = [], margin, 0
     for tok in tokens:
-        text = _display(tok)
-        if x + len(text) > line_chars and x > 0:
-            x, y = 0, y + 1
-        placed.append((x, y, text))
-        x += len(text)
+        text = fig_label(_display(tok), 40)
+        w_px = renderer.get_text_width_height_descent(text, font, ismath=False)[0]
+        w = w_px / fig.dpi + 2 * pad
+        if x + w > width_in - margin and x > margin:
+            x, line = margin, line + 1
+        placed.append((x, line, text))
+        x += w
         if tok.endswith("\\n"):
-            x, y = 0, y + 1
-    lines = y + 1
-    fig, ax = plt.subplots(figsize=(0.105 * line_chars + 1.5, 0.32 * lines + 1.3), layout="constrained")
-    for (x, y, text), b in zip(placed, bits.tolist()):
+            x, line = margin, line + 1
+    lines = line + 1
+    top, bottom = 0.55, 0.95  # title above, colour bar below
+    height = top + lines * line_h + bottom
+    fig.set_size_inches(width_in, height)
+    for (x, ln, text), b in zip(placed, bits.tolist()):
         fc = "#e6e6e6" if math.isnan(b) else cmap(norm(b))
-        ax.text(x, y, text, family="monospace", fontsize=9, ha="left", va="center",
-                bbox=dict(boxstyle="square,pad=0.12", fc=fc, ec="none"))
-    ax.set_xlim(-0.5, line_chars + 0.5)
-    ax.set_ylim(lines - 0.4, -0.6)
-    ax.axis("off")
-    sm = matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap)
-    fig.colorbar(sm, ax=ax, orientation="horizontal", shrink=0.5, pad=0.02,
-                 label="surprisal −log₂ p(token | before), bits (grey: first token, not predicted)")
+        dark = not math.isnan(b) and 0.3 * fc[0] + 0.6 * fc[1] + 0.1 * fc[2] < 0.45
+        t = fig.text(x + pad, height - top - (ln + 0.5) * line_h, text, fontproperties=font, ha="left",
+                     va="center", transform=fig.dpi_scale_trans, color="white" if dark else "black",
+                     bbox=dict(boxstyle=f"square,pad={pad * 72 / 10:.2f}", fc=fc, ec="none"))
+        t.set_gid("token")
     mean = float(finite.mean()) if len(finite) else float("nan")
-    ax.set_title(f"Surprisal per token · mean {mean:.2f} bits over {len(finite)} predicted tokens", fontsize=10)
+    fig.text(margin, height - 0.25, f"Surprisal per token · mean {mean:.2f} bits over {len(finite)} predicted tokens",
+             ha="left", va="center", fontsize=10, transform=fig.dpi_scale_trans)
+    cax = fig.add_axes((margin / width_in, 0.55 / height, 0.4, 0.12 / height))
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), cax=cax, orientation="horizontal",
+                 label="surprisal −log₂ p(token | before), bits (grey: first token, not predicted)")
     label_figure(fig, config)
     return fig
 

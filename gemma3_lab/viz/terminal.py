@@ -5,8 +5,10 @@ terminal. Lines are (text, style) runs, written out as plain text, ANSI colour o
 from __future__ import annotations
 
 import html
+import textwrap
+import unicodedata
 
-from .common import LABEL_WIDTH, shorten
+from .common import LABEL_WIDTH
 from .maskset import ALLOWED, CUT, DIAG, IMAGE, MASKED, MaskSet, Panel
 
 GAP = -1  # a column/row index standing for the elided ones
@@ -22,15 +24,57 @@ CELL = {MASKED: (OFF, "off"), CUT: (OFF, "cut"), ALLOWED: (ON, None), IMAGE: (ON
 Line = list[tuple[str, str | None]]
 
 
-def shown_indices(n: int, prefix: int, width: int) -> list[int]:
-    """Which columns fit in `width` characters after a `prefix`: all of them, or the first
-    and last ones around one GAP (two characters a column)."""
+def cell_width(s: str) -> int:
+    """Terminal columns `s` takes: wide (CJK) characters two, combining marks none."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1 for c in s)
+
+
+def fit(label: str, width: int) -> str:
+    """`label` cut with "…" and padded to exactly `width` terminal columns."""
+    if cell_width(label) > width:
+        out = ""
+        for c in label:
+            if cell_width(out + c) > width - 1:
+                break
+            out += c
+        label = out + "…"
+    return label + " " * (width - cell_width(label))
+
+
+def shown_indices(n: int, prefix: int, width: int, anchors=()) -> list[int]:
+    """Which rows/columns fit in `width` characters after a `prefix` (two characters each): all
+    of them, or the neighbourhoods of the anchors (first and last slot, image boundaries) as
+    wide as fits, each run of hidden ones standing as one GAP."""
     fit = max((width - prefix + 1) // 2, 2 * MIN_SIDE + 1)
     if n <= fit:
         return list(range(n))
-    head = (fit - 1) // 2
-    tail = fit - 1 - head
-    return [*range(head), GAP, *range(n - tail, n)]
+    anchors = sorted({0, n - 1, *(a for a in anchors if 0 <= a < n)})
+    best: list[int] | None = None
+    for r in range(n):
+        keep = sorted({i for a in anchors for i in range(max(0, a - r), min(n, a + r + 1))})
+        idx = _with_gaps(keep)
+        if len(idx) > fit:
+            break
+        best = idx
+    if best is None:  # too many anchors for the width: first and last only
+        head = (fit - 1) // 2
+        return [*range(head), GAP, *range(n - (fit - 1 - head), n)]
+    return best
+
+
+def _with_gaps(keep: list[int]) -> list[int]:
+    out: list[int] = []
+    for i in keep:
+        if out and i == out[-1] + 2:  # one hidden slot takes a column either way: show it
+            out.append(i - 1)
+        elif out and i > out[-1] + 1:
+            out.append(GAP)
+        out.append(i)
+    return out
+
+
+def _hidden_ranges(idx: list[int]) -> list[tuple[int, int]]:
+    return [(idx[g - 1] + 1, idx[g + 1] - 1) for g, c in enumerate(idx) if c == GAP]
 
 
 def render_lines(ms: MaskSet, width: int, color: bool) -> list[Line]:
@@ -88,17 +132,18 @@ def panel_lines(ms: MaskSet, p: Panel, width: int) -> list[Line]:
     """One panel: title, vertical column indices, one row per query token."""
     n = ms.n_tokens
     iw = len(str(n - 1))
-    lw = min(LABEL_WIDTH, max(len(lab) for lab in ms.labels))
+    lw = min(LABEL_WIDTH, max(cell_width(lab) for lab in ms.labels))
     prefix = iw + 1 + lw + 1
-    idx = shown_indices(n, prefix, width)
+    anchors = [a for sp in ms.spans() for a in (sp.start - 1, sp.start, sp.end - 1, sp.end)]
+    idx = shown_indices(n, prefix, width, anchors)
     lines: list[Line] = [[(p.title, "title")]]
     if not p.window_cuts and p.window is not None:
         lines.append([(f"(all {n} tokens fit in the window: nothing is cut in this prompt)", "note")])
     if GAP in idx:
-        g = idx.index(GAP)
-        lo, hi = idx[g - 1] + 1, idx[g + 1] - 1
+        ranges = ", ".join(f"{lo}–{hi}" if hi > lo else str(lo) for lo, hi in _hidden_ranges(idx))
         edge_note = f"; {EDGE} there: window edge" if p.window is not None and p.window_cuts else ""
-        lines.append([(f"(rows and columns {lo}–{hi} hidden as {ELIDED}{edge_note}; pass width= to see more)", "note")])
+        note = f"(rows and columns {ranges} hidden as {ELIDED}{edge_note}; pass width= to see more)"
+        lines += [[(part, "note")] for part in textwrap.wrap(note, max(width, 40), break_on_hyphens=False)]
     for d in range(iw):  # column indices, written top to bottom
         row = " " * prefix
         for j, c in enumerate(idx):
@@ -114,7 +159,7 @@ def panel_lines(ms: MaskSet, p: Panel, width: int) -> list[Line]:
         if q == GAP:
             lines.append([("⋮".rjust(iw), None)])
             continue
-        label = shorten(ms.labels[q], lw).ljust(lw)
+        label = fit(ms.labels[q], lw)
         line: Line = [(f"{str(q).rjust(iw)} ", None), (label, "image" if q in image_rows else None), (" ", None)]
         edge = q - p.window + 1 if p.window is not None else 0
         for j, c in enumerate(idx):
