@@ -94,8 +94,8 @@ class BandedPattern:
 
     def to(self, device=None, dtype=None) -> "BandedPattern":
         fill = self.fill
-        if dtype is not None and fill != 0.0:  # finfo.min of the old dtype is not the new one's
-            fill = torch.finfo(dtype).min
+        if dtype is not None:  # rounded as the band's entries are (float32's finfo.min is -inf in bfloat16)
+            fill = float(torch.tensor(fill, dtype=self.dtype).to(dtype))
         return replace(self, band=self.band.to(device=device, dtype=dtype), q_slots=self.q_slots.to(device), fill=fill)
 
     def detach(self) -> "BandedPattern":
