@@ -87,7 +87,7 @@ def generate(client, **changes) -> dict:
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/generate", "/stop", "/inspect", "/mask_atlas"} <= names
+    assert {"/generate", "/stop", "/inspect", "/mask_atlas", "/image_attention"} <= names
 
 
 def test_both_columns_generate_and_equal_the_library(client, model):
@@ -116,6 +116,27 @@ def test_inspector_numbers_come_from_the_library(client, model):
     for pos, _, w in data["attended"]:
         assert w == pytest.approx(round(float(row[pos]), 4), abs=1e-4)
     assert f"p = {step.prob:.4f}" in header and Path(mask).exists()
+
+
+def test_ablation_in_b_changes_its_output(client, model):
+    from gemma3_lab.interventions import ablate_heads
+
+    out = generate(client, b_intervention="ablate heads", b_layer=0, b_heads="0, 1, 2, 3")
+    assert out["A"]["token_ids"] != out["B"]["token_ids"]
+    assert out["B"]["intervention"] == "heads 0, 1, 2, 3 of layer 0 zeroed (hook_z)"
+    with model.hooks(ablate_heads(0, [0, 1, 2, 3])):
+        assert out["B"]["token_ids"] == model.generate(PROMPT, max_new_tokens=N).token_ids
+    assert out["A"]["token_ids"] == model.generate(PROMPT, max_new_tokens=N).token_ids  # hooks left nothing behind
+
+
+def test_steering_and_patching_run(client):
+    out = generate(client, b_intervention="steer", b_layer=6, b_steer_positive="Germany", b_steer_negative="France",
+                   b_steer_scale=8.0, a_max_new_tokens=2, b_max_new_tokens=2)
+    assert out["A"]["token_ids"] != out["B"]["token_ids"] and out["B"]["error"] is None
+    # patching the whole residual from an unchanged column reproduces that column
+    out = generate(client, b_intervention="patch from other column", b_layer=17, b_patch_site="resid_post",
+                   a_max_new_tokens=2, b_max_new_tokens=2)
+    assert out["A"]["token_ids"] == out["B"]["token_ids"]
 
 
 def test_mask_atlas_endpoint(client):
@@ -166,6 +187,12 @@ BAD = {
     "top-p": (dict(b_decoding="sample", b_top_p=1.5), "top-p: 1.5 must be ≤ 1"),
     "max tokens": (dict(a_max_new_tokens=0), "max new tokens: 0 must be ≥ 1"),
     "decoding": (dict(a_decoding="beam"), "is not in the list of choices"),
+    "ablation heads": (dict(b_intervention="ablate heads", b_layer=3, b_heads="7"), "head 7 does not exist"),
+    "ablation layer": (dict(b_intervention="ablate heads", b_layer=30, b_heads="0"), "layer 30 does not exist"),
+    "heads list": (dict(a_intervention="ablate heads", a_heads="one"), "is not a list of whole numbers"),
+    "steer pair": (dict(a_intervention="steer", a_steer_positive="Love"), "give both texts of the contrast pair"),
+    "patch both": (dict(a_intervention="patch from other column", b_intervention="patch from other column"),
+                   "both columns patch from each other"),
 }
 
 
@@ -201,3 +228,17 @@ def test_still_answers_after_errors(client):
         with pytest.raises(Exception):
             generate(client, **bad)
     assert len(generate(client, a_max_new_tokens=1, b_max_new_tokens=1)["A"]["token_ids"]) == 1
+
+
+def test_image_tab_endpoint(client, tmp_path):
+    """demo-multimodal: the picture's 256 soft tokens, the grid and text→image attention come back."""
+    png = handle_file(str(_png(tmp_path / "red.png")))
+    out = generate(client, prompt="Describe:", images=[png], a_model="demo-multimodal", b_model="demo-multimodal",
+                   a_max_new_tokens=1, b_max_new_tokens=1)
+    assert out["A"]["prompt_tokens"] > 256 and out["A"]["token_ids"] == out["B"]["token_ids"]
+    note, strip, grid, attention = client.predict(column="A", index=0, image=0, layers="global layers", head=-1,
+                                                  api_name="/image_attention")
+    assert "1 image block(s)" in note and "untrained vision" in note
+    assert all(Path(p).stat().st_size > 5_000 for p in (strip, grid, attention))
+    with pytest.raises(Exception, match="image 1 does not exist"):
+        client.predict(column="A", index=0, image=1, layers="global layers", head=-1, api_name="/image_attention")

@@ -11,6 +11,8 @@ import inspect as pyinspect
 import gradio as gr
 
 from .figures import heatmap_image, layer_mask_image, to_image
+from .images_tab import wire_images_tab
+from .intervene import parse_intervention
 from .inspector import inspect_token, sequence_inputs
 from .layout import COLUMN_FIELDS, Page, head_choices, layer_choices
 from .registry import ModelRegistry
@@ -40,7 +42,7 @@ def parse_columns(registry: ModelRegistry, values: dict) -> list[ColumnSpec]:
             raise SettingsError(f"column {col}: {e}") from None
         decoding = parse_decoding(col, v["decoding"], v["temperature"], v["top_k"], v["top_p"], v["seed"],
                                   v["max_new_tokens"])
-        specs.append(ColumnSpec(col, key, decoding, bool(v["pan_and_scan"])))
+        specs.append(ColumnSpec(col, key, decoding, bool(v["pan_and_scan"]), parse_intervention(col, v)))
     return specs
 
 
@@ -91,6 +93,7 @@ def wire(page: Page, registry: ModelRegistry, session: gr.State) -> None:
     page.prompt.submit(**{**gen, "api_visibility": "private"})
     page.stop.click(stop, inputs=[session], outputs=[page.divergence], api_name="stop", queue=False)
     wire_inspector(page, registry, session)
+    wire_images_tab(page.images_tab, registry, session)
     a = page.atlas
     a["draw"].click(make_atlas(registry), inputs=[a["column"], session], outputs=[a["image"]], api_name="mask_atlas",
                     concurrency_id="inspect")

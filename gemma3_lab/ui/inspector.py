@@ -80,17 +80,17 @@ def inspect_token(registry: ModelRegistry, session: Session, col: str, index, la
     run = session.run(col)
     if not run.steps:
         raise LookupError(f"column {col} has no generated tokens to inspect")
-    index = _whole("token index", index)
+    index = whole("token index", index)
     if not 0 <= index < len(run.steps):
         raise LookupError(f"column {col} has {len(run.steps)} generated tokens; there is no token {index}")
     if run.result is None:
         raise LookupError(f"column {col} is still generating: inspect its tokens when it has finished")
     model = registry.get(run.spec.model).model
     cfg = model.config.text
-    layer = _whole("layer", layer)
+    layer = whole("layer", layer)
     if not 0 <= layer < cfg.num_layers:
         raise LookupError(f"layer {layer} does not exist: {model.config.name} has layers 0–{cfg.num_layers - 1}")
-    head = ALL_HEADS if head is None else _whole("head", head)
+    head = ALL_HEADS if head is None else whole("head", head)
     if not (head == ALL_HEADS or 0 <= head < cfg.num_heads):
         raise LookupError(f"head {head} does not exist: layer {layer} has heads 0–{cfg.num_heads - 1}")
     step = run.steps[index]
@@ -116,7 +116,7 @@ def inspect_token(registry: ModelRegistry, session: Session, col: str, index, la
                       cfg.num_layers, cfg.num_heads, kind)
 
 
-def _whole(what: str, value) -> int:
+def whole(what: str, value) -> int:
     try:
         x = float(value)
     except (TypeError, ValueError):

@@ -8,12 +8,17 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..load import BUNDLED
+from .images_tab import build_images_tab
+from .intervene import FIELDS as INTERVENTION_FIELDS
+from .intervene import KINDS, PATCH_SITES
 from .render import CLICK_JS, CSS, LEGEND, TOPK_CSS, tokens_html, topk_html
+from .widgets import figure_slot
 from .settings import DECODING, MAX_NEW_TOKENS
 
 # the order of one column's settings in the `generate` endpoint, after prompt/chat/images;
 # the API names are these prefixed with "a_" / "b_"
-COLUMN_FIELDS = ("model", "decoding", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "pan_and_scan")
+COLUMN_FIELDS = ("model", "decoding", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "pan_and_scan",
+                 *INTERVENTION_FIELDS)
 
 
 @dataclass
@@ -44,6 +49,26 @@ def column_settings(name: str, model_choices: list[str], default_model: str = BU
         s["top_p"] = gr.Number(1.0, label="top-p (1 = off)", min_width=80, elem_id=f"topp-{name}")
         s["seed"] = gr.Number(0, label="seed", precision=0, min_width=80, elem_id=f"seed-{name}")
     s["pan_and_scan"] = gr.Checkbox(False, label="pan-and-scan (crops of large images)", elem_id=f"pas-{name}")
+    with gr.Accordion(f"{name}: intervention", open=False, elem_id=f"intervention-{name}"):
+        s["intervention"] = gr.Radio(list(KINDS), value="none", show_label=False, elem_id=f"kind-{name}")
+        with gr.Row():
+            s["layer"] = gr.Number(5, precision=0, label="layer", min_width=80, elem_id=f"layer-{name}")
+            s["heads"] = gr.Textbox("", label="heads (ablate; patch site z)", placeholder="0, 2", min_width=120,
+                                    elem_id=f"heads-{name}")
+        with gr.Row():
+            s["steer_positive"] = gr.Textbox("", label="steer: toward", placeholder="Love", min_width=100,
+                                             elem_id=f"steer-pos-{name}")
+            s["steer_negative"] = gr.Textbox("", label="steer: away from", placeholder="Hate", min_width=100,
+                                             elem_id=f"steer-neg-{name}")
+            s["steer_scale"] = gr.Number(4.0, label="steer: scale", min_width=80, elem_id=f"steer-scale-{name}")
+        with gr.Row():
+            s["patch_site"] = gr.Dropdown(list(PATCH_SITES), value="resid_post", label="patch: site", min_width=100,
+                                          elem_id=f"patch-site-{name}")
+            s["patch_positions"] = gr.Textbox("", label="patch: prompt positions (empty = all)", placeholder="3, 4",
+                                              min_width=120, elem_id=f"patch-pos-{name}")
+        gr.Markdown("Ablate: zero those heads' outputs (hook_z). Steer: add scale × (residual after the layer at the "
+                    "last token of 'toward' − of 'away from') at every position. Patch: copy the other column's "
+                    "activation (its model and intervention, same prompt) at that site.")
     return {f: s[f] for f in COLUMN_FIELDS}
 
 
@@ -64,6 +89,7 @@ class Page:
     results: gr.JSON
     inspector: dict  # name -> component
     atlas: dict
+    images_tab: dict
 
 
 def build_page(model_choices: list[str]) -> Page:
@@ -77,7 +103,7 @@ def build_page(model_choices: list[str]) -> Page:
             prompt = gr.Textbox(label="prompt", lines=3, placeholder="The capital of France is", elem_id="prompt")
         with gr.Column(scale=1, min_width=200):
             chat = gr.Checkbox(False, label="chat mode (one user turn in Gemma's chat format)", elem_id="chat")
-            images = gr.File(label="images (optional)", file_count="multiple", type="filepath", elem_id="images",
+            images = gr.File([], label="images (optional)", file_count="multiple", type="filepath", elem_id="images",
                              height=110)
     with gr.Row():
         generate = gr.Button("Generate both", variant="primary", elem_id="generate")
@@ -100,7 +126,9 @@ def build_page(model_choices: list[str]) -> Page:
                 results = gr.JSON(elem_id="results")
         with gr.Tab("Mask atlas", id="atlas"):
             atlas = build_atlas_tab()
-    return Page(prompt, chat, images, columns, generate, stop, divergence, results, inspector, atlas)
+        with gr.Tab("Images", id="images"):
+            images_tab = build_images_tab()
+    return Page(prompt, chat, images, columns, generate, stop, divergence, results, inspector, atlas, images_tab)
 
 
 def layer_choices(config) -> list[tuple[str, int]]:
@@ -136,11 +164,9 @@ def build_inspector(config=None) -> dict:
                                          allow_custom_value=True, elem_id="insp-layer")
                 w["head"] = gr.Dropdown(head_choices(config), value=-1, label="head", allow_custom_value=True,
                                         elem_id="insp-head")
-            w["mask"] = gr.Image(label="the mask this layer used", type="pil", interactive=False,
-                                 elem_id="insp-mask", buttons=["download", "fullscreen"], height=380)
-    w["heatmap"] = gr.Image(label="where it attended: the layer's attention, the producing query's row marked",
-                            type="pil", interactive=False, elem_id="insp-heatmap", buttons=["download", "fullscreen"],
-                            height=460)
+            w["mask"] = figure_slot("insp-mask", "The mask this layer used (its hook_mask)", 340)
+    w["heatmap"] = figure_slot("insp-heatmap", "Where it attended: the layer's attention, the producing query's row "
+                               "marked", 440)
     with gr.Accordion("inspection as JSON (what the `inspect` endpoint returns)", open=False):
         w["json"] = gr.JSON(elem_id="insp-json")
     return w
@@ -153,6 +179,5 @@ def build_atlas_tab() -> dict:
     with gr.Row():
         w["column"] = gr.Radio(["A", "B"], value="A", label="column", elem_id="atlas-column")
         w["draw"] = gr.Button("Draw the mask atlas", elem_id="atlas-draw")
-    w["image"] = gr.Image(label="mask atlas", type="pil", interactive=False, elem_id="atlas-image",
-                          buttons=["download", "fullscreen"])
+    w["image"] = figure_slot("atlas-image", "Mask atlas")
     return w

@@ -53,11 +53,18 @@ def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], 
                 f"column {spec.name}: the prompt is {run.n_prompt} tokens; with {spec.decoding.max_new_tokens} new "
                 f"tokens that is {need}, past {model.config.name}'s context of {limit} tokens"
             )
-        if spec.intervention is not None:
-            try:
-                run.hooks = spec.intervention.hooks(model, session, spec.name)
-            except (ValueError, KeyError, LookupError) as e:
-                raise ColumnError(f"column {spec.name}: {e}") from None
+        run.status = f"ready: {run.n_prompt} prompt tokens"
+    # a patch reads the other column's activations, so that column's hooks come first
+    for spec in sorted(specs, key=lambda s: s.intervention is not None and s.intervention.kind.startswith("patch")):
+        if spec.intervention is None:
+            continue
+        run = session.runs[spec.name]
+        run.status = f"preparing the intervention: {spec.intervention.describe()}…"
+        yield f"column {spec.name}: preparing its intervention…"
+        try:
+            run.hooks = spec.intervention.hooks(registry.get(spec.model).model, session, spec.name, registry)
+        except (ValueError, KeyError, LookupError) as e:
+            raise ColumnError(f"column {spec.name}: {e}") from None
         run.status = f"ready: {run.n_prompt} prompt tokens"
     yield "ready"
 
@@ -80,7 +87,8 @@ def generate_column(registry: ModelRegistry, session: Session, col: str) -> Iter
         except Exception as e:  # shown in the column; the app keeps serving
             outcome["error"] = e
 
-    run.status = "waiting for the model (another session is using it)…" if entry.lock_busy() else "processing the prompt…"
+    run.status = ("waiting for the model (another request is using it)…" if entry.lock_busy()
+                  else f"processing the prompt ({run.n_prompt} tokens)…")
     yield run
     worker = threading.Thread(target=work, name=f"generate-{col}", daemon=True)
     t0 = time.perf_counter()

@@ -1,0 +1,13 @@
+"""Small widget helpers shared by the page's sections."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+
+def figure_slot(elem_id: str, caption: str, height: int | None = None) -> gr.Image:
+    """A read-only image for a visualizer's figure, its caption above it (a Gradio label
+    would sit on top of the figure's own title)."""
+    gr.Markdown(f"**{caption}**", elem_classes=["g3-caption"])
+    return gr.Image(type="pil", interactive=False, show_label=False, elem_id=elem_id, height=height,
+                    buttons=["download", "fullscreen"])
