@@ -10,10 +10,10 @@ import inspect as pyinspect
 
 import gradio as gr
 
-from .figures import heatmap_image, layer_mask_image, to_image
+from .figures import heatmap_image, layer_mask_image, lens_image, to_image
 from .images_tab import wire_images_tab
 from .intervene import parse_intervention
-from .inspector import inspect_token, sequence_inputs
+from .inspector import inspect_token, lens_at, lens_rows, sequence_inputs
 from .layout import COLUMN_FIELDS, Page, head_choices, layer_choices
 from .registry import ModelRegistry
 from .render import divergence_md, results_json, status_md, tokens_html, topk_html
@@ -120,11 +120,13 @@ def make_inspect(registry: ModelRegistry):
         run = session.run(column)
         window = config.text.sliding_window if ins.layer_kind != "global" else None
         mask = layer_mask_image(ins.mask, ins.inputs.token_types, ins.labels, window, ins.inputs.image_spans, f"mask of layer {ins.layer} ({ins.layer_kind})", ins.query)
+        lens = lens_at(registry, run, ins.query)
+        data["logit_lens"] = lens_rows(lens)
         return (
             column, ins.index, ins.header, topk_html(run.steps[ins.index]), ins.attended,
             gr.Dropdown(choices=layer_choices(config), value=ins.layer),
             gr.Dropdown(choices=head_choices(config), value=ins.head),
-            heatmap_image(ins), mask, data,
+            heatmap_image(ins), mask, lens_image(lens, config), data["logit_lens"], data,
         )
 
     return inspect
@@ -134,7 +136,7 @@ def wire_inspector(page: Page, registry: ModelRegistry, session: gr.State) -> No
     w = page.inspector
     inspect = make_inspect(registry)
     outputs = [w[k] for k in ("column", "index", "header", "top_k", "attended", "layer", "head", "heatmap", "mask",
-                              "json")]
+                              "lens", "lens_table", "json")]
     common = dict(outputs=outputs, concurrency_id="inspect", show_progress="minimal")
     gr.on([w["layer"].input, w["head"].input], inspect, inputs=[w["column"], w["index"], w["layer"], w["head"], session],
           api_name="inspect", **common)

@@ -45,6 +45,13 @@ def heatmap_image(ins):
     return to_image(fig)
 
 
+def lens_image(lens, config):
+    """The logit-lens grid of `gemma3_lab.viz.lens` (its last column: the inspected position)."""
+    from ..viz.lens import logit_lens_grid
+
+    return to_image(logit_lens_grid(lens, config=config))
+
+
 def layer_mask_image(mask, token_types, labels: list[str], window: int | None, spans, title: str, query: int):
     """One layer's real mask (from its `hook_mask`) drawn with the mask visualizer's cells;
     the row of the query that produced the inspected token is marked."""

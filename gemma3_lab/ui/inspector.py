@@ -19,6 +19,7 @@ from .registry import ModelRegistry
 from .session import ColumnRun, Session
 
 KEEP_LAYERS = 4  # activation caches kept per column (one forward each)
+LENS_SPAN = 8  # positions the logit-lens picture shows, ending at the inspected one
 ALL_HEADS = -1  # head choice: the heatmap shows every head, the table their mean
 
 
@@ -70,6 +71,36 @@ def layer_cache(registry: ModelRegistry, run: ColumnRun, layer: int):
         run.caches.pop(next(iter(run.caches)))
     run.caches[layer] = cache
     return cache
+
+
+def lens_at(registry: ModelRegistry, run: ColumnRun, query: int, k: int = 3):
+    """`gemma3_lab.lens` over the positions up to `query` (the last LENS_SPAN of them): the
+    residual after every layer read through the final norm and unembedding."""
+    key = ("lens", query)
+    if key not in run.caches:
+        entry = registry.get(run.spec.model)
+        positions = list(range(max(0, query - LENS_SPAN + 1), query + 1))
+        names = ["blocks.0.hook_resid_pre", "blocks.*.hook_resid_post"]
+        with entry.lock, entry.model.hooks(run.hooks):
+            _, cache = entry.model.run_with_cache(sequence_inputs(run, upto=query - run.n_prompt + 1),
+                                                  names_filter=names, positions=positions, top_k=0,
+                                                  return_logits=False)
+            lens = cache.logit_lens(k=k)
+        if len(run.caches) >= KEEP_LAYERS:
+            run.caches.pop(next(iter(run.caches)))
+        run.caches[key] = lens
+    return run.caches[key]
+
+
+def lens_rows(lens) -> list[list]:
+    """[[layer, top-1, p, top-2, p, top-3, p], ...] at the last (inspected) position."""
+    rows = []
+    for r, label in enumerate(lens.layer_labels):
+        row = [label]
+        for rank in range(lens.top_probs.shape[-1]):
+            row += [lens.top_tokens[r][-1][rank], round(float(lens.top_probs[r, -1, rank]), 4)]
+        rows.append(row)
+    return rows
 
 
 def topk_rows(step) -> list[list]:

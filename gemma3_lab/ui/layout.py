@@ -167,6 +167,14 @@ def build_inspector(config=None) -> dict:
             w["mask"] = figure_slot("insp-mask", "The mask this layer used (its hook_mask)", 340)
     w["heatmap"] = figure_slot("insp-heatmap", "Where it attended: the layer's attention, the producing query's row "
                                "marked", 440)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=360):
+            w["lens"] = figure_slot("insp-lens", "Logit lens: the top next token read off the residual after each "
+                                    "layer (last column: the producing position)", 600)
+        with gr.Column(scale=2, min_width=280):
+            w["lens_table"] = gr.Dataframe(
+                headers=["after", "top-1", "p", "top-2", "p", "top-3", "p"], interactive=False, max_height=620,
+                label="logit lens at the producing position (exact probabilities)", elem_id="insp-lens-table")
     with gr.Accordion("inspection as JSON (what the `inspect` endpoint returns)", open=False):
         w["json"] = gr.JSON(elem_id="insp-json")
     return w
