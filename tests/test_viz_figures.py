@@ -137,6 +137,39 @@ def test_logit_lens_grid_cells():
     assert ticks(ax, "x") == [f"in{c} ({c})" for c in range(2, S)]
 
 
+def test_logit_lens_grid_real(run):
+    """The grid of the model's own logit lens (`cache.logit_lens`) shows its top-1 probabilities."""
+    from gemma3_lab.viz.common import fig_label, printable
+
+    lens = run.cache.logit_lens(3)
+    fig = LV.logit_lens_grid(lens, config=run.model.config)
+    ax = fig.axes[0]
+    S = len(run.tokens)
+    assert np.array_equal(data(ax.images[0]), lens.top_probs[:, :, 0].float().numpy())
+    assert ticks(ax, "y") == ["embed"] + [f"L{i}" for i in range(18)]
+    last = [t.get_text() for t in ax.texts][-S:]  # the bottom row: after the last layer
+    assert last == [fig_label(printable(lens.top_tokens[18][c][0]), 9) for c in range(S)]
+    # the bottom row is the model's own next-token prediction
+    assert torch.equal(lens.top_ids[18, :, 0], run.logits[0].argmax(-1).cpu())
+
+
+def test_selected_positions_and_heads(run):
+    """A cache that kept some query positions and heads is drawn with the right rows and head ids."""
+    keep = [3, len(run.tokens) - 1]
+    _, cache = run.model.run_with_cache(run.inputs, names_filter=NAMES[:2], positions=keep, heads=[1, 3])
+    fig = A.attention_heatmap(cache, 5, 3, run.tokens)
+    want = dense(run.cache["pattern", 5])[0, 3][keep].float().numpy()
+    assert np.array_equal(data(fig.axes[0].images[0]), want)
+    assert ticks(fig.axes[0], "y") == [f"{k} {run.tokens[k]}" for k in keep]
+    grid = A.head_grid(cache, 5, run.tokens)
+    assert [ax.get_title() for ax in grid.axes if ax.images] == ["head 1", "head 3"]
+    rows = A.token_view_data(cache, keep[1])[0]
+    full = torch.cat([dense(run.cache["pattern", i])[0, [1, 3], keep[1]].float() for i in range(18)])
+    assert torch.equal(rows, full)
+    with pytest.raises(ValueError, match="not captured"):
+        A.attention_heatmap(cache, 5, 0, run.tokens)
+
+
 def test_surprisal(run):
     ids = run.inputs.input_ids
     bits = LV.surprisal_bits(run.logits, ids)

@@ -19,6 +19,38 @@ def pattern(cache, layer: int, batch: int = 0) -> Tensor:
     return p[batch].float().cpu()
 
 
+def query_row(cache, query: int) -> int:
+    """Row of slot `query` in the cached patterns: a cache run with `positions=` keeps only those."""
+    pos = getattr(cache, "positions", None)
+    if pos is None:
+        return query
+    kept = [int(p) for p in pos]
+    if query not in kept:
+        raise ValueError(f"slot {query} was not captured: this cache kept query positions {kept}")
+    return kept.index(query)
+
+
+def head_ids(cache, n: int) -> list[int]:
+    """The model's head number of each stored head (a cache run with `heads=` keeps only those)."""
+    heads = getattr(cache, "heads", None)
+    return list(range(n)) if heads is None else [int(h) for h in heads]
+
+
+def head_index(cache, head: int, n: int) -> int:
+    ids = head_ids(cache, n)
+    if head not in ids:
+        raise ValueError(f"head {head} was not captured: this cache kept heads {ids}")
+    return ids.index(head)
+
+
+def row_labels(cache, tokens: list[str]) -> tuple[list[str], list[int] | None]:
+    """Query-axis labels (and their slots) for a cache that kept only some positions."""
+    pos = getattr(cache, "positions", None)
+    if pos is None:
+        return tokens, None
+    return [tokens[int(p)] for p in pos], [int(p) for p in pos]
+
+
 def layer_mask(cache, layer: int, batch: int = 0) -> Tensor | None:
     """(S, T) bool mask of the layer when the cache holds it (`hook_mask`), else None."""
     try:
@@ -63,17 +95,29 @@ def _kind(cache, layer: int) -> str:
     return f"{t.short}" + (f", window {w}" if w else "")
 
 
+def _query_ticks(ax, cache, tokens: list[str], spans, y: bool = True, max_ticks: int = 64) -> None:
+    """Keys on x; queries on y, which are only the captured positions when the cache kept some."""
+    from .common import tick_positions
+
+    labels, slots = row_labels(cache, tokens)
+    set_token_ticks(ax, tokens, "both" if y and slots is None else "x", spans, max_ticks)
+    if not y or slots is None:
+        return
+    pos = tick_positions(len(labels), (), max_ticks)
+    ax.set_yticks(pos, [f"{slots[i]} {fig_label(labels[i])}" for i in pos], fontsize=7)
+
+
 def attention_heatmap(cache, layer: int, head: int, tokens: list[str] | None = None, batch: int = 0, spans=()):
     """One head's pattern (query rows × key columns) with the tokens on both axes."""
     import matplotlib.pyplot as plt
 
     tokens = tokens or cache_tokens(cache, batch)
-    p = pattern(cache, layer, batch)[head]
-    S = p.shape[0]
-    side = min(3.5 + 0.22 * S, 12)
+    full = pattern(cache, layer, batch)
+    p = full[head_index(cache, head, full.shape[0])]
+    side = min(3.5 + 0.22 * p.shape[1], 12)
     fig, ax = plt.subplots(figsize=(side + 1.5, side + 0.8), layout="constrained")
     im = _image(ax, p, layer_mask(cache, layer, batch))
-    set_token_ticks(ax, tokens, "both", spans)
+    _query_ticks(ax, cache, tokens, spans)
     ax.set_xlabel("key (attended to)")
     ax.set_ylabel("query (attending)")
     kind = _kind(cache, layer)
@@ -91,7 +135,8 @@ def head_grid(cache, layer: int, tokens: list[str] | None = None, batch: int = 0
 
     tokens = tokens or cache_tokens(cache, batch)
     p = pattern(cache, layer, batch)
-    N, S = p.shape[0], p.shape[1]
+    N, S = p.shape[0], p.shape[2]
+    ids = head_ids(cache, N)
     cols = min(cols, N)
     rows = math.ceil(N / cols)
     side = min(2.8 + 0.16 * S, 7)
@@ -104,10 +149,11 @@ def head_grid(cache, layer: int, tokens: list[str] | None = None, batch: int = 0
             ax.axis("off")
             continue
         im = _image(ax, p[h], mask)
-        set_token_ticks(ax, tokens, "both" if h % cols == 0 else "x", spans, max_ticks=32)
-        ax.set_title(f"head {h}", fontsize=10)
+        _query_ticks(ax, cache, tokens, spans, y=h % cols == 0, max_ticks=32)
+        ax.set_title(f"head {ids[h]}", fontsize=10)
     kind = _kind(cache, layer)
-    fig.suptitle(f"Layer {layer}{f' ({kind})' if kind else ''}: all {N} heads · query ↓ key →")
+    what = f"all {N} heads" if getattr(cache, "heads", None) is None else f"{N} captured heads"
+    fig.suptitle(f"Layer {layer}{f' ({kind})' if kind else ''}: {what} · query ↓ key →")
     fig.colorbar(im, ax=axes, shrink=0.7, label="probability (square-root colour scale)")
     label_figure(fig, getattr(getattr(cache, "model", None), "config", None))
     return fig
@@ -120,11 +166,12 @@ def token_view_data(cache, query: int, layers=None, batch: int = 0) -> tuple[Ten
     n_layers = cache.model.config.text.num_layers if getattr(cache, "model", None) else None
     layers = list(range(n_layers)) if layers is None else list(layers)
     rows, keys = [], []
+    r = query_row(cache, query)
     for layer in layers:
         p = pattern(cache, layer, batch)  # (N, S, T)
-        for h in range(p.shape[0]):
-            rows.append(p[h, query])
-            keys.append((layer, h))
+        for h, hid in enumerate(head_ids(cache, p.shape[0])):
+            rows.append(p[h, r])
+            keys.append((layer, hid))
     return torch.stack(rows), keys
 
 
@@ -139,7 +186,7 @@ def token_view(cache, query: int, tokens: list[str] | None = None, layers=None, 
     im = ax.imshow(data.numpy(), cmap=CMAP, norm=_norm(), interpolation="nearest", aspect="auto")
     set_token_ticks(ax, tokens, "x", spans)
     model = getattr(cache, "model", None)
-    starts = [i for i, (layer, h) in enumerate(keys) if h == 0]
+    starts = [i for i, (layer, h) in enumerate(keys) if i == 0 or keys[i - 1][0] != layer]
     names = []
     for i in starts:
         layer = keys[i][0]
@@ -150,7 +197,7 @@ def token_view(cache, query: int, tokens: list[str] | None = None, layers=None, 
         ax.axhline(i - 0.5, color="white", linewidth=0.8)
     ax.axvline(query, color="#1f77b4", linewidth=1.0, linestyle=":")
     n_heads = len(keys) // max(len(starts), 1)
-    ax.set_ylabel(f"layer (l = local, g = global), {n_heads} heads each, head 0 on top")
+    ax.set_ylabel(f"layer (l = local, g = global), {n_heads} heads each, head {keys[0][1]} on top")
     ax.set_xlabel("key (attended to)")
     ax.set_title(f"Where does {fig_label(tokens[query], 24)!r} (slot {query}) look? · every layer and head")
     fig.colorbar(im, ax=ax, shrink=0.8, label="probability (square-root colour scale)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,10 @@ def fig_label(label: str, width: int = LABEL_WIDTH) -> str:
     """A label matplotlib can draw: characters the font lacks (CJK with DejaVu) written as
     U+XXXX rather than empty boxes, then shortened."""
     chars = _font_chars()
-    return shorten("".join(c if ord(c) in chars or c.isspace() else f"U+{ord(c):04X}" for c in label), width)
+    label = "".join(c if ord(c) in chars or c.isspace() else f"U+{ord(c):04X}" for c in label)
+    # a run such as twelve "▁" (a Gemma whitespace token) reads better counted than drawn
+    label = re.sub(r"(.)\1{3,}", lambda m: f"{m.group(1)}×{len(m.group(0))}", label)
+    return shorten(label, width)
 
 
 def printable(piece: str) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .attention import pattern
+from .attention import head_index, pattern, query_row
 from .common import fig_label, label_figure, token_labels
 
 TEXT, SPECIAL = 0, 1  # strip codes; soft tokens of span k get code 2 + k
@@ -183,10 +183,11 @@ def span_attention(cache, span, query: int, layers, heads=None, batch: int = 0) 
     """(grid²,) attention from slot `query` to the span's soft tokens, averaged over the given
     layers and heads (all heads when None)."""
     rows = []
+    r = query_row(cache, query)
     for layer in layers:
         p = pattern(cache, layer, batch)  # (N, S, T)
-        hs = range(p.shape[0]) if heads is None else heads
-        rows += [p[h, query, span.start:span.end] for h in hs]
+        hs = range(p.shape[0]) if heads is None else [head_index(cache, h, p.shape[0]) for h in heads]
+        rows += [p[h, r, span.start:span.end] for h in hs]
     return torch.stack(rows).mean(0)
 
 

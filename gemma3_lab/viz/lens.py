@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from .common import fig_label, label_figure
+from .common import fig_label, label_figure, printable
 
 LENS_CMAP = "viridis"
 SURPRISAL_CMAP = "YlOrRd"
@@ -35,11 +35,11 @@ def logit_lens_grid(lens, columns: list[int] | None = None, max_positions: int =
     for r in range(R):
         for c, col in enumerate(cols):
             p = float(probs[r, c])
-            ax.text(c, r, fig_label(lens.top_tokens[r][col][0], 9), ha="center", va="center", fontsize=6.5,
-                    color="black" if p > 0.55 else "white")
+            cell = fig_label(printable(lens.top_tokens[r][col][0]), 9)
+            ax.text(c, r, cell, ha="center", va="center", fontsize=6.5, color="black" if p > 0.55 else "white")
     shown = [lens.tokens[c] for c in cols]
     pos = lens.positions if getattr(lens, "positions", None) else list(range(lens.top_probs.shape[1]))
-    ax.set_xticks(range(C), [f"{fig_label(t, 12)} ({pos[c]})" for t, c in zip(shown, cols)], rotation=60,
+    ax.set_xticks(range(C), [f"{fig_label(printable(t), 12)} ({pos[c]})" for t, c in zip(shown, cols)], rotation=60,
                   ha="right", fontsize=7)
     ax.set_yticks(range(R), lens.layer_labels, fontsize=7)
     ax.set_xlabel("input token (slot): the cells predict the token after it")
