@@ -9,7 +9,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ..config import PRESETS, Gemma3Config
@@ -197,7 +196,3 @@ def label_figure(fig, config: Gemma3Config | None, images: bool = False) -> None
             eng.set(rect=(left, 0.04, width, height - (0.04 - bottom)))
     fig.text(0.01, 0.005, text, fontsize=7 if not images else 8, color="#b00020" if note and images else "#555555",
              ha="left", va="bottom", wrap=True)
-
-
-def as_tensor(x) -> Tensor:
-    return x if isinstance(x, Tensor) else torch.as_tensor(x)

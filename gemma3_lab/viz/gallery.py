@@ -81,25 +81,11 @@ def text_visuals(w: Writer, long_prompt: str | None = None) -> None:
     w.png("05_attention_L5_H0", A.attention_heatmap(cache, 5, 0, tokens))
     w.png("06_attention_L3_all_heads", A.head_grid(cache, 3, tokens))
     w.png("07_where_does_last_token_look", A.token_view(cache, len(tokens) - 1, tokens))
-    lens = _logit_lens(cache)
-    if lens is not None:
-        w.png("08_logit_lens", LV.logit_lens_grid(lens, config=model.config))
+    w.png("08_logit_lens", LV.logit_lens_grid(cache.logit_lens(5), config=model.config))
     w.png("09_residual_norms", LV.residual_norms(cache, tokens))
     bits = LV.surprisal_bits(logits, inputs.input_ids)
     w.png("10_surprisal", LV.surprisal_text(tokens, bits, config=model.config))
     w.text("10_surprisal.html", LV.surprisal_html(tokens, bits))
-
-
-def _logit_lens(cache, k: int = 5):
-    """The lens from `gemma3_lab.lens` (hooks' `cache.logit_lens`), or None where it is missing."""
-    if hasattr(cache, "logit_lens"):
-        return cache.logit_lens(k)
-    try:
-        from ..lens import logit_lens
-    except ImportError:
-        print("  skipped the logit lens: gemma3_lab.lens is not available", file=sys.stderr)
-        return None
-    return logit_lens(cache, k)
 
 
 def image_visuals(w: Writer) -> None:
