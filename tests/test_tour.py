@@ -126,3 +126,138 @@ def test_plots_draw(real_model):
                 tour.plot_journey(tour.token_journey(real_model, "Hello there"))):
         assert fig.axes
         plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ sweeps
+def _last_logit_gap(logits):
+    return (logits[:, 3] - logits[:, 4]).float()
+
+
+def test_head_ablation_sweep_cells_equal_single_ablations():
+    m = tiny(pattern_layer_types(2, 2))
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    sweep = tour.head_ablation_sweep(m, ids, _last_logit_gap)
+    assert sweep.values.shape == (2, 2)
+    with torch.no_grad():
+        assert sweep.baseline == pytest.approx(float(_last_logit_gap(m(ids).logits[:, -1])[0]), abs=1e-5)
+        for layer in range(2):
+            for head in range(2):
+                def zero(z, hook, head=head):
+                    z = z.clone()
+                    z[:, :, head] = 0.0
+                    return z
+
+                with m.hooks([(f"blocks.{layer}.attn.hook_z", zero)]):
+                    one = float(_last_logit_gap(m(ids).logits[:, -1])[0])
+                assert sweep.values[layer, head].item() == pytest.approx(one, abs=1e-5)
+    torch.testing.assert_close(sweep.effect, sweep.values - sweep.baseline)
+
+
+def test_patching_sweep_cells_equal_single_patches():
+    m = tiny(pattern_layer_types(2, 2))
+    clean = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    corrupt = torch.tensor([[1, 5, 11, 3, 7, 2]])
+    sweep = tour.patching_sweep(m, clean, corrupt, _last_logit_gap)
+    assert sweep.values.shape == (2, 6) and sweep.cols[2] == "11→9"
+    _, cache = m.run_with_cache(clean, names_filter="blocks.*.hook_resid_pre")
+    with torch.no_grad():
+        for layer, pos in [(0, 2), (1, 5), (1, 0)]:
+            def put(x, hook, layer=layer, pos=pos):
+                x = x.clone()
+                x[:, pos] = cache["resid_pre", layer][:, pos]
+                return x
+
+            with m.hooks([(f"blocks.{layer}.hook_resid_pre", put)]):
+                one = float(_last_logit_gap(m(corrupt).logits[:, -1])[0])
+            assert sweep.values[layer, pos].item() == pytest.approx(one, abs=1e-5)
+    # only the changed token differs before layer 0: patching it there restores the clean run
+    assert sweep.effect[0, 2].item() == pytest.approx(1.0, abs=1e-5)
+    assert sweep.effect[0, [0, 1, 3, 4, 5]].abs().max().item() < 1e-3  # batched vs single-row rounding
+    with pytest.raises(ValueError, match="same length"):
+        tour.patching_sweep(m, clean, corrupt[:, :4], _last_logit_gap)
+
+
+@pytest.mark.real
+def test_logit_diff_and_token_id(real_model):
+    rome = tour.token_id(real_model, " Rome")
+    assert real_model.tokenizer.id_to_token(rome) == "▁Rome"
+    with pytest.raises(ValueError, match="not one"):
+        tour.token_id(real_model, " Heliotrope")
+    logits = torch.zeros(2, real_model.config.text.vocab_size)
+    logits[:, rome] = 3.0
+    assert tour.logit_diff(real_model, " Rome", " Madrid")(logits).tolist() == [3.0, 3.0]
+
+
+# ------------------------------------------------------------------------------ steps
+@pytest.fixture(scope="module")
+def three_runs(real_model):
+    from gemma3_lab import interventions
+
+    prompt = "Once upon a time"
+    greedy = real_model.generate(prompt, max_new_tokens=5)
+    sampled = real_model.generate(prompt, max_new_tokens=5, do_sample=True, temperature=1.5, seed=3)
+    vector = tour.steering_vector(real_model, 6, " dragon", " the")
+    hooks = interventions.steer("blocks.6.hook_resid_post", vector, 0.3)
+    with real_model.hooks(hooks):
+        steered = real_model.generate(prompt, max_new_tokens=5)
+    return greedy, sampled, steered, hooks, vector
+
+
+@pytest.mark.real
+def test_steering_vector_is_a_difference_of_activations(real_model, three_runs):
+    vector = three_runs[4]
+    _, a = real_model.run_with_cache(" dragon", names_filter="blocks.6.hook_resid_post")
+    _, b = real_model.run_with_cache(" the", names_filter="blocks.6.hook_resid_post")
+    torch.testing.assert_close(vector, (a["resid_post", 6][0, -1] - b["resid_post", 6][0, -1]).float())
+
+
+@pytest.mark.real
+def test_tables_mark_the_divergence(three_runs):
+    greedy, sampled, steered, _, _ = three_runs
+    runs = {"greedy": greedy, "sampled": sampled, "steered": steered}
+    lines = tour.step_table(runs).splitlines()
+    assert len(lines) == 2 + 5 and lines[0].split()[:2] == ["step", "greedy"]
+    parts = [greedy.first_divergence(r) for r in (sampled, steered)]
+    for i, line in enumerate(lines[2:]):
+        expect = sum(p is not None and i >= p for p in parts)
+        assert line.count(tour.steps.DIVERGED) == expect, line
+    d = parts[0]
+    report = tour.divergence_report(greedy, sampled, ("g", "s"))
+    if d is None:
+        assert "same" in report
+    else:
+        assert f"step {d}" in report and repr(sampled.steps[d].token) in report
+    assert "same 5 tokens" in tour.divergence_report(greedy, greedy)
+    table = tour.top_k_table(greedy, k=2).splitlines()
+    assert len(table) == 6 and repr(greedy.steps[0].top_k[1][0]) in table[1]
+
+
+@pytest.mark.real
+def test_forced_effect_replays_recorded_probabilities(real_model, three_runs):
+    greedy, _, steered, hooks, _ = three_runs
+    plain = tour.forced_effect(real_model, greedy, hooks)
+    torch.testing.assert_close(plain.p_plain, torch.tensor([s.prob for s in greedy.steps]), atol=1e-4, rtol=0)
+    assert plain.top_plain == [s.token for s in greedy.steps]  # greedy chose the top-1 every time
+    replay = tour.forced_effect(real_model, steered, hooks)
+    torch.testing.assert_close(replay.p_hooked, torch.tensor([s.prob for s in steered.steps]), atol=1e-4, rtol=0)
+    assert replay.top_hooked == [s.token for s in steered.steps]
+    assert (plain.kl >= -1e-6).all() and len(plain.table().splitlines()) == 6
+    # no hooks: nothing changes
+    same = tour.forced_effect(real_model, greedy, [])
+    assert same.kl.abs().max() < 1e-6
+
+
+@pytest.mark.real
+def test_step_plots_draw(three_runs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    greedy, sampled, steered, _, _ = three_runs
+    m = tiny(pattern_layer_types(2, 2))
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    for fig in (tour.plot_steps({"a": greedy, "b": sampled, "c": steered}),
+                tour.plot_sweep(tour.head_ablation_sweep(m, ids, _last_logit_gap))):
+        assert fig.axes
+        plt.close(fig)
