@@ -40,6 +40,8 @@ def load(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    quantize: str | None = None,
+    group_size: int = 128,
 ) -> Gemma3:
     """Load a Gemma 3 model.
 
@@ -47,11 +49,18 @@ def load(
     "demo-multimodal" (the real 270M decoder with a seeded, UNTRAINED vision tower),
     a Hugging Face folder (config.json, *.safetensors, tokenizer.json), or a .gguf file.
     dtype: "float32" | "bfloat16" | "float16" or a torch.dtype. device: "cpu" | "cuda" | "auto".
+    quantize: None | "int8" | "int4" weight-only for the decoder projections, one (offset, step)
+    per `group_size` input columns (see gemma3_lab.quantize); activations stay in `dtype`.
     """
     from .loading.hf import parse_dtype
+    from .quantize import parse_mode, quantize_model
 
-    dt = parse_dtype(dtype)
-    dev = resolve_device(device)
+    parse_mode(quantize)  # a bad value fails before anything is read
+    model = _load(name_or_path, parse_dtype(dtype), resolve_device(device), progress)
+    return quantize_model(model, quantize, group_size) if quantize else model
+
+
+def _load(name_or_path, dt: torch.dtype, dev: torch.device, progress: bool) -> Gemma3:
     if name_or_path is None or str(name_or_path) == BUNDLED:
         return load_gguf(bundled_gguf_path(), dt, dev, progress, name=BUNDLED)
     if str(name_or_path) == "demo-multimodal":

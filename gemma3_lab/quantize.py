@@ -1,0 +1,203 @@
+"""Weight-only int8 / int4 quantization of a loaded model, really stored low-bit on any
+device: the decoder's linear layers group-wise, and optionally the tied embedding/head int8
+per row. Weights are dequantized per matmul; activations keep the model's dtype.
+
+Scheme (one for both widths): every row of a weight is cut into groups of `group_size`
+input columns and each group stores `lo` and `step` (float32) with
+`w ≈ lo + code * step`, `code ∈ [0, 2**bits - 1]`. The affine (min..max) range rather
+than a symmetric ±absmax one matters at 4 bits: 16 levels cannot spare the half a skewed
+group would leave unused. int8 codes are one uint8 each; int4 codes are packed two per
+byte, byte j of a row holding column j (low nibble) and column j + in/2 (high nibble), so
+unpacking is one `cat` of two bit operations.
+
+Why not torchao: torchao 0.18.0 with torch 2.13 on this AVX2 CPU runs
+`Int8WeightOnlyConfig`, but `Int4WeightOnlyConfig` needs the CUDA-only `mslk` package
+(and its `plain_int32` format "does not support device 'cpu' yet"), and
+`IntxWeightOnlyConfig(int4)` stores one 4-bit code per int8 byte. A one-library,
+one-scheme implementation that stores real 4-bit codes was the clearer choice.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+MODES = {"int8": 8, "int4": 4}  # quantize= value -> bits per weight
+EMBEDDINGS = ("float", "int8")
+_HEAD_CHUNK = 16_384  # vocabulary rows dequantized at a time: bounds the transient float copy
+
+
+def parse_mode(mode: str | None) -> int | None:
+    """None (no quantization), "int8" or "int4" -> bits; anything else is a ValueError."""
+    if mode is None:
+        return None
+    if mode not in MODES:
+        raise ValueError(f"unknown quantize={mode!r}; valid: None, {', '.join(map(repr, MODES))}")
+    return MODES[mode]
+
+
+# ---------------------------------------------------------------------------- tensors
+def quantize_tensor(w: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, in) weight -> (codes uint8 (out, in) or packed (out, in/2), lo, step (out, in/group))."""
+    N, K = w.shape
+    if group_size <= 0 or K % group_size:
+        raise ValueError(f"group_size={group_size} must be positive and divide the input width {K}")
+    if bits == 4 and K % 2:
+        raise ValueError(f"int4 packs two columns per byte: input width {K} must be even")
+    g = w.detach().float().reshape(N, K // group_size, group_size)  # (N, G, g)
+    lo, hi = g.amin(-1), g.amax(-1)
+    levels = 2**bits - 1
+    step = (hi - lo) / levels
+    step = torch.where(step > 0, step, torch.ones_like(step))  # constant group: any step is exact
+    codes = torch.round((g - lo[..., None]) / step[..., None]).clamp_(0, levels).to(torch.uint8)
+    codes = codes.reshape(N, K)
+    return (pack_int4(codes) if bits == 4 else codes), lo, step
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """(N, K) codes in [0, 15] -> (N, K/2) bytes: column j low nibble, column j + K/2 high."""
+    half = codes.shape[-1] // 2
+    return codes[..., :half] | (codes[..., half:] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of `pack_int4`: (N, K/2) bytes -> (N, K) codes."""
+    return torch.cat((packed & 0x0F, packed >> 4), dim=-1)
+
+
+def dequantize(qweight: Tensor, lo: Tensor, step: Tensor, bits: int) -> Tensor:
+    """float32 (out, in) weight from stored codes; groups are implied by `lo`'s shape."""
+    codes = unpack_int4(qweight) if bits == 4 else qweight
+    N, G = lo.shape
+    g = codes.reshape(N, G, -1).float()  # (N, G, group)
+    return torch.addcmul(lo[..., None], g, step[..., None]).reshape(N, -1)
+
+
+# ---------------------------------------------------------------------------- modules
+class QuantLinear(nn.Module):
+    """A bias-free linear layer with int8 or int4 group-wise weights (buffers, not parameters).
+
+    The weight is rebuilt in float32 at each call and rounded once to the input's dtype, so
+    a bfloat16 model sees the same weight a float32 model would, in bfloat16.
+    """
+
+    def __init__(self, qweight: Tensor, lo: Tensor, step: Tensor, bits: int, in_features: int) -> None:
+        super().__init__()
+        self.bits, self.in_features, self.out_features = bits, in_features, qweight.shape[0]
+        self.group_size = in_features // lo.shape[1]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("lo", lo)
+        self.register_buffer("step", step)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int) -> "QuantLinear":
+        if linear.bias is not None:
+            raise ValueError("QuantLinear is for Gemma's bias-free projections")
+        return cls(*quantize_tensor(linear.weight, bits, group_size), bits, linear.in_features)
+
+    def dequantize(self) -> Tensor:
+        return dequantize(self.qweight, self.lo, self.step, self.bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantize().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int{self.bits}, group_size={self.group_size}"
+
+
+class QuantEmbedding(nn.Module):
+    """The tied embedding table as int8 with one (lo, step) per vocabulary row.
+
+    Lookups dequantize only the rows asked for; `logits` walks the table in chunks so the
+    float copy of 262144 rows never exists at once. `weight` does build it (compatibility).
+    """
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        w = embedding.weight
+        self.dtype = w.dtype  # what lookups and the head compute in
+        qweight, lo, step = quantize_tensor(w, 8, w.shape[1])  # one group per row
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("lo", lo)
+        self.register_buffer("step", step)
+
+    @property
+    def weight(self) -> Tensor:
+        """The whole dequantized table in the model dtype; allocates it, so avoid per step."""
+        return dequantize(self.qweight, self.lo, self.step, 8).to(self.dtype)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        flat = ids.reshape(-1)
+        rows = dequantize(self.qweight[flat], self.lo[flat], self.step[flat], 8)
+        return rows.to(self.dtype).reshape(*ids.shape, -1)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """h (..., D) @ table.T -> (..., V), as the tied head computes it in the model dtype."""
+        V = self.qweight.shape[0]
+        parts = []
+        for s in range(0, V, _HEAD_CHUNK):
+            e = slice(s, min(s + _HEAD_CHUNK, V))
+            parts.append(h @ dequantize(self.qweight[e], self.lo[e], self.step[e], 8).to(h.dtype).T)
+        return torch.cat(parts, dim=-1)
+
+
+class QuantHead(nn.Module):
+    """The tied head over a `QuantEmbedding`: shares its buffers, stores nothing of its own."""
+
+    def __init__(self, table: QuantEmbedding) -> None:
+        super().__init__()
+        self.table = table
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.table.logits(h)
+
+
+# ---------------------------------------------------------------------------- models
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str, group_size: int = 128, embedding: str = "float") -> nn.Module:
+    """Replace, in place, every decoder projection (q/k/v/o, gate/up/down) by a `QuantLinear`.
+
+    embedding="float" keeps the tied 262144-row embedding/head in the model dtype (exact
+    logits head); "int8" stores it int8 per row. The vision tower and any classifier head
+    stay as they are: they run once per image or once per prompt, not per decoded token.
+    Choose the dtype first: a later `model.to(dtype)` would also round the float32 lo/step.
+    """
+    bits = parse_mode(mode)
+    if bits is None:
+        return model
+    if getattr(model, "quantization", None):
+        raise ValueError(f"this model is already quantized ({model.quantization}); load it again")
+    if embedding not in EMBEDDINGS:
+        raise ValueError(f"unknown embedding={embedding!r}; valid: {', '.join(map(repr, EMBEDDINGS))}")
+    for block in model.blocks:
+        for parent in (block.attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, QuantLinear.from_linear(child, bits, group_size))
+    if embedding == "int8":
+        if model.lm_head is not None:  # an untied head: int8 per row as well
+            w = model.lm_head.weight
+            model.lm_head = QuantLinear(*quantize_tensor(w, 8, w.shape[1]), 8, w.shape[1])
+        model.embed = QuantEmbedding(model.embed)
+        if model.lm_head is None:  # the model's tied path reads embed.weight: route it here
+            model.lm_head = QuantHead(model.embed)
+    model.quantization = f"{mode}/g{group_size}" + (" +int8 embedding" if embedding == "int8" else "")
+    return model
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each shared tensor counted once."""
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()]}
+    return sum(seen.values())
+
+
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes stored for the decoder projections, float or quantized (codes plus lo/step)."""
+    return sum(
+        tensor_bytes(child)
+        for block in model.blocks
+        for parent in (block.attn, block.mlp)
+        for child in parent.children()
+        if isinstance(child, (nn.Linear, QuantLinear))
+    )
