@@ -12,6 +12,7 @@ markdown cell whose lines are `# `-commented, `# %%` a code cell. Notebooks run 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,8 +64,11 @@ def execute(nb: nbformat.NotebookNode, timeout: int = TIMEOUT) -> float:
 
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
+    # idle OpenMP threads sleep instead of spinning: on a shared machine (CI, other jobs) spinning
+    # threads fight for the cores and a forward pass can take several times longer
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     t0 = time.perf_counter()
-    client.execute()
+    client.execute(env=env)
     return time.perf_counter() - t0
 
 

@@ -100,8 +100,9 @@ fig = gl.AttentionMaskVisualizer(model).atlas(prompt)
 # %% [markdown]
 # ## How much attention do the global layers send beyond the window?
 #
-# Only the three global layers can carry the ship's name to the end of the prompt. We capture
-# their attention patterns (`run_with_cache` computes the explicit softmax only for hooked
+# No local layer can look from the question back to the ship's name. (Information could still
+# hop forward through a chain of local layers, up to 511 tokens per hop; the global layers are the
+# direct route.) We capture the global layers' attention patterns (`run_with_cache` computes the explicit softmax only for hooked
 # layers) and, for every query that has keys more than 512 positions back, add up the attention
 # on those keys. `<bos>` is where idle heads park their attention, so we also report the share
 # without it.
@@ -141,8 +142,9 @@ for name, lg in (("as trained", logits), ("globals narrowed to 512", narrowed)):
     print(f"{name:>24}: p('▁Heli') = {p[ids[fact[0]]]:.3f}   top-3 {top}")
 
 # %% [markdown]
-# With a 512-token view everywhere the name is simply out of reach, and the model has to guess.
-# This is the trade Gemma 3 makes: five of every six layers keep a KV cache of at most 512
+# With a 512-token view everywhere the name is out of direct reach, and the model does not
+# recover it through the relay of local layers either: it has to guess. This is the trade Gemma 3
+# makes: five of every six layers keep a KV cache of at most 512
 # tokens, and the sixth keeps the whole context.
 #
 # ## Recap
@@ -154,7 +156,7 @@ for name, lg in (("as trained", logits), ("globals narrowed to 512", narrowed)):
 # - Up to 512 tokens local and global layers have identical masks; beyond that, local layers see
 #   only the last 512 keys.
 # - Global layers put a real share of their attention beyond the window, and narrowing them to
-#   the window makes the model lose a fact stated earlier in the prompt.
+#   the window makes the model lose a fact stated more than 512 tokens earlier.
 #
 # Next: [03 · images as tokens](03_images_as_tokens.ipynb) adds the one exception to causality:
 # image tokens.

@@ -59,9 +59,9 @@ print("after the image: ", [piece(i) for i in ids[span.end:]])
 
 # %% [markdown]
 # The processor replaced the single marker by `\n\n<start_of_image>`, then
-# `mm_tokens_per_image` placeholder ids (`<image_soft_token>`), then `<end_of_image>\n\n`. The
-# placeholders are never looked up in the embedding table: the model overwrites those slots
-# with the image's features. The token strip shows the layout:
+# `mm_tokens_per_image` placeholder ids (`<image_soft_token>`), then `<end_of_image>\n\n`.
+# Whatever the embedding table holds for the placeholders does not matter: the model overwrites
+# those slots with the image's features. The token strip shows the layout:
 
 # %%
 fig = viz_images.token_strip(inputs, model.tokenizer, model.config)
@@ -97,7 +97,7 @@ fig = viz_images.picture_grid(inputs, config=model.config)
 # ## Pan-and-scan: crops for wide pictures
 #
 # With `pan_and_scan=True` a picture whose sides differ by a ratio of 1.2 or more is also cut
-# into crops along its long side; each crop is resized to 896 × 896 on its own and gets its own
+# into 2–4 crops (each at least 256 px) along its long side; each crop is resized to 896 × 896 on its own and gets its own
 # 256 tokens, after a short text that says what follows:
 
 # %%
