@@ -57,16 +57,17 @@ def build(src: Path) -> nbformat.NotebookNode:
     return nb
 
 
-def execute(nb: nbformat.NotebookNode, timeout: int = TIMEOUT) -> float:
+def execute(nb: nbformat.NotebookNode, timeout: int = TIMEOUT, env: dict[str, str] | None = None) -> float:
     """Run every cell (in `notebooks/`), filling in the outputs; returns the wall time in seconds.
-    Raises nbclient's CellExecutionError on the first cell that fails."""
+    `env` adds to the kernel's environment. Raises nbclient's CellExecutionError on the first
+    cell that fails."""
     from nbclient import NotebookClient
 
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
     # idle OpenMP threads sleep instead of spinning: on a shared machine (CI, other jobs) spinning
     # threads fight for the cores and a forward pass can take several times longer
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **(env or {})}
     t0 = time.perf_counter()
     client.execute(env=env)
     return time.perf_counter() - t0
