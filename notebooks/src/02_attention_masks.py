@@ -101,11 +101,11 @@ fig = gl.AttentionMaskVisualizer(model).atlas(prompt)
 # ## How much attention do the global layers send beyond the window?
 #
 # No local layer can look from the question back to the ship's name. (Information could still
-# hop forward through a chain of local layers, up to 511 tokens per hop; the global layers are the
-# direct route.) We capture the global layers' attention patterns (`run_with_cache` computes the explicit softmax only for hooked
-# layers) and, for every query that has keys more than 512 positions back, add up the attention
-# on those keys. `<bos>` is where idle heads park their attention, so we also report the share
-# without it.
+# hop forward through a chain of local layers, up to 511 tokens per hop; the global layers are
+# the direct route.) We capture the global layers' attention patterns (`run_with_cache` computes
+# the explicit softmax only for hooked layers) and, for every query that has keys 512 or more
+# positions back, add up the attention on those keys. `<bos>` is where idle heads park their
+# attention, so we also report the share without it.
 
 # %%
 globals_ = list(t.global_layers)

@@ -77,7 +77,8 @@ v = model.config.vision
 names = ["vision.hook_patch_embed", "vision.hook_post_layernorm", "projector.hook_pooled", "projector.hook_out",
          "hook_image_features", "hook_embed_scaled", "blocks.*.attn.hook_pattern", "blocks.0.attn.hook_mask"]
 logits, cache = model.run_with_cache(inputs, names_filter=names, return_logits=False)
-print(f"{v.image_size} px / patch {v.patch_size} = {v.patches_per_side}×{v.patches_per_side} = {v.num_patches} patches")
+side = v.patches_per_side
+print(f"{v.image_size} px / patch {v.patch_size} = {side}×{side} = {v.num_patches} patches")
 for name in names[:5]:
     print(f"{name:>28}: {tuple(cache[name].shape)}")
 feats = cache["hook_image_features"][0]
@@ -97,8 +98,8 @@ fig = viz_images.picture_grid(inputs, config=model.config)
 # ## Pan-and-scan: crops for wide pictures
 #
 # With `pan_and_scan=True` a picture whose sides differ by a ratio of 1.2 or more is also cut
-# into 2–4 crops (each at least 256 px) along its long side; each crop is resized to 896 × 896 on its own and gets its own
-# 256 tokens, after a short text that says what follows:
+# into 2–4 crops (each at least 256 px) along its long side; each crop is resized to 896 × 896
+# on its own and gets its own 256 tokens, after a short text that says what follows:
 
 # %%
 pas = model.processor(prompt, images=[picture], pan_and_scan=True)

@@ -119,7 +119,8 @@ print("steps where steering changes the top-1 token:", [(i, effect.top_plain[i],
 # %%
 replay = tour.forced_effect(model, steered, steer)
 recorded = [s.prob for s in steered.steps]
-print(f"max |recorded − replayed| probability: {max(abs(a - b) for a, b in zip(recorded, replay.p_hooked.tolist())):.1e}")
+gap = max(abs(a - b) for a, b in zip(recorded, replay.p_hooked.tolist()))
+print(f"max |recorded − replayed| probability: {gap:.1e}")
 
 # %% [markdown]
 # ## Recap
