@@ -1,20 +1,22 @@
 """What `run_with_cache` returns: captured activations by hook name, with the sequence and
 head axes of every hook point known, so positions/heads can be selected and a logit lens run.
 
-Local-layer patterns and scores are `BandedPattern`s (T × window, `.dense()` for the full
-tensor); everything else is a plain tensor.
+Patterns and scores of local layers are `BandedPattern`s (T × window), of global layers on
+prompts longer than one chunk `BlockRows` (the causal triangle); `.to_dense()` gives the full
+tensor from either, and from a plain tensor (everything else) too.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor
 
-from .model.banded import BandedPattern
+from .model.banded import PatternView
 
 # TransformerLens' short names, for cache["pattern", 3]-style keys
 _SHORT = {
@@ -38,6 +40,13 @@ def act_name(kind: str, layer: int | None = None) -> str:
     if layer is None:
         return kind
     return f"blocks.{layer}.{_SHORT.get(kind, kind if kind.startswith('hook_') or '.' in kind else 'hook_' + kind)}"
+
+
+def unknown_name(name: str, names: Iterable[str], where: str = "") -> str:
+    """The error text for a name that is not there, with the nearest names that are."""
+    near = difflib.get_close_matches(name, list(names), n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(near)}?" if near else "; see model.hook_names()"
+    return f"unknown hook point {name!r} {where}".rstrip() + hint
 
 
 def canonical(name: str) -> str:
@@ -84,10 +93,10 @@ def select(name: str, t, heads: list[int] | None, positions: Tensor | None, n_re
     lay = layout(name)
     if heads is not None and lay.head is not None:
         idx = sorted({h // n_rep for h in heads}) if lay.kv_heads else list(heads)
-        t = t.select(heads=idx) if isinstance(t, BandedPattern) else t.index_select(lay.head, torch.tensor(idx, device=t.device))
+        t = t.select(heads=idx) if isinstance(t, PatternView) else t.index_select(lay.head, torch.tensor(idx, device=t.device))
     if positions is not None and lay.seq is not None:
-        if isinstance(t, BandedPattern):
-            t = t.select(rows=positions.to(t.band.device))
+        if isinstance(t, PatternView):
+            t = t.select(rows=positions)
         else:
             t = t.index_select(lay.seq, positions.to(t.device))
     return t
@@ -107,8 +116,8 @@ class TopLogits:
 
 def _nbytes(x) -> dict[tuple, int]:
     """{storage key: bytes} so tensors shared by two hook points count once."""
-    if isinstance(x, BandedPattern):
-        x = x.band
+    if isinstance(x, PatternView):
+        return {k: v for t in x.tensors() for k, v in _nbytes(t).items()}
     if isinstance(x, TopLogits):
         return {**_nbytes(x.values), **_nbytes(x.ids)}
     if not isinstance(x, Tensor):
@@ -122,7 +131,8 @@ class ActivationCache(Mapping[str, Tensor]):
 
     `positions` / `heads` say which query positions and heads were kept (None: all), in the
     order they sit along the stored axes. Local-layer `hook_pattern`/`hook_attn_scores` are
-    `BandedPattern`s: `cache["pattern", 0].dense()` is the full (B, N, S, T) tensor.
+    `BandedPattern`s and, past one chunk of rows, global ones `BlockRows`:
+    `cache["pattern", 0].to_dense()` is the full (B, N, S, T) tensor for any layer.
     """
 
     def __init__(self, store: dict, model=None, *, input_ids: Tensor | None = None,
@@ -146,8 +156,6 @@ class ActivationCache(Mapping[str, Tensor]):
     def __getitem__(self, key):
         name = self._key(key)
         if name not in self._store:
-            from .hooks import unknown_name
-
             hint = ""
             if name == "hook_logits" and self.top_logits is not None:
                 hint = " (full logits were not kept: see cache.top_logits, or pass full_logits=True)"
@@ -174,7 +182,7 @@ class ActivationCache(Mapping[str, Tensor]):
         """A copy on `device`; floating activations cast to `dtype` when given (masks stay bool)."""
 
         def move(t):
-            if isinstance(t, (BandedPattern, TopLogits)):
+            if isinstance(t, (PatternView, TopLogits)):
                 return t.to(device, dtype)
             if isinstance(t, Tensor):
                 return t.to(device=device, dtype=dtype if t.is_floating_point() else None)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .activation_cache import Layout, layout
-from .model.banded import BandedPattern, concat_rows
+from .model.banded import BandedPattern, PatternView, concat_rows
 
 
 class Capture:
@@ -29,7 +29,7 @@ class Capture:
 
     def add(self, t, slots: Tensor) -> None:
         if self.layout.seq is not None:
-            rows = len(t.q_slots) if isinstance(t, BandedPattern) else t.shape[self.layout.seq]
+            rows = len(t.q_slots) if isinstance(t, PatternView) else t.shape[self.layout.seq]
             slots = slots[-rows:]  # e.g. logits computed for the last position only
         self.pieces.append(t)
         self.slots.append(slots.cpu())
@@ -44,7 +44,7 @@ class Capture:
         return torch.cat(self.slots)
 
     def tensor(self):
-        """All pieces as one tensor (a BandedPattern for local-layer patterns and scores)."""
+        """All pieces as one tensor (a BandedPattern for local-layer patterns and scores: `.to_dense()`)."""
         if self._stitched is None:
             self._stitched = self._stitch()
         return self._stitched
@@ -57,7 +57,7 @@ class Capture:
             raise IndexError(f"position {position} was not computed in this generation ({self.name})")
         i = int(hit[0])
         t = self.tensor()
-        if isinstance(t, BandedPattern):
+        if isinstance(t, PatternView):
             return t.select(rows=[i]).dense()[:, :, 0]
         return t.select(self.layout.seq, i)
 
@@ -77,7 +77,7 @@ class Capture:
 
 def _widen(piece, slots: Tensor, total: int, name: str) -> Tensor:
     """A (B, N, s, T) piece whose keys end at its last query, padded to keys 0 .. total-1."""
-    p = piece.dense() if isinstance(piece, BandedPattern) else piece
+    p = piece.to_dense()
     end = int(slots[-1]) + 1
     start = end - p.shape[-1]
     if p.dtype == torch.bool:

@@ -8,7 +8,6 @@ Names may use TransformerLens' aliases (`blocks.0.ln1.hook_scale`, `ln_final.hoo
 from __future__ import annotations
 
 import contextlib
-import difflib
 import re
 import weakref
 from typing import Callable, Iterable
@@ -16,7 +15,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor
 
-from .activation_cache import ActivationCache, TopLogits, act_name, canonical, layout, select
+from .activation_cache import ActivationCache, TopLogits, act_name, canonical, layout, select, unknown_name
 from .cache_estimate import CacheEstimate, check_budget, default_budget, estimate
 from .hook_point import HookPoint
 
@@ -25,12 +24,6 @@ __all__ = ["HookedMixin", "ActivationCache", "act_name", "unknown_name"]
 HookFn = Callable[..., Tensor | None]
 NamesFilter = None | str | Iterable[str] | Callable[[str], bool]
 LOGIT_ROWS = 64  # positions per chunk when taking top-k logits from the final hidden state
-
-
-def unknown_name(name: str, names: Iterable[str], where: str = "") -> str:
-    near = difflib.get_close_matches(name, list(names), n=5, cutoff=0.5)
-    hint = f"; did you mean {', '.join(near)}?" if near else "; see model.hook_names()"
-    return f"unknown hook point {name!r} {where}".rstrip() + hint
 
 
 def _matcher(names_filter: NamesFilter, all_names: list[str]) -> Callable[[str], bool]:

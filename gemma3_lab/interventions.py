@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .activation_cache import ActivationCache, canonical, layout
-from .model.banded import BandedPattern
+from .model.banded import BandedPattern, PatternView
 
 Hooks = list[tuple[str, object]]
 
@@ -103,9 +103,10 @@ def patch(source: ActivationCache, names: str | Iterable[str], positions: Iterab
             rows, src_rows = rows[keep], match[:, keep].float().argmax(0)
             if not len(rows):
                 return None
-            out = t.clone()
+            # bands are patched as bands; row blocks of a long global pattern as the dense tensor
+            out = t.clone() if isinstance(t, (Tensor, BandedPattern)) else t.dense()
             dst = out.band if isinstance(out, BandedPattern) else out
-            s = src.band if isinstance(src, BandedPattern) else src
+            s = src.band if isinstance(src, BandedPattern) else src.to_dense()
             hsel = slice(None) if src_heads is None else torch.tensor(src_heads)
             if lay.head is None:
                 _put(dst, lay.seq, rows, _take(s, lay.seq, src_rows).to(dst.dtype))
@@ -146,7 +147,7 @@ def _n_rep(cache: ActivationCache) -> int:
 
 
 def _len(t, lay) -> int:
-    return len(t.q_slots) if isinstance(t, BandedPattern) else t.shape[lay.seq]
+    return len(t.q_slots) if isinstance(t, PatternView) else t.shape[lay.seq]
 
 
 def _take(t: Tensor, axis: int, rows: Tensor) -> Tensor:

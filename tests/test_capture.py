@@ -12,7 +12,7 @@ from gemma3_lab.config import Gemma3Config, TextConfig, VisionConfig, pattern_la
 from gemma3_lab.explorer import Gemma3
 from gemma3_lab.inputs import Inputs
 from gemma3_lab.model import explicit
-from gemma3_lab.model.banded import BandedPattern, concat_rows
+from gemma3_lab.model.banded import BandedPattern, BlockRows, concat_rows
 
 BOI, EOI, IMG = 297, 298, 299
 IMAGE = [BOI, IMG, IMG, IMG, IMG, EOI]
@@ -75,6 +75,13 @@ def test_chunked_explicit_path_equals_one_chunk(tiny, monkeypatch):
     for name in one:
         a, b = one[name].to_dense(), many[name].to_dense()
         assert torch.equal(a, b) if a.dtype == torch.bool else torch.allclose(a, b, rtol=1e-6, atol=1e-6), name
+    # in chunks the causal pattern keeps each block's reachable keys only: the triangle, plus
+    # the rest of an image for its tokens
+    blocks = many["pattern", 1]
+    assert isinstance(blocks, BlockRows) and len(blocks.blocks) == 9
+    assert blocks.nbytes < 0.7 * one["pattern", 1].numel() * 4
+    rows = [20, 3, 4]
+    assert torch.equal(blocks.select(heads=[2], rows=rows).dense(), blocks.dense()[:, [2]][:, :, rows])
 
 
 def test_local_patterns_are_bands_reaching_forward_inside_images(tiny):
@@ -84,6 +91,41 @@ def test_local_patterns_are_bands_reaching_forward_inside_images(tiny):
     dense = p.dense()
     assert (dense[~cache["mask", 0].expand_as(dense)] == 0).all()
     assert (dense[0, :, 4, 7] > 0).all()  # the first soft token hears its image's last one
+
+
+def test_hooks_may_replace_mask_scores_and_pattern(tiny):
+    """A replaced mask is the one used; a replaced pattern gives the output (z = pattern @ v)."""
+    x = _inputs(PROMPT, 0)
+    S = len(PROMPT)
+    causal = torch.ones(S, S, dtype=torch.bool).tril()[None, None]
+
+    def widen(m, hook):  # layer 0 is local (window 3): let it see everything before
+        return causal
+
+    with tiny.hooks([("blocks.0.attn.hook_mask", widen)]):
+        _, cache = tiny.run_with_cache(x, ["blocks.0.attn.hook_pattern", "blocks.0.attn.hook_mask"], top_k=0)
+    p = cache["pattern", 0]
+    assert isinstance(p, torch.Tensor) and (p[0, :, -1, :-3] > 0).all()  # far keys now heard
+
+    def uniform(p, hook):  # every allowed key alike
+        m = causal.expand(p.shape).float()
+        return m / m.sum(-1, keepdim=True)
+
+    for layer in (0, 1):  # a band handed back dense (local), a dense one (global)
+        with tiny.hooks([(f"blocks.{layer}.attn.hook_pattern", uniform)]):
+            _, cache = tiny.run_with_cache(x, [f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.attn.hook_v"], top_k=0)
+        v = cache["v", layer].transpose(1, 2).repeat_interleave(2, dim=1)  # (B, N, T, H)
+        want = (causal[0, 0].float() / causal[0, 0].sum(-1, keepdim=True)) @ v
+        assert torch.allclose(cache["z", layer].transpose(1, 2), want, atol=1e-5), layer
+
+    def doubled(s, hook):  # scores handed back dense: the softmax takes them as they are
+        return s.to_dense() * 2
+
+    with tiny.hooks([("blocks.0.attn.hook_attn_scores", doubled)]):
+        _, cache = tiny.run_with_cache(x, ["blocks.0.attn.hook_pattern"], top_k=0)
+    _, plain = tiny.run_with_cache(x, ["blocks.0.attn.hook_attn_scores"], top_k=0)
+    want = torch.softmax(plain["attn_scores", 0].to_dense() * 2, dim=-1)
+    assert torch.allclose(cache["pattern", 0].to_dense(), want, atol=1e-6)
 
 
 def test_storage_dtype_keeps_the_logits(tiny, monkeypatch):

@@ -56,9 +56,16 @@ class MaskPlan:
         return sdpa_safe(self.dense), False
 
     # the explicit path asks for rows of the mask, so a long prompt never needs it whole
-    def rows(self, a: int, b: int) -> Tensor:
-        """(B|1, 1, b-a, T) bool: the dense mask of query rows a..b-1 alone."""
-        return layer_mask(self.q_slots[a:b], self.kv_slots, self.window, self.block_ids, self.key_valid)
+    def rows(self, a: int, b: int, keys: int | None = None) -> Tensor:
+        """(B|1, 1, b-a, keys) bool: the mask of query rows a..b-1 against the first `keys` keys."""
+        return layer_mask(self.q_slots[a:b], self.kv_slots[:keys], self.window, self.block_ids, self.key_valid)
+
+    def reach(self, a: int, b: int) -> int:
+        """How many keys (from the first) query rows a..b-1 can see at most: up to the last
+        row's own slot, or further to the end of its image (spec §3.3)."""
+        q0, q1 = int(self.q_slots[a]), int(self.q_slots[b - 1])
+        k0 = int(self.kv_slots[0])
+        return min(len(self.kv_slots), q1 - k0 + 1 + _image_reach(self.block_ids, q0, q1))
 
     def band_extent(self) -> tuple[int, int]:
         """(back, fwd): how many slots before and after itself any query of a local layer can see."""
@@ -137,10 +144,6 @@ class Attention(nn.Module):
             k, v = cache.update(k, v)  # (B, K, T, H)
         mask = self.hook_mask(plan.dense) if self.hook_mask.active else None
         if self.explicit or self.hook_pattern.active or self.hook_attn_scores.active:
-            rep = N // K
-            if rep > 1:  # kv head j serves query heads j*rep .. j*rep+rep-1
-                k = k.repeat_interleave(rep, dim=1)
-                v = v.repeat_interleave(rep, dim=1)
             z = explicit_attention(
                 q, k, v, plan, mask, self.scale, self.hook_attn_scores, self.hook_pattern, self.store_dtype
             )

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .banded import BandedPattern, skew, unskew
+from .banded import BandedPattern, BlockRows, skew, unskew
 
-CHUNK_BYTES = 64 * 2**20  # float32 scores of one chunk of query rows (prompts up to ~4k: one chunk)
+CHUNK_BYTES = 16 * 2**20  # float32 scores of one chunk of query rows (prompts up to ~1k: one chunk)
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -23,32 +23,67 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def _raw(x) -> Tensor:
-    return x.band if isinstance(x, BandedPattern) else x
+def _qk(q: Tensor, k: Tensor) -> Tensor:
+    """(B, N, C, H) @ (B, K, L, H)ᵀ -> (B, N, C, L). Kv head j serves query heads
+    j*rep .. j*rep+rep-1, so each group is one matmul and keys are never repeated in memory."""
+    B, N, C, H = q.shape
+    K = k.shape[1]
+    if N == K:
+        return torch.matmul(q, k.transpose(2, 3))
+    return torch.matmul(q.reshape(B, K, (N // K) * C, H), k.transpose(2, 3)).view(B, N, C, -1)
+
+
+def _pv(p: Tensor, v: Tensor) -> Tensor:
+    """(B, N, C, L) @ (B, K, L, H) -> (B, N, C, H), grouped like `_qk`."""
+    B, N, C, L = p.shape
+    K = v.shape[1]
+    if N == K:
+        return torch.matmul(p, v)
+    return torch.matmul(p.reshape(B, K, (N // K) * C, L), v).view(B, N, C, -1)
+
+
+def _rows(x, a: int, b: int) -> Tensor:
+    """Query rows a..b-1 of a pattern or scores, as stored (a view one can write into)."""
+    if isinstance(x, BandedPattern):
+        return x.band[:, :, a:b]
+    if isinstance(x, BlockRows):
+        return x.rows(a, b)
+    return x[:, :, a:b]
 
 
 class DenseRows:
-    """Each query row against all T keys."""
+    """Each chunk of query rows against the keys it can reach: all T for a replaced mask, else
+    up to the chunk's last query (or its image's end), so a causal pattern keeps ~T²/2."""
 
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, plan, mask: Tensor | None, scale: float) -> None:
         self.q, self.k, self.v, self.plan, self.mask, self.scale = q, k, v, plan, mask, scale
         B, N, S, _ = q.shape
-        self.shape = (B, N, S, k.shape[2])
-        self.rows_per_chunk = max(1, CHUNK_BYTES // (B * N * k.shape[2] * 4))
+        T = k.shape[2]
+        self.rows_per_chunk = max(1, CHUNK_BYTES // (B * N * T * 4))
+        self.chunks = [(a, min(a + self.rows_per_chunk, S)) for a in range(0, S, self.rows_per_chunk)]
+        self.keys = {c: T if mask is not None else plan.reach(*c) for c in self.chunks}
 
-    def wrap(self, x: Tensor, fill: float) -> Tensor:
-        return x
+    def wrap(self, x: Tensor, fill: float):
+        """One chunk's rows as computed: a plain tensor when they reach every key."""
+        T = self.k.shape[2]
+        return x if x.shape[-1] == T else BlockRows([x], self.plan.q_slots, int(self.plan.kv_slots[0]), T, fill)
 
-    def empty(self, dtype: torch.dtype, fill: float) -> Tensor:
-        return torch.empty(self.shape, dtype=dtype, device=self.q.device)
+    def empty(self, dtype: torch.dtype, fill: float):
+        B, N, S, _ = self.q.shape
+        T = self.k.shape[2]
+        if all(n == T for n in self.keys.values()):
+            return torch.empty(B, N, S, T, dtype=dtype, device=self.q.device)
+        blocks = [torch.empty(B, N, b - a, self.keys[(a, b)], dtype=dtype, device=self.q.device) for a, b in self.chunks]
+        return BlockRows(blocks, self.plan.q_slots, int(self.plan.kv_slots[0]), T, fill)
 
     def scores(self, a: int, b: int) -> Tensor:
-        s = torch.matmul(self.q[:, :, a:b], self.k.transpose(2, 3)) * self.scale  # (B, N, C, T)
-        m = self.mask[:, :, a:b] if self.mask is not None else self.plan.rows(a, b)
-        return s + _additive(m, s.dtype)
+        keys = self.keys[(a, b)]
+        s = _qk(self.q[:, :, a:b], self.k[:, :, :keys]) * self.scale  # (B, N, C, keys)
+        m = self.mask[:, :, a:b] if self.mask is not None else self.plan.rows(a, b, keys)
+        return s.add_(_additive(m, s.dtype))
 
     def apply(self, p: Tensor, a: int, b: int) -> Tensor:
-        return torch.matmul(p, self.v)  # (B, N, C, H)
+        return _pv(p, self.v[:, :, : p.shape[-1]])  # (B, N, C, H)
 
 
 class BandRows:
@@ -60,13 +95,14 @@ class BandRows:
         self.back, fwd = plan.band_extent()
         self.width = self.back + 1 + fwd
         # padded key index of slot s is s - k0 + back, so row a's band starts at q_a - k0
-        self.kp = F.pad(k, (0, 0, self.back, fwd))  # (B, N, back + T + fwd, H)
+        self.kp = F.pad(k, (0, 0, self.back, fwd))  # (B, K, back + T + fwd, H)
         self.vp = F.pad(v, (0, 0, self.back, fwd))
         self.k0, self.kv_len = int(plan.kv_slots[0]), k.shape[2]
         B, N, S, _ = q.shape
         self.shape = (B, N, S, self.width)
         # a chunk of C rows multiplies C + width - 1 keys: half a window keeps that waste at 1.5x
         self.rows_per_chunk = max(16, (plan.window or self.width) // 2)
+        self.chunks = [(a, min(a + self.rows_per_chunk, S)) for a in range(0, S, self.rows_per_chunk)]
 
     def _keys(self, a: int, b: int) -> slice:
         start = int(self.plan.q_slots[a]) - self.k0
@@ -79,27 +115,29 @@ class BandRows:
         return self.wrap(torch.empty(self.shape, dtype=dtype, device=self.q.device), fill)
 
     def scores(self, a: int, b: int) -> Tensor:
-        s = torch.matmul(self.q[:, :, a:b], self.kp[:, :, self._keys(a, b)].transpose(2, 3)) * self.scale
-        s = skew(s, self.width)  # (B, N, C, width)
+        s = _qk(self.q[:, :, a:b], self.kp[:, :, self._keys(a, b)]) * self.scale
+        s = skew(s, self.width)  # (B, N, C, width), a view
         return s + _additive(self.plan.band_rows(a, b, self.back, self.width), s.dtype)
 
     def apply(self, p: Tensor, a: int, b: int) -> Tensor:
-        return torch.matmul(unskew(p), self.vp[:, :, self._keys(a, b)])  # (B, N, C, H)
+        return _pv(unskew(p), self.vp[:, :, self._keys(a, b)])  # (B, N, C, H)
 
 
 def explicit_attention(q, k, v, plan, mask, scale, hook_scores, hook_pattern, store_dtype=None) -> Tensor:
-    """(B, N, S, H) attention output. q, k, v are (B, N, S|T, H) with kv heads already repeated.
+    """(B, N, S, H) attention output from q (B, N, S, H) and k, v (B, K, T, H).
 
-    `mask` is the dense mask when `hook_mask` is hooked (maybe replaced), else None. Scores and
+    `mask` is the dense mask when `hook_mask` is hooked (a hook may have replaced it), else None. Scores and
     pattern are built only when their hook point is hooked, in `store_dtype` if given: the
     output is then still computed from full-precision rows, unless a hook returns a new tensor.
     """
-    banded = plan.window is not None and (mask is None or mask is plan.dense)
+    if mask is not None and mask is plan.dense:  # hooked but left as it was: rows come from the plan
+        mask = None
+    banded = plan.window is not None and mask is None
     geo = BandRows(q, k, v, plan, scale) if banded else DenseRows(q, k, v, plan, mask, scale)
     dt = q.dtype
     sd = store_dtype or dt
     S = q.shape[2]
-    chunks = [(a, min(a + geo.rows_per_chunk, S)) for a in range(0, S, geo.rows_per_chunk)]
+    chunks = geo.chunks
     whole = len(chunks) == 1 and sd == dt  # one chunk in the model dtype: hand over as computed, no copy
     min_fill = float(torch.tensor(torch.finfo(dt).min, dtype=dt).to(sd))  # as stored
 
@@ -110,15 +148,16 @@ def explicit_attention(q, k, v, plan, mask, scale, hook_scores, hook_pattern, st
         else:
             full = geo.empty(sd, min_fill)
             for a, b in chunks:
-                _raw(full)[:, :, a:b] = geo.scores(a, b)
+                _rows(full, a, b).copy_(geo.scores(a, b))
         seen = hook_scores(full)
         if seen is not full or sd == dt:
             src = seen
-            if banded and not isinstance(seen, BandedPattern):  # a hook gave dense scores back
-                geo = DenseRows(q, k, v, plan, plan.dense, scale)
+            if isinstance(seen, Tensor) and not isinstance(full, Tensor):  # a hook gave dense scores back
+                geo = DenseRows(q, k, v, plan, plan.dense if mask is None else mask, scale)
+                chunks = geo.chunks
 
     def rows(a: int, b: int) -> Tensor:
-        s = _raw(src)[:, :, a:b].to(dt) if src is not None else geo.scores(a, b)
+        s = _rows(src, a, b).to(dt) if src is not None else geo.scores(a, b)
         return torch.softmax(s, dim=-1, dtype=torch.float32).to(dt)
 
     if not hook_pattern.active:
@@ -132,7 +171,7 @@ def explicit_attention(q, k, v, plan, mask, scale, hook_scores, hook_pattern, st
         zs = []
         for a, b in chunks:
             p = rows(a, b)
-            _raw(pat)[:, :, a:b] = p
+            _rows(pat, a, b).copy_(p)
             if sd != dt:  # the stored copy is rounded: take the output from the exact rows
                 zs.append(geo.apply(p, a, b))
         seen = hook_pattern(pat)
@@ -141,7 +180,7 @@ def explicit_attention(q, k, v, plan, mask, scale, hook_scores, hook_pattern, st
     # the pattern as the hook left it (edited in place, or replaced) gives the output
     if isinstance(seen, BandedPattern) != isinstance(geo, BandRows):
         geo = BandRows(q, k, v, plan, scale) if isinstance(seen, BandedPattern) else DenseRows(q, k, v, plan, None, scale)
-    return _cat([geo.apply(_raw(seen)[:, :, a:b].to(dt), a, b) for a, b in chunks])
+    return _cat([geo.apply(_rows(seen, a, b).to(dt), a, b) for a, b in chunks])
 
 
 def _cat(zs: list[Tensor]) -> Tensor:
