@@ -104,7 +104,7 @@ def test_both_columns_generate_and_equal_the_library(client, model):
 
 def test_inspector_numbers_come_from_the_library(client, model):
     generate(client)
-    status, index, header, topk, attended, layer, head, heatmap, mask, data = client.predict(
+    column, index, header, topk, attended, layer, head, heatmap, mask, lens, lens_table, data = client.predict(
         column="A", index=2, layer=5, head=-1, api_name="/inspect")
     res = model.generate(PROMPT, max_new_tokens=N)
     step = res.steps[2]
