@@ -1,0 +1,84 @@
+"""Precision side by side on the bundled 270M: stored bytes of the decoder projections (int8
+target <= 0.3x, int4 <= 0.2x float32), whole-model bytes, quality against float32 and
+greedy-decode tokens/s. Run: python bench/bench_precision.py [--tokens 16 --rounds 3]
+
+Decode rounds are interleaved across variants so a busy machine slows all of them alike;
+the median round is printed. On a shared CPU the absolute numbers are still noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+import gemma3_lab as gl
+from gemma3_lab.compare import PRECISIONS, compare
+from gemma3_lab.quantize import linear_weight_bytes, quantize_model, tensor_bytes
+
+PROMPT = "The capital of France is"
+# label -> how to get it: a precision of the app's column setting, or one with an int8 embedding
+VARIANTS = {name: (name, "float") for name in PRECISIONS}
+VARIANTS.update({"int8 +emb8": ("int8", "int8"), "int4 +emb8": ("int4", "int8")})
+
+
+def load_variant(precision: str, embedding: str, group_size: int):
+    kwargs = dict(PRECISIONS[precision])
+    mode = kwargs.pop("quantize", None)
+    model = gl.load(progress=False, **kwargs)
+    return quantize_model(model, mode, group_size, embedding) if mode else model
+
+
+def decode_rate(model, n_tokens: int) -> float:
+    """Tokens/s of the decode steps (the prefill excluded), greedy, no early stop."""
+    return model.generate(PROMPT, max_new_tokens=n_tokens, stop_ids=(), record_top_k=1).tokens_per_second
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=16, help="new tokens per decode round")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved decode rounds per variant")
+    ap.add_argument("--group-size", type=int, default=128)
+    args = ap.parse_args()
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+          f"load average {os.getloadavg()[0]:.1f} at start; group_size {args.group_size}; prompt {PROMPT!r}")
+    models, load_s = {}, {}
+    for label, (precision, embedding) in VARIANTS.items():
+        t0 = time.perf_counter()
+        models[label] = load_variant(precision, embedding, args.group_size)
+        load_s[label] = time.perf_counter() - t0
+    ref = models["float32"]
+    ref_linear, ref_total = linear_weight_bytes(ref), tensor_bytes(ref)
+    ref_ids = ref.generate(PROMPT, max_new_tokens=args.tokens, stop_ids=()).token_ids
+
+    rates: dict[str, list[float]] = {label: [] for label in models}
+    for _ in range(args.rounds):
+        for label, model in models.items():
+            rates[label].append(decode_rate(model, args.tokens))
+
+    base_rate = statistics.median(rates["float32"])
+    head = (f"{'variant':>11} | {'linear MiB':>10} {'x f32':>6} | {'model MiB':>9} {'x f32':>6} | "
+            f"{'KL last':>8} {'top-1':>5} {'prefix':>6} | {'tok/s':>6} {'x f32':>6} | {'load s':>6}")
+    print(head)
+    print("-" * len(head))
+    for label, model in models.items():
+        lin, tot = linear_weight_bytes(model), tensor_bytes(model)
+        cmp = compare(ref, model, PROMPT)
+        ids = model.generate(PROMPT, max_new_tokens=args.tokens, stop_ids=()).token_ids
+        shared = next((i for i, (a, b) in enumerate(zip(ref_ids, ids)) if a != b), min(len(ref_ids), len(ids)))
+        rate = statistics.median(rates[label])
+        print(f"{label:>11} | {lin / 2**20:10.1f} {lin / ref_linear:6.3f} | {tot / 2**20:9.1f} {tot / ref_total:6.3f} | "
+              f"{cmp.last_kl:8.4f} {cmp.top1_agreement:5.0%} {shared:3d}/{len(ref_ids):<2d} | "
+              f"{rate:6.2f} {rate / base_rate:6.2f} | {load_s[label]:6.1f}")
+    print(f"load average {os.getloadavg()[0]:.1f} at the end. KL last: KL(float32 || variant) of the next token "
+          f"after the prompt, nats; top-1: agreement over the prompt's positions; prefix: greedy tokens "
+          f"equal to float32's before the first difference.")
+
+
+if __name__ == "__main__":
+    main()
