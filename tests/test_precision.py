@@ -273,7 +273,7 @@ def test_quantized_weights_are_stored_low_bit(real_model, quantized):
 @pytest.mark.real
 def test_quantized_greedy_continuation_shares_a_prefix(quantized, fp32_greedy, real_model):
     """Greedy from PROMPT: float32 says " the capital of the country of France. It is ...";
-    int8 agrees for 11 tokens, int4 (group 128) for 3 (" the capital of") and stays fluent."""
+    int8 agrees for 11 tokens, int4 (group 128) for 4 (" the capital of the") and stays fluent."""
     mode, model = quantized
     ids = _greedy(model)
     text = model.tokenizer.decode(ids)
