@@ -60,11 +60,11 @@ class Gemma3(HookedMixin, Gemma3Network):
     # ------------------------------------------------------------------ facts
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        return self.final_norm.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        return self.final_norm.weight.dtype
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
