@@ -111,22 +111,19 @@ def make_inspect(registry: ModelRegistry):
             ins = inspect_token(registry, session, column, index, layer if layer is not None else 0, head)
         except LookupError as e:
             raise gr.Error(str(e.args[0] if e.args else e)) from None
-        config = registry.get(session.run(column).spec.model).model.config
+        run = session.run(column)
+        config = registry.get(run.spec.model).model.config
+        lens = lens_at(registry, run, ins.query)
         data = {
             "column": column, "index": ins.index, "layer": ins.layer, "head": ins.head,
             "layer_type": ins.layer_kind, "query_position": ins.query,
-            "top_k": ins.top_k, "attended": ins.attended,
+            "top_k": ins.top_k, "attended": ins.attended, "logit_lens": lens_rows(lens),
         }
-        run = session.run(column)
-        window = config.text.sliding_window if ins.layer_kind != "global" else None
-        mask = layer_mask_image(ins.mask, ins.inputs.token_types, ins.labels, window, ins.inputs.image_spans, f"mask of layer {ins.layer} ({ins.layer_kind})", ins.query)
-        lens = lens_at(registry, run, ins.query)
-        data["logit_lens"] = lens_rows(lens)
         return (
             column, ins.index, ins.header, topk_html(run.steps[ins.index]), ins.attended,
             gr.Dropdown(choices=layer_choices(config), value=ins.layer),
             gr.Dropdown(choices=head_choices(config), value=ins.head),
-            heatmap_image(ins), mask, lens_image(lens, config), data["logit_lens"], data,
+            heatmap_image(ins), layer_mask_image(ins), lens_image(lens, config), data["logit_lens"], data,
         )
 
     return inspect

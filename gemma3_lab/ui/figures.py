@@ -52,17 +52,20 @@ def lens_image(lens, config):
     return to_image(logit_lens_grid(lens, config=config))
 
 
-def layer_mask_image(mask, token_types, labels: list[str], window: int | None, spans, title: str, query: int):
-    """One layer's real mask (from its `hook_mask`) drawn with the mask visualizer's cells;
-    the row of the query that produced the inspected token is marked."""
+def layer_mask_image(ins):
+    """The inspected layer's real mask (its `hook_mask`) drawn with the mask visualizer's
+    cells; the row of the query that produced the inspected token is marked."""
     from ..masks import image_block_ids
     from ..viz.atlas import draw_mask
     from ..viz.maskset import cell_classes
 
-    side = min(3.5 + 0.16 * len(labels), 7.5)
+    n = len(ins.labels)
+    side = min(3.5 + 0.16 * n, 7.5)
     fig, ax = plt.subplots(figsize=(side + 0.8, side + 0.6), layout="constrained")
-    draw_mask(ax, cell_classes(mask, image_block_ids(token_types)[0]), labels, window, spans, title, fontsize=9)
-    mark_query(fig, query)
-    ax.annotate("query", (len(labels) - 0.5, query), xytext=(4, 0), textcoords="offset points", va="center",
+    classes = cell_classes(ins.mask, image_block_ids(ins.inputs.token_types)[0])
+    draw_mask(ax, classes, ins.labels, ins.window, ins.inputs.image_spans,
+              f"mask of layer {ins.layer} ({ins.layer_kind})", fontsize=9)
+    mark_query(fig, ins.query)
+    ax.annotate("query", (n - 0.5, ins.query), xytext=(4, 0), textcoords="offset points", va="center",
                 color="#1f4fd1", fontsize=8, annotation_clip=False)
     return to_image(fig)

@@ -40,6 +40,7 @@ class Inspection:
     n_layers: int
     n_heads: int
     layer_kind: str
+    window: int | None  # the layer's sliding window, None for a global layer
 
 
 def sequence_inputs(run: ColumnRun, upto: int | None = None) -> Inputs:
@@ -144,7 +145,7 @@ def inspect_token(registry: ModelRegistry, session: Session, col: str, index, la
         + (f", all {cfg.num_heads} heads (the table: their mean)." if head == ALL_HEADS else f", head {head}.")
     )
     return Inspection(col, index, layer, head, header, topk_rows(step), cache, x, mask, labels, query, attended,
-                      cfg.num_layers, cfg.num_heads, kind)
+                      cfg.num_layers, cfg.num_heads, kind, cfg.window_for(cfg.layer_types[layer]))
 
 
 def whole(what: str, value) -> int:

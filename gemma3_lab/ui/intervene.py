@@ -59,17 +59,13 @@ class InterventionSpec:
                 raise ValueError(f"head {h} does not exist: layer {self.layer} has heads 0–{cfg.num_heads - 1}")
         if self.kind == "ablate heads":
             return iv.ablate_heads(self.layer, list(self.heads), mode="zero")
-        name = f"blocks.{self.layer}.hook_resid_post"
         if self.kind == "steer":
-            return iv.steer(name, self._vector(model, name), scale=self.scale)
+            from ..tour import steering_vector
+
+            vector = steering_vector(model, self.layer, self.positive, self.negative)
+            return iv.steer(f"blocks.{self.layer}.hook_resid_post", vector, scale=self.scale)
         return iv.patch(self._source(model, session, col, registry), _site(self.site, self.layer), self.positions,
                         self.heads)
-
-    def _vector(self, model, name: str):
-        """The difference of the residual after the layer at the last token of the two texts."""
-        cached = [model.run_with_cache(t, names_filter=[name], top_k=0, return_logits=False)[1][name]
-                  for t in (self.positive, self.negative)]
-        return cached[0][0, -1] - cached[1][0, -1]
 
     def _source(self, model, session, col: str, registry):
         other = session.runs["B" if col == "A" else "A"]

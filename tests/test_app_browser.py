@@ -1,0 +1,163 @@
+"""The web app in a real browser: headless Debian Chromium driven by Playwright types a
+prompt, generates both columns, clicks a generated token and reads the inspector; two
+browser sessions at once keep their own results. Saves the README's screenshot."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gemma3_lab.load import BUNDLED
+
+pytestmark = [pytest.mark.browser, pytest.mark.real]
+SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "app.png"
+WAIT_MS = 600_000  # generous: the CPU is shared with other jobs
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+
+
+def chromium_path() -> str:
+    """Debian's chromium, installed with apt-get when missing; skip (loudly) only if apt fails."""
+    path = shutil.which("chromium")
+    if path:
+        return path
+    cmd = "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium"
+    done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("BROWSER TESTS SKIPPED: Debian's chromium is not installed and `apt-get install chromium` "
+                    f"failed (exit {done.returncode}): {done.stderr.strip()[-400:]}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def app():
+    from gemma3_lab.ui import ModelRegistry, build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_app(ModelRegistry(root=None))
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    demo.url = f"http://127.0.0.1:{port}/"
+    yield demo
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    path = chromium_path()
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=path, args=ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, url):
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    page.goto(url)
+    page.locator("#generate").wait_for()
+    return page
+
+
+def start(page, prompt: str, n: int, b_ablation: str | None = None) -> None:
+    page.locator("#prompt textarea").fill(prompt)
+    for col in "AB":
+        page.locator(f"#max-{col} input").fill(str(n))
+    if b_ablation:
+        page.locator("#intervention-B").get_by_text("B: intervention").click()
+        page.locator("#kind-B").get_by_text("ablate heads").click()
+        page.locator("#layer-B input").fill("0")
+        page.locator("#heads-B textarea, #heads-B input").first.fill(b_ablation)
+    page.locator("#generate").click()
+
+
+def wait_for(page, condition: str, what: str) -> None:
+    """Wait until the JS `condition` holds; an error message shown by the page fails at once."""
+    from playwright.sync_api import TimeoutError
+
+    try:
+        page.wait_for_function(f"() => ({condition}) || !!document.querySelector('.toast-body.error')",
+                               timeout=WAIT_MS)
+    except TimeoutError:
+        status = {c: page.locator(f"#status-{c}").inner_text() for c in "AB"}
+        pytest.fail(f"{what}: nothing after {WAIT_MS / 1000:.0f} s; the columns say {status}")
+    toast = page.locator(".toast-body.error")
+    if toast.count():
+        pytest.fail(f"{what}: the page shows an error: {toast.first.inner_text()}")
+
+
+def wait_done(page) -> None:
+    wait_for(page, "['A', 'B'].every(c => document.querySelector('#status-' + c).innerText.includes('in all'))",
+             "generating both columns")
+
+
+def strip_text(page, col: str) -> str:
+    return "".join(page.locator(f"#tokens-{col} .tok").all_inner_texts()).replace("↵\n", "\n")
+
+
+def test_generate_click_a_token_and_inspect(app, browser):
+    model = app.registry.get(BUNDLED).model
+    prompt, n = "The capital of France is", 8
+    page = open_page(browser, app.url)
+    start(page, prompt, n, b_ablation="0, 1, 2, 3")
+    wait_done(page)
+    greedy = model.generate(prompt, max_new_tokens=n)
+    assert strip_text(page, "A") == greedy.text
+    assert page.locator("#tokens-A .tok").count() == len(greedy.steps)
+    assert page.locator("#tokens-B .tok").count() >= 1
+    # the first divergence is outlined in both columns
+    assert page.locator("#tokens-A .tok.div").count() == 1 and page.locator("#tokens-B .tok.div").count() == 1
+
+    step = greedy.steps[2]
+    page.locator("#tokens-A .tok").nth(2).click()
+    wait_for(page, "['heatmap', 'lens', 'mask'].every(w => document.querySelector(`#insp-${w} img`)?.src)",
+             "inspecting a token")
+    for w in ("heatmap", "lens", "mask"):  # images load lazily: bring each into view, then it must decode
+        page.locator(f"#insp-{w} img").scroll_into_view_if_needed()
+        wait_for(page, f"document.querySelector('#insp-{w} img').naturalWidth > 200", f"showing the {w} image")
+    assert "column A, step 2" in page.locator("#insp-header").inner_text()
+    rows = page.locator("#insp-topk tr").all_inner_texts()[1:]  # after the header row
+    assert len(rows) == len(step.top_k)
+    for row, ((piece, p), i) in zip(rows, zip(step.top_k, step.top_k_ids)):
+        assert str(i) in row and f"{p:.4f}" in row
+    assert page.locator("#insp-topk tr.chosen").count() == 1
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.locator("#tokens-A").scroll_into_view_if_needed()
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+
+def test_two_sessions_do_not_see_each_other(app, browser):
+    model = app.registry.get(BUNDLED).model
+    prompts = ["The capital of France is", "My favourite food is"]
+    pages = [open_page(browser, app.url) for _ in prompts]
+    for page, prompt in zip(pages, prompts):  # both requests in flight at once
+        start(page, prompt, 3)
+    for page in pages:
+        wait_done(page)
+    for page, prompt in zip(pages, prompts):
+        want = model.generate(prompt, max_new_tokens=3).text
+        assert strip_text(page, "A") == want and strip_text(page, "B") == want
+    # inspecting in one tab shows that tab's own token
+    pages[1].locator("#tokens-B .tok").nth(0).click()
+    wait_for(pages[1], "document.querySelector('#insp-header').innerText.includes('column B, step 0')",
+             "inspecting in the second tab")
+    first = model.generate(prompts[1], max_new_tokens=1).steps[0]
+    assert f"id {first.token_id}" in pages[1].locator("#insp-header").inner_text()
+    assert "Click a generated token" in pages[0].locator("#insp-header").inner_text()
+
+
+def test_an_error_is_shown_and_the_page_keeps_working(app, browser):
+    page = open_page(browser, app.url)
+    page.locator("#generate").click()  # empty prompt
+    page.locator(".toast-body.error").wait_for(timeout=WAIT_MS)
+    assert "the prompt is empty" in page.locator(".toast-body.error").first.inner_text()
+    page.locator(".toast-close").first.click()
+    start(page, "Hello", 1)
+    wait_done(page)
+    assert page.locator("#tokens-A .tok").count() == 1
