@@ -18,12 +18,12 @@ from torch import Tensor
 from .activation_cache import ActivationCache, TopLogits, act_name, canonical, layout, select, unknown_name
 from .cache_estimate import CacheEstimate, check_budget, default_budget, estimate
 from .hook_point import HookPoint
+from .lens import top_logits
 
 __all__ = ["HookedMixin", "ActivationCache", "act_name", "unknown_name"]
 
 HookFn = Callable[..., Tensor | None]
 NamesFilter = None | str | Iterable[str] | Callable[[str], bool]
-LOGIT_ROWS = 64  # positions per chunk when taking top-k logits from the final hidden state
 
 
 def _matcher(names_filter: NamesFilter, all_names: list[str]) -> Callable[[str], bool]:
@@ -182,16 +182,12 @@ class HookedMixin:
         return out.logits, cache
 
     def _top_logits(self, out, pos: Tensor, k: int) -> TopLogits:
-        """Top-k per position, from the full logits if computed, else from the final hidden state in chunks."""
-        full = out.hidden is None
-        vals, ids = [], []
-        for i in range(0, len(pos), LOGIT_ROWS):
-            p = pos[i : i + LOGIT_ROWS].to(out.logits.device)
-            logits = out.logits[:, p] if full else self._unembed(out.hidden[:, p])
-            t = torch.topk(logits, k, dim=-1)
-            vals.append(t.values)
-            ids.append(t.indices)
-        return TopLogits(torch.cat(vals, 1), torch.cat(ids, 1), pos)
+        """Top-k per position, from the full logits if computed, else from the final hidden state."""
+        if out.hidden is None:
+            t = torch.topk(out.logits[:, pos.to(out.logits.device)], k, dim=-1)
+            return TopLogits(t.values, t.indices, pos)
+        vals, ids = top_logits(self, out.hidden[:, pos.to(out.hidden.device)], k)
+        return TopLogits(vals, ids, pos)
 
 
 def _floating(x) -> bool:

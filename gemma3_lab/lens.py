@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LENS_ROWS = 64  # positions per chunk: one chunk of (rows, V) float32 probabilities at a time
+VOCAB_BYTES = 16 * 2**20  # float32 logits of one vocabulary chunk, for all rows of a group
+ROW_GROUP = 4096  # rows sharing one pass over the head
 
 
 @dataclass
@@ -42,20 +43,49 @@ def residuals(cache, batch: int = 0) -> list[Tensor]:
 
 
 @torch.no_grad()
+def top_logits(model, h: Tensor, k: int, logsumexp: bool = False) -> tuple[Tensor, ...]:
+    """(values, ids[, logsumexp]) of the top-k logits of every row of h (..., D).
+
+    The head is read in vocabulary chunks, once per group of rows: position-by-position
+    chunks would stream its V × D matrix once per chunk, several times slower on a CPU.
+    With `logsumexp`, softmax probabilities follow as exp(value - logsumexp).
+    """
+    lead, D = h.shape[:-1], h.shape[-1]
+    rows = h.reshape(-1, D).to(device=model.device, dtype=model.dtype)
+    V = model.config.text.vocab_size
+    outs = []
+    for g in range(0, rows.shape[0], ROW_GROUP):
+        r = rows[g : g + ROW_GROUP]
+        step = max(k, VOCAB_BYTES // (4 * r.shape[0]))
+        vals = ids = m = s = None
+        for a in range(0, V, step):
+            logits = model._unembed(r, vocab=slice(a, a + step))  # (R, Vc)
+            t = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
+            cv, ci = t.values, t.indices + a
+            if vals is not None:  # merge with the best so far
+                cv, ci = torch.cat((vals, cv), -1), torch.cat((ids, ci), -1)
+                t = torch.topk(cv, k, dim=-1)
+                cv, ci = t.values, ci.gather(-1, t.indices)
+            vals, ids = cv, ci
+            if logsumexp:  # running log-sum-exp in float32, rescaled as the maximum grows
+                f = logits.float()
+                cm = f.amax(-1)
+                if m is None:
+                    m, s = cm, (f - cm[:, None]).exp().sum(-1)
+                else:
+                    nm = torch.maximum(m, cm)
+                    s = s * (m - nm).exp() + (f - nm[:, None]).exp().sum(-1)
+                    m = nm
+        outs.append((vals, ids) + ((m + s.log(),) if logsumexp else ()))
+    return tuple(torch.cat(parts).reshape(*lead, *parts[0].shape[1:]) for parts in zip(*outs))
+
+
+@torch.no_grad()
 def lens(model, resids: list[Tensor], k: int = 5) -> tuple[Tensor, Tensor]:
     """(top_ids, top_probs), each (len(resids), S, k): final norm -> unembed -> softmax -> top-k."""
-    ids, probs = [], []
-    for r in resids:
-        li, lp = [], []
-        for i in range(0, r.shape[0], LENS_ROWS):
-            h = model.final_norm(r[i : i + LENS_ROWS].to(device=model.device, dtype=model.dtype))
-            p = torch.softmax(model._unembed(h).float(), dim=-1)
-            t = torch.topk(p, k, dim=-1)
-            li.append(t.indices)
-            lp.append(t.values)
-        ids.append(torch.cat(li))
-        probs.append(torch.cat(lp))
-    return torch.stack(ids).cpu(), torch.stack(probs).cpu()
+    h = model.final_norm(torch.stack(resids).to(device=model.device, dtype=model.dtype))  # (L+1, S, D)
+    vals, ids, lse = top_logits(model, h, k, logsumexp=True)
+    return ids.cpu(), (vals.float() - lse[..., None]).exp().cpu()
 
 
 def logit_lens(cache, k: int = 5, batch: int = 0) -> LogitLens:

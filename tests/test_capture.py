@@ -244,7 +244,8 @@ def test_logit_lens(real_model):
     # the last layer read through the final norm and head is the model's own prediction
     probs = torch.softmax(logits[0].float(), -1)
     assert torch.equal(lens.top_ids[-1], torch.topk(probs, 5).indices)
-    assert (lens.top_probs[-1] - torch.topk(probs, 5).values).abs().max() <= 1e-5
+    # the head read in vocabulary chunks rounds logits of ~30 by a few float32 ulps (~1e-5): probabilities to 1e-4
+    assert (lens.top_probs[-1] - torch.topk(probs, 5).values).abs().max() <= 1e-4
     assert (lens.top_probs.sum(-1) <= 1 + 1e-5).all() and lens.top_tokens[-1][-1][0] == "▁the"
     with pytest.raises(KeyError, match="hook_resid_post"):
         real_model.run_with_cache(prompt, "blocks.0.hook_resid_pre")[1].logit_lens()

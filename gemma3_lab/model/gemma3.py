@@ -130,9 +130,14 @@ class Gemma3Network(nn.Module):
             h = h.masked_scatter(image_slots[..., None], feats.to(h.dtype))
         return self.hook_inputs_embeds(h)
 
-    def _unembed(self, h: Tensor) -> Tensor:
+    def _unembed(self, h: Tensor, vocab: slice | None = None) -> Tensor:
+        """Logits of h; `vocab` computes a slice of the vocabulary only (top-k in one pass over
+        the head, whatever the number of positions)."""
         cfg = self.config.text
-        logits = self.lm_head(h) if self.lm_head is not None else h @ self.embed.weight.T
+        if vocab is None:
+            logits = self.lm_head(h) if self.lm_head is not None else h @ self.embed.weight.T
+        else:
+            logits = h @ (self.lm_head.weight if self.lm_head is not None else self.embed.weight)[vocab].T
         # transformers applies final softcapping in Gemma3ForCausalLM only, never in the
         # multimodal model; no released Gemma 3 sets it
         if cfg.final_logit_softcapping is not None and self.vision is None:
