@@ -3,15 +3,24 @@ Gemma 3 270M, side by side in one run:
 
   * full capture at 512 tokens (every hook point, per-position top-k logits): time and
     capture memory (peak RSS minus RSS after loading), each contender in a fresh process;
+    ours also with full logits, with bfloat16 storage, and without any logits (the head's
+    262k-row matrix is half of the forward's cost, and per-position top-k needs all of it);
   * all attention patterns of all 18 layers at 8,192 tokens: peak RSS;
   * hooks present but not capturing: overhead over the fast path.
 
     .venv/bin/python bench/bench_capture.py [--tl-python /tmp/tlvenv/bin/python] [--skip-8k]
 
-TransformerLens is not a dependency: install it in its own environment (a venv under /tmp
-that sees this venv's torch/transformers through a .pth file, then `pip install
-transformer-lens`) and pass its python. Numbers are wall-clock on this machine; with
-other jobs on the 2 cores they are noisy, so the load average is printed with them.
+TransformerLens is not a dependency: install it in its own environment, one that sees this
+venv's torch and transformers through a .pth file (TransformerLens 4.3.0 was used):
+
+    python -m venv /tmp/tlvenv
+    .venv/bin/python -c "import site; print(site.getsitepackages()[0])" \
+        > /tmp/tlvenv/lib/python3.11/site-packages/main_venv.pth
+    /tmp/tlvenv/bin/pip install transformer-lens==4.3.0
+
+Every contender runs with OMP_WAIT_POLICY=PASSIVE
+and is timed by wall clock and by process CPU time; with other jobs on the 2 cores the CPU
+time is the fairer clock, and the load average is printed with the numbers.
 """
 
 from __future__ import annotations
@@ -60,6 +69,8 @@ OURS = COMMON + textwrap.dedent("""
         logits, cache = model.run_with_cache(ids, return_logits=False, top_k=10)
     elif mode == "full-bf16":
         logits, cache = model.run_with_cache(ids, return_logits=False, top_k=10, dtype=torch.bfloat16)
+    elif mode == "full-no-logits":
+        logits, cache = model.run_with_cache(ids, return_logits=False, top_k=0)
     elif mode == "full+logits":
         logits, cache = model.run_with_cache(ids, top_k=10)
     elif mode == "patterns-bf16":
@@ -173,7 +184,8 @@ def main() -> None:
     print(f"\n== full capture at {n} tokens (fresh process each; capture memory = peak RSS - RSS after load)")
     ours = {"gemma3_lab (top-k logits)": run(OURS, n, "full", ids_file, folder),
             "gemma3_lab (+ full logits)": run(OURS, n, "full+logits", ids_file, folder),
-            "gemma3_lab (top-k, bf16 storage)": run(OURS, n, "full-bf16", ids_file, folder)}
+            "gemma3_lab (top-k, bf16 storage)": run(OURS, n, "full-bf16", ids_file, folder),
+            "gemma3_lab (no logits at all)": run(OURS, n, "full-no-logits", ids_file, folder)}
     theirs = {"transformers eager (attn+hidden)": run(HF, n, "-", ids_file, folder)}
     if Path(a.tl_python).exists():
         theirs["TransformerLens bridge"] = run(TL, n, "-", ids_file, folder, python=a.tl_python)
