@@ -139,6 +139,16 @@ def test_steering_and_patching_run(client):
     assert out["A"]["token_ids"] == out["B"]["token_ids"]
 
 
+def test_precision_is_a_column_setting(client, app):
+    from gemma3_lab.ui.registry import ModelKey
+
+    out = generate(client, b_precision="int4", a_max_new_tokens=3, b_max_new_tokens=3)
+    assert (out["A"]["precision"], out["B"]["precision"]) == ("float32", "int4")
+    int4 = app.registry.get(ModelKey(BUNDLED, "int4")).model
+    assert int4.quantization.startswith("int4")
+    assert out["B"]["token_ids"] == int4.generate(PROMPT, max_new_tokens=3).token_ids
+
+
 def test_mask_atlas_endpoint(client):
     generate(client, a_max_new_tokens=2, b_max_new_tokens=1)
     assert Path(client.predict(column="B", api_name="/mask_atlas")).stat().st_size > 10_000

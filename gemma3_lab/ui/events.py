@@ -15,7 +15,7 @@ from .images_tab import wire_images_tab
 from .intervene import parse_intervention
 from .inspector import inspect_token, lens_at, lens_rows, sequence_inputs
 from .layout import COLUMN_FIELDS, Page, head_choices, layer_choices
-from .registry import ModelRegistry
+from .registry import PRECISIONS, ModelKey, ModelRegistry
 from .render import divergence_md, results_json, status_md, tokens_html, topk_html
 from .runner import prepare, run_all
 from .session import COLUMNS, Session
@@ -37,9 +37,11 @@ def parse_columns(registry: ModelRegistry, values: dict) -> list[ColumnSpec]:
     for col in COLUMNS:
         v = {f: values[f"{col.lower()}_{f}"] for f in COLUMN_FIELDS}
         try:
-            key = registry.resolve(v["model"])
+            key = ModelKey(registry.resolve(v["model"]), v["precision"] or "float32")
         except ValueError as e:
             raise SettingsError(f"column {col}: {e}") from None
+        if key.precision not in PRECISIONS:
+            raise SettingsError(f"column {col}: precision must be one of {', '.join(PRECISIONS)}")
         decoding = parse_decoding(col, v["decoding"], v["temperature"], v["top_k"], v["top_p"], v["seed"],
                                   v["max_new_tokens"])
         specs.append(ColumnSpec(col, key, decoding, bool(v["pan_and_scan"]), parse_intervention(col, v)))

@@ -13,11 +13,12 @@ from .intervene import FIELDS as INTERVENTION_FIELDS
 from .intervene import KINDS, PATCH_SITES
 from .render import CLICK_JS, CSS, LEGEND, TOPK_CSS, tokens_html, topk_html
 from .widgets import figure_slot
+from .registry import PRECISIONS
 from .settings import DECODING, MAX_NEW_TOKENS
 
 # the order of one column's settings in the `generate` endpoint, after prompt/chat/images;
 # the API names are these prefixed with "a_" / "b_"
-COLUMN_FIELDS = ("model", "decoding", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "pan_and_scan",
+COLUMN_FIELDS = ("model", "precision", "decoding", "temperature", "top_k", "top_p", "seed", "max_new_tokens", "pan_and_scan",
                  *INTERVENTION_FIELDS)
 
 
@@ -39,6 +40,9 @@ def column_settings(name: str, model_choices: list[str], default_model: str = BU
         info="bundled, demo-multimodal (untrained vision), or a folder under the allowed root",
         elem_id=f"model-{name}",
     )
+    s["precision"] = gr.Radio(list(PRECISIONS), value="float32", label="precision",
+                              info="int8 / int4: weight-only quantized projections, float32 activations",
+                              elem_id=f"precision-{name}")
     with gr.Row():
         s["decoding"] = gr.Radio(list(DECODING), value="greedy", label="decoding", elem_id=f"decoding-{name}")
         s["max_new_tokens"] = gr.Number(24, label=f"max new tokens (1–{MAX_NEW_TOKENS})", precision=0,

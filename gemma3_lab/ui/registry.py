@@ -16,6 +16,24 @@ from pathlib import Path
 from ..load import BUNDLED, NAMES
 
 ROOT_ENV = "GEMMA3_LAB_MODELS_ROOT"
+# a column's precision: a float dtype, or weight-only int8/int4 (float32 activations), see gl.load
+PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    """One loaded variant: a bundled name or a resolved path, at one precision."""
+
+    source: str
+    precision: str = "float32"
+
+    def __str__(self) -> str:
+        return self.source if self.precision == "float32" else f"{self.source} ({self.precision})"
+
+    def load_kwargs(self) -> dict:
+        if self.precision in ("int8", "int4"):
+            return {"dtype": "float32", "quantize": self.precision}
+        return {"dtype": self.precision}
 
 
 @dataclass
@@ -31,21 +49,20 @@ class Entry:
 
 
 class ModelRegistry:
-    """`resolve(choice)` checks a model choice; `get(key)` loads it once and returns its Entry.
+    """`resolve(choice)` checks a model choice; `get(ModelKey)` loads it once and returns its Entry.
 
     choice: a bundled name (`gemma-3-270m`, `demo-multimodal`) or a folder / .gguf file
     inside `root` (absolute, or relative to the root). Anything outside the root, through
     `..` or a symlink, is refused. With no root, only the bundled names are allowed.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, loader=None, dtype: str = "float32") -> None:
+    def __init__(self, root: str | os.PathLike | None = None, loader=None) -> None:
         if root is None:
             root = os.environ.get(ROOT_ENV) or None
         self.root = Path(root).expanduser().resolve() if root else None
-        self.dtype = dtype
         self._loader = loader
-        self._entries: dict[str, Entry] = {}
-        self._loading: dict[str, threading.Lock] = {}
+        self._entries: dict[ModelKey, Entry] = {}
+        self._loading: dict[ModelKey, threading.Lock] = {}
         self._guard = threading.Lock()
 
     # ------------------------------------------------------------------ choices
@@ -79,11 +96,12 @@ class ModelRegistry:
         return str(path)
 
     # ------------------------------------------------------------------ loading
-    def is_loaded(self, key: str) -> bool:
-        return key in self._entries
+    def is_loaded(self, key: ModelKey) -> bool:
+        return _key(key) in self._entries
 
-    def get(self, key: str) -> Entry:
-        """Load `key` (a resolved choice) once; concurrent callers wait for the same load."""
+    def get(self, key: ModelKey | str) -> Entry:
+        """Load `key` (a resolved choice and a precision) once; concurrent callers wait for the same load."""
+        key = _key(key)
         entry = self._entries.get(key)
         if entry is not None:
             return entry
@@ -97,9 +115,13 @@ class ModelRegistry:
                 entry = self._entries[key] = Entry(model)
         return entry
 
-    def _load(self, key: str):
+    def _load(self, key: ModelKey):
         if self._loader is not None:
             return self._loader(key)
         from ..load import load
 
-        return load(key, dtype=self.dtype, progress=False)
+        return load(key.source, progress=False, **key.load_kwargs())
+
+
+def _key(key: ModelKey | str) -> ModelKey:
+    return key if isinstance(key, ModelKey) else ModelKey(key)

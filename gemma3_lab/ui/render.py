@@ -74,7 +74,7 @@ LEGEND = (
 def status_md(run: ColumnRun | None) -> str:
     if run is None:
         return ""
-    lines = [f"**{html.escape(run.describe or run.spec.model)}**", f"{run.spec.decoding.describe()}"
+    lines = [f"**{html.escape(run.describe or str(run.spec.model))}**", f"{run.spec.decoding.describe()}"
              + (" · pan-and-scan" if run.spec.pan_and_scan else "")]
     if run.spec.intervention is not None:
         lines.append(f"intervention: {html.escape(run.spec.intervention.describe())}")
@@ -102,7 +102,8 @@ def results_json(session: Session) -> dict:
     for col, run in session.runs.items():
         res = run.result
         out[col] = {
-            "model": run.spec.model,
+            "model": run.spec.model.source,
+            "precision": run.spec.model.precision,
             "text": res.text if res else "".join(s.text for s in run.steps),
             "token_ids": res.token_ids if res else [s.token_id for s in run.steps],
             "tokens": [s.token for s in run.steps],

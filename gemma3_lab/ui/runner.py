@@ -41,7 +41,8 @@ def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], 
         except Exception as e:  # a broken folder must not take the app down
             raise ColumnError(f"column {spec.name}: could not load {spec.model}: {e}") from e
         model = entry.model
-        run.describe = model.describe()
+        quantized = getattr(model, "quantization", None)
+        run.describe = model.describe() + (f" · weights {quantized}" if quantized else "")
         try:
             run.inputs = model.processor(prompt, images=images or None, pan_and_scan=spec.pan_and_scan)
         except (ValueError, TypeError, FileNotFoundError) as e:

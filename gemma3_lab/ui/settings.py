@@ -49,7 +49,7 @@ class Decoding:
 @dataclass(frozen=True)
 class ColumnSpec:
     name: str  # "A" | "B"
-    model: str  # resolved registry key
+    model: object  # the registry's ModelKey (resolved source, precision)
     decoding: Decoding
     pan_and_scan: bool = False
     intervention: object = None  # an InterventionSpec (ui.interventions), or None
