@@ -87,7 +87,7 @@ def generate(client, **changes) -> dict:
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/generate", "/stop", "/inspect", "/mask_atlas", "/image_attention"} <= names
+    assert {"/generate", "/stop", "/inspect", "/mask_atlas", "/image_attention", "/compare"} <= names
 
 
 def test_both_columns_generate_and_equal_the_library(client, model):
@@ -147,6 +147,21 @@ def test_precision_is_a_column_setting(client, app):
     int4 = app.registry.get(ModelKey(BUNDLED, "int4")).model
     assert int4.quantization.startswith("int4")
     assert out["B"]["token_ids"] == int4.generate(PROMPT, max_new_tokens=3).token_ids
+
+
+def test_compare_tab_is_gemma3_lab_compare(client, app, model):
+    from gemma3_lab.compare import compare
+    from gemma3_lab.ui.registry import ModelKey
+
+    generate(client, b_precision="int4", a_max_new_tokens=1, b_max_new_tokens=1)
+    summary, layers, positions = client.predict(api_name="/compare")
+    want = compare(model, app.registry.get(ModelKey(BUNDLED, "int4")).model, PROMPT)
+    assert [row[1] for row in layers["data"]] == want.resid_rel_error.tolist()
+    assert [row[2] for row in positions["data"]] == want.kl.tolist()
+    assert f"{want.last_kl:.4g} nats" in summary and "(int4)" in summary
+    generate(client, b_model="tiny", a_max_new_tokens=1, b_max_new_tokens=1)
+    with pytest.raises(Exception, match="cannot compare gemma-3-270m with"):
+        client.predict(api_name="/compare")
 
 
 def test_mask_atlas_endpoint(client):

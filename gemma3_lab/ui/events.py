@@ -10,6 +10,7 @@ import inspect as pyinspect
 
 import gradio as gr
 
+from .compare_tab import wire_compare_tab
 from .figures import heatmap_image, layer_mask_image, lens_image, to_image
 from .images_tab import wire_images_tab
 from .intervene import parse_intervention
@@ -96,6 +97,7 @@ def wire(page: Page, registry: ModelRegistry, session: gr.State) -> None:
     page.stop.click(stop, inputs=[session], outputs=[page.divergence], api_name="stop", queue=False)
     wire_inspector(page, registry, session)
     wire_images_tab(page.images_tab, registry, session)
+    wire_compare_tab(page.compare_tab, registry, session)
     a = page.atlas
     a["draw"].click(make_atlas(registry), inputs=[a["column"], session], outputs=[a["image"]], api_name="mask_atlas",
                     concurrency_id="inspect")

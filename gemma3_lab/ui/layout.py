@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 
 from ..load import BUNDLED
+from .compare_tab import build_compare_tab
 from .images_tab import build_images_tab
 from .intervene import FIELDS as INTERVENTION_FIELDS
 from .intervene import KINDS, PATCH_SITES
@@ -94,6 +95,7 @@ class Page:
     inspector: dict  # name -> component
     atlas: dict
     images_tab: dict
+    compare_tab: dict
 
 
 def build_page(model_choices: list[str]) -> Page:
@@ -132,7 +134,10 @@ def build_page(model_choices: list[str]) -> Page:
             atlas = build_atlas_tab()
         with gr.Tab("Images", id="images"):
             images_tab = build_images_tab()
-    return Page(prompt, chat, images, columns, generate, stop, divergence, results, inspector, atlas, images_tab)
+        with gr.Tab("Compare A and B", id="compare"):
+            compare_tab = build_compare_tab()
+    return Page(prompt, chat, images, columns, generate, stop, divergence, results, inspector, atlas, images_tab,
+                compare_tab)
 
 
 def layer_choices(config) -> list[tuple[str, int]]:

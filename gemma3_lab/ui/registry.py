@@ -8,16 +8,18 @@ session waits for the first; sessions on different models run side by side).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..compare import PRECISIONS as COMPARE_PRECISIONS
 from ..load import BUNDLED, NAMES
 
 ROOT_ENV = "GEMMA3_LAB_MODELS_ROOT"
-# a column's precision: a float dtype, or weight-only int8/int4 (float32 activations), see gl.load
-PRECISIONS = ("float32", "bfloat16", "float16", "int8", "int4")
+# a column's precision: a float dtype, or weight-only int8/int4 over float32 (gemma3_lab.compare)
+PRECISIONS = tuple(COMPARE_PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -29,11 +31,6 @@ class ModelKey:
 
     def __str__(self) -> str:
         return self.source if self.precision == "float32" else f"{self.source} ({self.precision})"
-
-    def load_kwargs(self) -> dict:
-        if self.precision in ("int8", "int4"):
-            return {"dtype": "float32", "quantize": self.precision}
-        return {"dtype": self.precision}
 
 
 @dataclass
@@ -118,9 +115,18 @@ class ModelRegistry:
     def _load(self, key: ModelKey):
         if self._loader is not None:
             return self._loader(key)
-        from ..load import load
+        from ..compare import load_precision
 
-        return load(key.source, progress=False, **key.load_kwargs())
+        return load_precision(key.source, key.precision, progress=False)
+
+
+@contextlib.contextmanager
+def holding(*entries: Entry):
+    """Hold several models' locks, always taken in one order so two requests cannot deadlock."""
+    with contextlib.ExitStack() as stack:
+        for e in sorted({id(e): e for e in entries}.values(), key=id):
+            stack.enter_context(e.lock)
+        yield
 
 
 def _key(key: ModelKey | str) -> ModelKey:
