@@ -60,6 +60,8 @@ def browser():
 
 def open_page(browser, url):
     page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    page.outside = []  # requests to anywhere but the app: there must be none (no network at run time)
+    page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else page.outside.append(r.url))
     page.goto(url)
     page.locator("#generate").wait_for()
     return page
@@ -127,6 +129,7 @@ def test_generate_click_a_token_and_inspect(app, browser):
     for row, ((piece, p), i) in zip(rows, zip(step.top_k, step.top_k_ids)):
         assert str(i) in row and f"{p:.4f}" in row
     assert page.locator("#insp-topk tr.chosen").count() == 1
+    assert page.outside == []
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.locator("#tokens-A").scroll_into_view_if_needed()
     page.screenshot(path=str(SCREENSHOT), full_page=True)

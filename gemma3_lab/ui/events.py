@@ -93,7 +93,6 @@ def wire(page: Page, registry: ModelRegistry, session: gr.State) -> None:
     gen = dict(fn=make_generate(registry), inputs=inputs + [session], outputs=outputs, api_name="generate",
                concurrency_id="model", show_progress="minimal")
     page.generate.click(**gen)
-    page.prompt.submit(**{**gen, "api_visibility": "private"})
     page.stop.click(stop, inputs=[session], outputs=[page.divergence], api_name="stop", queue=False)
     wire_inspector(page, registry, session)
     wire_images_tab(page.images_tab, registry, session)

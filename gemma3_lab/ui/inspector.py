@@ -37,8 +37,6 @@ class Inspection:
     labels: list[str]  # one per position
     query: int  # the row that produced the token
     attended: list[list]  # [[position, token, weight], ...] highest first
-    n_layers: int
-    n_heads: int
     layer_kind: str
     window: int | None  # the layer's sliding window, None for a global layer
 
@@ -145,7 +143,7 @@ def inspect_token(registry: ModelRegistry, session: Session, col: str, index, la
         + (f", all {cfg.num_heads} heads (the table: their mean)." if head == ALL_HEADS else f", head {head}.")
     )
     return Inspection(col, index, layer, head, header, topk_rows(step), cache, x, mask, labels, query, attended,
-                      cfg.num_layers, cfg.num_heads, kind, cfg.window_for(cfg.layer_types[layer]))
+                      kind, cfg.window_for(cfg.layer_types[layer]))
 
 
 def whole(what: str, value) -> int:

@@ -28,7 +28,6 @@ def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], 
     """Load both models and process the prompt for each, yielding progress lines; any
     problem raises ColumnError before a single token is generated."""
     session.stop.clear()
-    session.generation += 1
     session.prompt, session.images = prompt, images
     session.runs = {s.name: ColumnRun(s) for s in specs}
     for spec in specs:

@@ -39,7 +39,6 @@ class Session:
         self.runs: dict[str, ColumnRun] = {}
         self.prompt = None
         self.images: list = []
-        self.generation = 0  # bumped by each new generate, so stale inspector clicks are ignored
 
     def __deepcopy__(self, memo) -> "Session":
         return Session()
