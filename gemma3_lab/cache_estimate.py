@@ -48,7 +48,7 @@ def _gib(n: int) -> str:
 def estimate(model, x, names: list[str], *, heads=None, n_positions: int | None = None, dtype=None,
              top_k: int = 0, return_logits: bool = True) -> CacheEstimate:
     """Bytes `run_with_cache` would keep for Inputs `x` and the chosen hook `names`."""
-    cfg, vc = model.config.text, model.config.vision
+    cfg = model.config.text
     B, S = x.input_ids.shape
     rows = B * (n_positions if n_positions is not None else S)
     n_img = 0 if x.pixel_values is None else x.pixel_values.shape[0]

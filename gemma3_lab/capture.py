@@ -89,23 +89,42 @@ def _widen(piece, slots: Tensor, total: int, name: str) -> Tensor:
     return torch.nn.functional.pad(p, (start, total - end), value=fill)
 
 
+class SlotTracker:
+    """Remembers the slots of the forward in progress; `pair()` is the `hook_slots` hook that
+    sets them, which runs before any other hook point of a forward."""
+
+    def __init__(self) -> None:
+        self.now: Tensor | None = None
+
+    def pair(self) -> tuple[str, object]:
+        def track(t, hook):
+            self.now = t.cpu()
+
+        return ("hook_slots", track)
+
+    def rows(self, positions=None) -> tuple[Tensor, Tensor]:
+        """(rows of this forward, their absolute positions) for the wanted positions present now."""
+        if positions is None:
+            return torch.arange(len(self.now)), self.now
+        want = torch.as_tensor(list(positions), dtype=torch.long)
+        rows, which = (self.now[:, None] == want[None, :]).nonzero(as_tuple=True)
+        return rows, want[which]
+
+
 def capture_hooks(model, names_filter, store: dict[str, Capture]) -> list:
     """(name, fn) pairs recording every forward into `store`; unknown names fail before anything runs."""
     if not names_filter:
         return []
     names = model.select_hook_names(names_filter)
-    current: dict[str, Tensor] = {}
-
-    def track(t, hook):
-        current["slots"] = t
+    slots = SlotTracker()
 
     def save(name):
         def fn(t, hook):
             cap = store.get(name)
             if cap is None:
                 cap = store[name] = Capture(name)
-            cap.add(t.detach(), current["slots"])
+            cap.add(t.detach(), slots.now)
 
         return fn
 
-    return [("hook_slots", track)] + [(n, save(n)) for n in names]
+    return [slots.pair()] + [(n, save(n)) for n in names]

@@ -175,19 +175,23 @@ class HookedMixin:
         done.clear()
         top = None
         if top_k > 0:
-            top = self._top_logits(out, pos if pos is not None else torch.arange(S), top_k)
+            top = self._top_logits(out, pos, top_k)
             if device is not None:
                 top = top.to(device)
         cache = ActivationCache(store, self, input_ids=x.input_ids, positions=pos, heads=heads, top_logits=top)
         return out.logits, cache
 
-    def _top_logits(self, out, pos: Tensor, k: int) -> TopLogits:
-        """Top-k per position, from the full logits if computed, else from the final hidden state."""
+    def _top_logits(self, out, pos: Tensor | None, k: int) -> TopLogits:
+        """Top-k per position (`pos`, None: all), from the full logits if computed, else from
+        the final hidden state."""
+        src = out.logits if out.hidden is None else out.hidden
+        if pos is not None:  # indexing copies: only when positions were asked for
+            src = src[:, pos.to(src.device)]
         if out.hidden is None:
-            t = torch.topk(out.logits[:, pos.to(out.logits.device)], k, dim=-1)
-            return TopLogits(t.values, t.indices, pos)
-        vals, ids = top_logits(self, out.hidden[:, pos.to(out.hidden.device)], k)
-        return TopLogits(vals, ids, pos)
+            vals, ids = torch.topk(src, k, dim=-1)
+        else:
+            vals, ids = top_logits(self, src, k)
+        return TopLogits(vals, ids, pos if pos is not None else torch.arange(src.shape[1]))
 
 
 def _floating(x) -> bool:

@@ -13,33 +13,10 @@ import torch
 from torch import Tensor
 
 from .activation_cache import ActivationCache, canonical, layout
+from .capture import SlotTracker
 from .model.banded import BandedPattern, PatternView
 
 Hooks = list[tuple[str, object]]
-
-
-class _Slots:
-    """Remembers the slots of the forward in progress (set by the `hook_slots` pair)."""
-
-    def __init__(self) -> None:
-        self.now: Tensor | None = None
-
-    def pair(self) -> tuple[str, object]:
-        def track(t, hook):
-            self.now = t.cpu()
-
-        return ("hook_slots", track)
-
-    def rows(self, positions: Iterable[int] | None) -> tuple[Tensor, Tensor]:
-        """(rows in this forward, index into `positions`) of the wanted positions present now."""
-        now = self.now
-        if positions is None:
-            idx = torch.arange(len(now))
-            return idx, now
-        want = torch.as_tensor(list(positions), dtype=torch.long)
-        hit = now[:, None] == want[None, :]  # (S, P)
-        rows, which = hit.nonzero(as_tuple=True)
-        return rows, want[which]
 
 
 def _heads(name: str, heads, n_rep: int) -> list[int] | None:
@@ -84,7 +61,7 @@ def patch(source: ActivationCache, names: str | Iterable[str], positions: Iterab
     the kv heads they read) narrow what is copied. `source` must keep those positions.
     """
     names = [canonical(n) for n in ([names] if isinstance(names, str) else names)]
-    slots = _Slots()
+    slots = SlotTracker()
     src_pos = source.positions
 
     def make(name):
@@ -128,7 +105,7 @@ def steer(name: str, vector: Tensor, scale: float = 1.0, positions: Iterable[int
     """Add `scale * vector` (D,) to the activation at `name` (e.g. `blocks.6.hook_resid_post`),
     at every position or only at the given absolute slots."""
     name = canonical(name)
-    slots = _Slots()
+    slots = SlotTracker()
 
     def fn(t, hook):
         v = (scale * vector).to(device=t.device, dtype=t.dtype)
