@@ -52,7 +52,7 @@ def head_ablation_sweep(model, prompt, metric) -> Sweep:
     N, L = model.config.text.num_heads, model.config.text.num_layers
     base = float(metric(model(ids, logits_to_keep=1).logits[:, -1])[0])
     batch = ids.expand(N, -1)
-    values = torch.empty(L, N)
+    values = torch.empty(L, N, dtype=torch.float64)
     for layer in range(L):
         def zero_one_head_per_row(z, hook):  # z (N rows, S, N heads, H): row h loses head h
             z = z.clone()
@@ -78,7 +78,7 @@ def patching_sweep(model, clean, corrupt, metric, site: str = "hook_resid_pre") 
     ref = float(metric(logits[:, -1].float())[0])
     base = float(metric(model(xi, logits_to_keep=1).logits[:, -1])[0])
     batch = xi.expand(S, -1)
-    values = torch.empty(L, S)
+    values = torch.empty(L, S, dtype=torch.float64)
     for layer in range(L):
         src = cache[f"blocks.{layer}.{site}"][0]  # (S, D)
 
