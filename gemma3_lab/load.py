@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -94,11 +95,11 @@ def load_folder(folder: Path, dtype: torch.dtype, device: torch.device, progress
     from .loading.hf import find_tokenizer, load_hf_state_dict
     from .tokenizer import Tokenizer
 
-    config, state = load_hf_state_dict(folder, dtype=dtype, device=device, progress=progress)
     tok_path = find_tokenizer(folder)
     if tok_path.suffix != ".json":
         raise FileNotFoundError(f"{folder}: only tokenizer.json is supported (found {tok_path.name})")
-    tokenizer = Tokenizer.from_file(tok_path)
+    tokenizer = partial(Tokenizer.from_file, tok_path)  # parsed on first use (see Gemma3.tokenizer)
+    config, state = load_hf_state_dict(folder, dtype=dtype, device=device, progress=progress)
     model = build(config, state, tokenizer)
     model.source = str(folder)
     return model

@@ -41,6 +41,25 @@ def test_folder_without_tokenizer_names_the_folder(real_folder, tmp_path):
 
 
 @pytest.mark.real
+def test_tokenizer_is_parsed_on_first_use(real_folder, tmp_path):
+    """gl.load maps the weights and defers the 2-3 s tokenizer.json parse; a broken file fails then, by name."""
+    folder = tmp_path / "bad-tok"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).symlink_to(real_folder / name)
+    (folder / "tokenizer.json").write_text("{not json")
+    m = gl.load(folder, progress=False)
+    with torch.no_grad():
+        assert m(torch.tensor([[2, 818]])).logits.shape == (1, 2, 262_144)  # ids need no tokenizer
+    with pytest.raises(ValueError, match="bad-tok.*not a tokenizers tokenizer.json"):
+        m.generate("hello", max_new_tokens=1)
+    good = gl.load(real_folder, progress=False)
+    assert "_tokenizer" in good.__dict__ and not hasattr(good.__dict__["_tokenizer"], "encode")  # not parsed yet
+    assert good.tokenizer.encode("The capital of France is") == [2, 818, 5279, 529, 7001, 563]
+    assert good.tokenizer is good.tokenizer  # parsed once
+
+
+@pytest.mark.real
 def test_folder_and_gguf_load_the_same_model(real_model, real_folder):
     m = gl.load(real_folder, progress=False)
     ids = torch.tensor([[2, 818, 5279, 529, 7001, 563]])

@@ -32,7 +32,7 @@ class Gemma3Network(nn.Module):
         super().__init__()
         self.config = config
         cfg = config.text
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.embed = _embedding(cfg.vocab_size, cfg.hidden_size, cfg.pad_token_id)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Gemma 3 ties the head to the unscaled embedding; an untied config gets its own
@@ -199,3 +199,15 @@ def _positions(key_valid: Tensor | None, cache: KVCache | None, B: int, past: in
         return torch.arange(past, past + S, device=dev)[None].expand(B, S)
     pos = key_valid.long().cumsum(-1) - 1
     return pos.clamp_min(0)[:, -S:]
+
+
+def _embedding(vocab: int, dim: int, pad: int | None) -> nn.Embedding:
+    """nn.Embedding, initialised as nn.Embedding does, except on the meta device: there its
+    normal_() goes through torch._refs, whose first use imports torch._dynamo (3 s of a warm load)."""
+    weight = torch.empty(vocab, dim)
+    if not weight.is_meta:
+        with torch.no_grad():
+            weight.normal_()
+            if pad is not None:
+                weight[pad].zero_()
+    return nn.Embedding(vocab, dim, padding_idx=pad, _weight=nn.Parameter(weight))

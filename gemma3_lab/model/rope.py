@@ -10,8 +10,9 @@ from ..config import RopeConfig
 
 
 def inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:
-    """(H/2,) float32 frequencies. Linear scaling divides them, i.e. positions / factor."""
-    f = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    """(H/2,) float32 frequencies on the CPU. Linear scaling divides them, i.e. positions / factor.
+    (CPU even inside a meta-device build: meta arithmetic would import torch._dynamo, 2 s.)"""
+    f = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     return f / rope.factor if rope.scaling == "linear" else f
 
 
