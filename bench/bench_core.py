@@ -100,6 +100,19 @@ def bench_decode(n: int) -> None:
     ours32 = _ours_tps(model, ids, n)
     theirs = _hf_tps(hf, ids, n)
     print(f"greedy decode fp32:   ours {ours32:6.2f} tok/s  transformers {theirs:6.2f} tok/s   ratio {ours32 / theirs:5.2f}x   target >= 1.3x")
+    # Each decode step reads every weight once (the tied 262k x 640 head is 2/3 of them), so
+    # tokens/s cannot exceed (bytes read per second) / (weight bytes); measured with the head's gemv.
+    head = model.embed.weight
+    h = torch.randn(1, head.shape[1])
+    for _ in range(3):
+        h @ head.T
+    t = time.perf_counter()
+    for _ in range(10):
+        h @ head.T
+    bw = 10 * head.numel() * head.element_size() / (time.perf_counter() - t)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    print(f"  memory bandwidth (head gemv) {bw / 1e9:5.1f} GB/s over {weights / 1e9:4.2f} GB of fp32 weights: "
+          f"ceiling {bw / weights:5.2f} tok/s fp32, {2 * bw / weights:5.2f} tok/s bf16")
     del model
     m16 = gl.load(dtype="bfloat16", progress=False)
     ours16 = _ours_tps(m16, ids, n)
