@@ -261,8 +261,12 @@ def test_image_tab_endpoint(client, tmp_path):
     out = generate(client, prompt="Describe:", images=[png], a_model="demo-multimodal", b_model="demo-multimodal",
                    a_max_new_tokens=1, b_max_new_tokens=1)
     assert out["A"]["prompt_tokens"] > 256 and out["A"]["token_ids"] == out["B"]["token_ids"]
-    note, strip, grid, attention = client.predict(column="A", index=0, image=0, layers="global layers", head=-1,
-                                                  api_name="/image_attention")
+    note, strip, grid, attention, layers, head = client.predict(column="A", index=0, image=0, layers="global layers",
+                                                                head=-1, api_name="/image_attention")
+    # the selectors are rebuilt from the column's model: demo-multimodal's decoder is the 270M's, 18 layers × 4 heads
+    assert (layers["value"], head["value"]) == ("global layers", -1)
+    assert [c[1] for c in layers["choices"]] == ["global layers", "all layers"] + [f"L{i}" for i in range(18)]
+    assert [c[1] for c in head["choices"]] == [-1, 0, 1, 2, 3]
     assert "1 image block(s)" in note and "untrained vision" in note
     assert all(Path(p).stat().st_size > 5_000 for p in (strip, grid, attention))
     with pytest.raises(Exception, match="image 1 does not exist"):

@@ -20,6 +20,10 @@ def layer_options(n_layers: int = 18) -> list[str]:
     return list(LAYER_SETS) + [f"L{i}" for i in range(n_layers)]
 
 
+def head_options(n_heads: int) -> list[tuple[str, int]]:
+    return [("all heads", -1)] + [(f"head {h}", h) for h in range(n_heads)]
+
+
 def build_images_tab() -> dict:
     w = {}
     gr.Markdown(
@@ -34,7 +38,7 @@ def build_images_tab() -> dict:
         w["image"] = gr.Number(0, precision=0, label="image (0 = first)", elem_id="img-image")
         w["layers"] = gr.Dropdown(layer_options(), value="global layers", label="layers (averaged)",
                                   allow_custom_value=True, elem_id="img-layers")
-        w["head"] = gr.Dropdown([("all heads", -1)] + [(f"head {h}", h) for h in range(4)], value=-1,
+        w["head"] = gr.Dropdown(head_options(4), value=-1,
                                 label="heads (averaged)", allow_custom_value=True, elem_id="img-head")
     w["show"] = gr.Button("Show image tokens and attention", elem_id="img-show")
     w["note"] = gr.Markdown(elem_id="img-note")
@@ -106,6 +110,9 @@ def make_image_attention(registry: ModelRegistry):
             to_image(token_strip(x, model.tokenizer, cfg)),
             to_image(picture_grid(x, image, config=cfg)),
             to_image(draw_attention(cache, x, query, chosen, heads, image, tokens=labels, config=cfg)),
+            # the selectors now list this column's model (the page starts with the 270M's 18 × 4)
+            gr.Dropdown(choices=layer_options(cfg.text.num_layers), value=layers),
+            gr.Dropdown(choices=head_options(cfg.text.num_heads), value=head),
         )
 
     return image_attention
@@ -114,5 +121,6 @@ def make_image_attention(registry: ModelRegistry):
 def wire_images_tab(w: dict, registry: ModelRegistry, session) -> None:
     w["show"].click(make_image_attention(registry),
                     inputs=[w["column"], w["index"], w["image"], w["layers"], w["head"], session],
-                    outputs=[w["note"], w["strip"], w["grid"], w["attention"]], api_name="image_attention",
+                    outputs=[w["note"], w["strip"], w["grid"], w["attention"], w["layers"], w["head"]],
+                    api_name="image_attention",
                     concurrency_id="inspect")
