@@ -4,6 +4,10 @@ root, each loaded once and shared read-only by every browser session.
 A loaded model is used under its own lock: hooks are attached to the shared modules for
 the length of a generation, so two sessions must not run the same model at once (a second
 session waits for the first; sessions on different models run side by side).
+
+Models are kept until their bytes pass a budget (half the machine's memory, or
+$GEMMA3_LAB_MODEL_MEMORY_GB); then the least recently used ones that no request is
+running are dropped, and loaded again if asked for later.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +23,7 @@ from ..compare import PRECISIONS as COMPARE_PRECISIONS
 from ..load import BUNDLED, NAMES
 
 ROOT_ENV = "GEMMA3_LAB_MODELS_ROOT"
+MEMORY_ENV = "GEMMA3_LAB_MODEL_MEMORY_GB"
 # a column's precision: a float dtype, or weight-only int8/int4 over float32 (gemma3_lab.compare)
 PRECISIONS = tuple(COMPARE_PRECISIONS)
 
@@ -53,12 +59,13 @@ class ModelRegistry:
     `..` or a symlink, is refused. With no root, only the bundled names are allowed.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, loader=None) -> None:
+    def __init__(self, root: str | os.PathLike | None = None, loader=None, memory_bytes: int | None = None) -> None:
         if root is None:
             root = os.environ.get(ROOT_ENV) or None
         self.root = Path(root).expanduser().resolve() if root else None
         self._loader = loader
-        self._entries: dict[ModelKey, Entry] = {}
+        self.memory_bytes = memory_bytes if memory_bytes is not None else _default_budget()
+        self._entries: OrderedDict[ModelKey, Entry] = OrderedDict()  # least recently used first
         self._loading: dict[ModelKey, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -99,18 +106,43 @@ class ModelRegistry:
     def get(self, key: ModelKey | str) -> Entry:
         """Load `key` (a resolved choice and a precision) once; concurrent callers wait for the same load."""
         key = _key(key)
-        entry = self._entries.get(key)
-        if entry is not None:
-            return entry
         with self._guard:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry
             lock = self._loading.setdefault(key, threading.Lock())
         with lock:
             entry = self._entries.get(key)
             if entry is None:
                 model = self._load(key)
                 model.requires_grad_(False)
-                entry = self._entries[key] = Entry(model)
+                entry = Entry(model)
+                with self._guard:
+                    self._entries[key] = entry
+                    self._evict(keep=key)
         return entry
+
+    def loaded(self) -> list[ModelKey]:
+        """The models held now, least recently used first."""
+        with self._guard:
+            return list(self._entries)
+
+    def held_bytes(self) -> int:
+        with self._guard:
+            return sum(model_bytes(e.model) for e in self._entries.values())
+
+    def _evict(self, keep: ModelKey) -> None:
+        """Drop least recently used models that nobody is running until the rest fit the budget.
+        A request holding an Entry keeps using it; the memory goes when that request ends."""
+        sizes = {k: model_bytes(e.model) for k, e in self._entries.items()}
+        total = sum(sizes.values())
+        for k in list(self._entries):
+            if total <= self.memory_bytes:
+                break
+            if k != keep and not self._entries[k].lock_busy():
+                del self._entries[k]
+                total -= sizes[k]
 
     def _load(self, key: ModelKey):
         if self._loader is not None:
@@ -127,6 +159,27 @@ def holding(*entries: Entry):
         for e in sorted({id(e): e for e in entries}.values(), key=id):
             stack.enter_context(e.lock)
         yield
+
+
+def model_bytes(model) -> int:
+    """Parameter and buffer bytes (shared tensors counted once)."""
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _default_budget() -> int:
+    value = os.environ.get(MEMORY_ENV)
+    if value:
+        try:
+            return int(float(value) * 2**30)
+        except ValueError:
+            raise ValueError(f"{MEMORY_ENV}={value!r}: expected a number of GB, such as 8") from None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
 
 
 def _key(key: ModelKey | str) -> ModelKey:
