@@ -12,7 +12,8 @@ from torch.nn.modules import module as _module
 
 def _global_hooks_present() -> bool:
     """torch.nn.modules.module.register_module_forward_hook and friends apply to every module."""
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
 class HookPoint(nn.Module):
@@ -31,7 +32,8 @@ class HookPoint(nn.Module):
     def __call__(self, x: Tensor) -> Tensor:
         # A decode step passes ~900 hook points; nn.Module.__call__ costs microseconds each.
         # With no hooks of any kind attached, the identity is all there is to do.
-        if self._forward_hooks or self._forward_pre_hooks or _global_hooks_present():
+        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                or _global_hooks_present()):
             return super().__call__(x)
         return x
 

@@ -208,3 +208,23 @@ def test_hook_mask_on_an_image_prompt(demo, long_prompt):
     for i, t in enumerate(demo.config.text.layer_types):
         expected = local if t is AttentionType.LOCAL_SLIDING else full
         assert torch.equal(cache["mask", i][0, 0], expected), f"layer {i}"
+
+
+def test_hook_point_shortcut_keeps_every_kind_of_hook():
+    """A bare HookPoint skips nn.Module.__call__; forward, backward and global hooks still fire."""
+    from gemma3_lab.hook_point import HookPoint
+
+    h = HookPoint()
+    x = torch.ones(3, requires_grad=True)
+    assert h(x) is x
+    grads, seen = [], []
+    h.register_full_backward_hook(lambda m, gi, go: grads.append(go[0].clone()))
+    (h(x * 2) * 3).sum().backward()
+    assert len(grads) == 1 and torch.equal(grads[0], torch.full((3,), 3.0))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(m))
+    try:
+        bare = HookPoint()
+        bare(torch.ones(1))
+    finally:
+        handle.remove()
+    assert seen == [bare]
