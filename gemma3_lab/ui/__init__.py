@@ -33,13 +33,14 @@ def build_app(registry: ModelRegistry | None = None, concurrency: int = CONCURRE
 
 
 def launch(demo=None, host: str = "127.0.0.1", port: int | None = None, preload: bool = True, **kwargs):
-    """Serve on host:port (port from $GRADIO_SERVER_PORT, else 7860); the bundled model is
-    loaded first so the first request does not wait for it."""
+    """Serve on host:port (port from $GRADIO_SERVER_PORT, else 7860); the bundled model and
+    its tokenizer are loaded first so the first request does not wait for them."""
     demo = demo or build_app()
     if preload:
         from ..load import BUNDLED
 
-        demo.registry.get(BUNDLED)
+        demo.registry.get(BUNDLED).model.tokenizer  # gl.load defers the 3 s tokenizer.json parse
+
     port = port or int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT))
     return demo.launch(server_name=host, server_port=port, footer_links=["api"], **kwargs)
 
