@@ -17,10 +17,15 @@ EXAMPLES = """examples:
 (270M + an UNTRAINED vision tower), a Hugging Face folder, or a .gguf file."""
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
     p.add_argument("--model", default="gemma-3-270m", help="name, folder or .gguf (default: bundled 270M)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    if not weights:  # masks need only the config and tokenizer
+        return
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the decoder projections (activations stay in --dtype)")
+    p.add_argument("--group-size", type=int, default=128, help="input columns per (offset, step) group (default 128)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("masks", help="print the attention mask of every distinct layer type")
     m.add_argument("prompt")
-    _model_args(m)
+    _model_args(m, weights=False)
     m.add_argument("--window", type=int, default=None, help="override the sliding window (teaching prompts)")
     m.add_argument("--image", action="append", default=[], help="image file (repeatable)")
 
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 def _load(args):
     from .load import load
 
-    return load(args.model, dtype=args.dtype, device=args.device)
+    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, group_size=args.group_size)
 
 
 def _generate(args) -> int:

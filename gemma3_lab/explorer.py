@@ -83,7 +83,17 @@ class Gemma3(HookedMixin, Gemma3Network):
         return self.final_norm.weight.dtype
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Weights the network computes with; a quantized projection or table counts its
+        logical in × out (its codes are buffers, not parameters)."""
+        from .quantize import QuantEmbedding, QuantLinear
+
+        n = sum(p.numel() for p in self.parameters())
+        for m in self.modules():  # each module once: a tied QuantHead shares its QuantEmbedding
+            if isinstance(m, QuantLinear):
+                n += m.in_features * m.out_features
+            elif isinstance(m, QuantEmbedding):
+                n += m.qweight.numel()
+        return n
 
     def describe(self) -> str:
         """One line saying what this model is; notes such as "untrained vision" always shown."""
@@ -95,6 +105,8 @@ class Gemma3(HookedMixin, Gemma3Network):
             str(self.dtype).removeprefix("torch."),
             "text+vision" if cfg.is_multimodal else "text-only",
         ]
+        if getattr(self, "quantization", None):
+            parts.insert(4, f"{self.quantization} weight-only")
         return " · ".join(parts + list(cfg.notes))
 
     def __repr__(self) -> str:

@@ -106,6 +106,15 @@ def test_cli_generate_streams_the_library_greedy_text(real_model, real_folder):
 
 
 @pytest.mark.real
+def test_cli_generate_quantized(capsys):
+    expected = gl.load(quantize="int4", group_size=64, progress=False).generate("Hello", max_new_tokens=4).text
+    assert main(["generate", "Hello", "--max-new-tokens", "4", "--quantize", "int4", "--group-size", "64"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip() == expected.strip()
+    assert "int4/g64 weight-only" in out.err and "268M params" in out.err
+
+
+@pytest.mark.real
 @pytest.mark.oracle
 def test_cli_verify_agrees_with_transformers(capsys, real_folder):
     assert main(["verify", "--model", str(real_folder), "--tokens", "8"]) == 0

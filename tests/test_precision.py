@@ -94,6 +94,8 @@ def test_tiny_quantized_model_runs_hooks_and_stores_low_bit(tiny):
         logits, cache = qm.run_with_cache(ids, names_filter="blocks.1.hook_resid_post")
         assert torch.isfinite(logits).all() and cache["blocks.1.hook_resid_post"].shape == (1, 7, 64)
         assert qm.quantization == f"{mode}/g16"
+        # the logical weight count stays the float model's, and the one-line description says int
+        assert qm.num_parameters() == tiny.num_parameters() and f"{mode}/g16 weight-only" in qm.describe()
         with pytest.raises(ValueError, match="already quantized"):
             Q.quantize_model(qm, "int8")
 

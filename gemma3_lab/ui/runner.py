@@ -40,8 +40,7 @@ def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], 
         except Exception as e:  # a broken folder must not take the app down
             raise ColumnError(f"column {spec.name}: could not load {spec.model}: {e}") from e
         model = entry.model
-        quantized = getattr(model, "quantization", None)
-        run.describe = model.describe() + (f" · weights {quantized}" if quantized else "")
+        run.describe = model.describe()  # names the quantization, if any
         try:
             run.inputs = model.processor(prompt, images=images or None, pan_and_scan=spec.pan_and_scan)
         except (ValueError, TypeError, FileNotFoundError) as e:
