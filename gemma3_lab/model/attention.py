@@ -18,7 +18,7 @@ from ..config import TextConfig
 from ..hook_point import HookPoint
 from ..masks import layer_mask
 from .banded import skew
-from .explicit import explicit_attention
+from .explicit import explicit_attention, grouped_matmul
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -161,10 +161,8 @@ class Attention(nn.Module):
     def _one_query(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """A decode step: CPU SDPA kernels are tuned for long blocks and cost ~10x more for
         one query than these three small matmuls. Query heads are grouped per kv head."""
-        B, N, _, H = q.shape
-        K = k.shape[1]
-        scores = torch.matmul(q.view(B, K, N // K, H), k.transpose(2, 3)) * self.scale  # (B, K, rep, T)
+        scores = grouped_matmul(q, k.transpose(2, 3)) * self.scale  # (B, N, 1, T)
         if mask is not None:  # (B|1, 1, 1, T): same for every head
             scores = scores.masked_fill(~mask, float("-inf"))
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(pattern, v).view(B, N, 1, H)  # (B, N, 1, H)
+        return grouped_matmul(pattern, v)  # (B, N, 1, H)

@@ -23,23 +23,15 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def _qk(q: Tensor, k: Tensor) -> Tensor:
-    """(B, N, C, H) @ (B, K, L, H)ᵀ -> (B, N, C, L). Kv head j serves query heads
-    j*rep .. j*rep+rep-1, so each group is one matmul and keys are never repeated in memory."""
-    B, N, C, H = q.shape
-    K = k.shape[1]
+def grouped_matmul(x: Tensor, y: Tensor) -> Tensor:
+    """(B, N, C, X) @ (B, K, X, Y) -> (B, N, C, Y) for N query heads over K kv heads: kv head j
+    serves query heads j*rep .. j*rep+rep-1, so each group is one matmul and keys/values are
+    never repeated in memory. Used for q·kᵀ (y = kᵀ) and pattern·v (y = v)."""
+    B, N, C, X = x.shape
+    K = y.shape[1]
     if N == K:
-        return torch.matmul(q, k.transpose(2, 3))
-    return torch.matmul(q.reshape(B, K, (N // K) * C, H), k.transpose(2, 3)).view(B, N, C, -1)
-
-
-def _pv(p: Tensor, v: Tensor) -> Tensor:
-    """(B, N, C, L) @ (B, K, L, H) -> (B, N, C, H), grouped like `_qk`."""
-    B, N, C, L = p.shape
-    K = v.shape[1]
-    if N == K:
-        return torch.matmul(p, v)
-    return torch.matmul(p.reshape(B, K, (N // K) * C, L), v).view(B, N, C, -1)
+        return torch.matmul(x, y)
+    return torch.matmul(x.reshape(B, K, (N // K) * C, X), y).view(B, N, C, -1)
 
 
 def _rows(x, a: int, b: int) -> Tensor:
@@ -78,12 +70,12 @@ class DenseRows:
 
     def scores(self, a: int, b: int) -> Tensor:
         keys = self.keys[(a, b)]
-        s = _qk(self.q[:, :, a:b], self.k[:, :, :keys]) * self.scale  # (B, N, C, keys)
+        s = grouped_matmul(self.q[:, :, a:b], self.k[:, :, :keys].transpose(2, 3)) * self.scale  # (B, N, C, keys)
         m = self.mask[:, :, a:b] if self.mask is not None else self.plan.rows(a, b, keys)
         return s.add_(_additive(m, s.dtype))
 
     def apply(self, p: Tensor, a: int, b: int) -> Tensor:
-        return _pv(p, self.v[:, :, : p.shape[-1]])  # (B, N, C, H)
+        return grouped_matmul(p, self.v[:, :, : p.shape[-1]])  # (B, N, C, H)
 
 
 class BandRows:
@@ -115,12 +107,12 @@ class BandRows:
         return self.wrap(torch.empty(self.shape, dtype=dtype, device=self.q.device), fill)
 
     def scores(self, a: int, b: int) -> Tensor:
-        s = _qk(self.q[:, :, a:b], self.kp[:, :, self._keys(a, b)]) * self.scale
+        s = grouped_matmul(self.q[:, :, a:b], self.kp[:, :, self._keys(a, b)].transpose(2, 3)) * self.scale
         s = skew(s, self.width)  # (B, N, C, width), a view
         return s + _additive(self.plan.band_rows(a, b, self.back, self.width), s.dtype)
 
     def apply(self, p: Tensor, a: int, b: int) -> Tensor:
-        return _pv(unskew(p), self.vp[:, :, self._keys(a, b)])  # (B, N, C, H)
+        return grouped_matmul(unskew(p), self.vp[:, :, self._keys(a, b)])  # (B, N, C, H)
 
 
 def explicit_attention(q, k, v, plan, mask, scale, hook_scores, hook_pattern, store_dtype=None) -> Tensor:
