@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from gemma3_lab.ui.registry import MEMORY_ENV, ModelKey, ModelRegistry, model_bytes
+from gemma3_lab.quantize import tensor_bytes
+from gemma3_lab.ui.registry import MEMORY_ENV, ModelKey, ModelRegistry
 
 MB = 2**20
 
@@ -31,11 +32,11 @@ def registry(budget_mb: int, sizes: dict[str, int]):
     return ModelRegistry(root=None, loader=loader, memory_bytes=budget_mb * MB), loads
 
 
-def test_model_bytes_counts_parameters_and_buffers_once():
+def test_budget_counts_parameters_and_buffers_once():
     m = Fake(3)
-    assert model_bytes(m) == 3 * MB + 1
+    assert tensor_bytes(m) == 3 * MB + 1
     m.tied = m.w  # the same storage under a second name
-    assert model_bytes(m) == 3 * MB + 1
+    assert tensor_bytes(m) == 3 * MB + 1
 
 
 def test_each_model_loads_once_and_is_shared():

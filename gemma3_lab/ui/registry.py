@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..compare import PRECISIONS as COMPARE_PRECISIONS
 from ..load import BUNDLED, NAMES
+from ..quantize import tensor_bytes
 
 ROOT_ENV = "GEMMA3_LAB_MODELS_ROOT"
 MEMORY_ENV = "GEMMA3_LAB_MODEL_MEMORY_GB"
@@ -130,12 +131,12 @@ class ModelRegistry:
 
     def held_bytes(self) -> int:
         with self._guard:
-            return sum(model_bytes(e.model) for e in self._entries.values())
+            return sum(tensor_bytes(e.model) for e in self._entries.values())
 
     def _evict(self, keep: ModelKey) -> None:
         """Drop least recently used models that nobody is running until the rest fit the budget.
         A request holding an Entry keeps using it; the memory goes when that request ends."""
-        sizes = {k: model_bytes(e.model) for k, e in self._entries.items()}
+        sizes = {k: tensor_bytes(e.model) for k, e in self._entries.items()}
         total = sum(sizes.values())
         for k in list(self._entries):
             if total <= self.memory_bytes:
@@ -159,14 +160,6 @@ def holding(*entries: Entry):
         for e in sorted({id(e): e for e in entries}.values(), key=id):
             stack.enter_context(e.lock)
         yield
-
-
-def model_bytes(model) -> int:
-    """Parameter and buffer bytes (shared tensors counted once)."""
-    seen = {}
-    for t in [*model.parameters(), *model.buffers()]:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
 
 
 def _default_budget() -> int:
