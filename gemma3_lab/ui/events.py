@@ -15,12 +15,13 @@ from .figures import heatmap_image, layer_mask_image, lens_image, to_image
 from .images_tab import wire_images_tab
 from .intervene import parse_intervention
 from .inspector import inspect_token, lens_at, lens_rows, sequence_inputs
-from .layout import COLUMN_FIELDS, Page, head_choices, layer_choices
+from .layout import COLUMN_FIELDS, Page, layer_choices
 from .registry import PRECISIONS, ModelKey, ModelRegistry
 from .render import divergence_md, results_json, status_md, tokens_html, topk_html
 from .runner import prepare, run_all
 from .session import COLUMNS, Session
 from .settings import ColumnSpec, SettingsError, build_prompt, parse_decoding, uploaded_images
+from .widgets import head_choices
 
 GENERATE_PARAMS = ("prompt", "chat", "images") + tuple(f"{c.lower()}_{f}" for c in COLUMNS for f in COLUMN_FIELDS)
 

@@ -6,22 +6,19 @@ from __future__ import annotations
 
 import gradio as gr
 
+from ..config import PRESETS
 from ..hooks import act_name
 from .figures import to_image
 from .inspector import whole, sequence_inputs
 from .registry import ModelRegistry
 from .session import Session
-from .widgets import figure_slot
+from .widgets import figure_slot, head_choices
 
 LAYER_SETS = ("global layers", "all layers")
 
 
 def layer_options(n_layers: int = 18) -> list[str]:
     return list(LAYER_SETS) + [f"L{i}" for i in range(n_layers)]
-
-
-def head_options(n_heads: int) -> list[tuple[str, int]]:
-    return [("all heads", -1)] + [(f"head {h}", h) for h in range(n_heads)]
 
 
 def build_images_tab() -> dict:
@@ -38,7 +35,7 @@ def build_images_tab() -> dict:
         w["image"] = gr.Number(0, precision=0, label="image (0 = first)", elem_id="img-image")
         w["layers"] = gr.Dropdown(layer_options(), value="global layers", label="layers (averaged)",
                                   allow_custom_value=True, elem_id="img-layers")
-        w["head"] = gr.Dropdown(head_options(4), value=-1,
+        w["head"] = gr.Dropdown(head_choices(PRESETS["gemma-3-270m"]), value=-1,
                                 label="heads (averaged)", allow_custom_value=True, elem_id="img-head")
     w["show"] = gr.Button("Show image tokens and attention", elem_id="img-show")
     w["note"] = gr.Markdown(elem_id="img-note")
@@ -112,7 +109,7 @@ def make_image_attention(registry: ModelRegistry):
             to_image(draw_attention(cache, x, query, chosen, heads, image, tokens=labels, config=cfg)),
             # the selectors now list this column's model (the page starts with the 270M's 18 × 4)
             gr.Dropdown(choices=layer_options(cfg.text.num_layers), value=layers),
-            gr.Dropdown(choices=head_options(cfg.text.num_heads), value=head),
+            gr.Dropdown(choices=head_choices(cfg), value=head),
         )
 
     return image_attention

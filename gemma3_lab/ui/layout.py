@@ -13,7 +13,7 @@ from .images_tab import build_images_tab
 from .intervene import FIELDS as INTERVENTION_FIELDS
 from .intervene import KINDS, PATCH_SITES
 from .render import CLICK_JS, CSS, LEGEND, TOPK_CSS, tokens_html, topk_html
-from .widgets import figure_slot
+from .widgets import figure_slot, head_choices
 from .registry import PRECISIONS
 from .settings import DECODING, MAX_NEW_TOKENS
 
@@ -143,10 +143,6 @@ def build_page(model_choices: list[str]) -> Page:
 def layer_choices(config) -> list[tuple[str, int]]:
     t = config.text
     return [(f"L{i} {t.layer_types[i].short}", i) for i in range(t.num_layers)]
-
-
-def head_choices(config) -> list[tuple[str, int]]:
-    return [("all heads", -1)] + [(f"head {h}", h) for h in range(config.text.num_heads)]
 
 
 def build_inspector(config=None) -> dict:

@@ -11,3 +11,8 @@ def figure_slot(elem_id: str, caption: str, height: int | None = None) -> gr.Ima
     gr.Markdown(f"**{caption}**", elem_classes=["g3-caption"])
     return gr.Image(type="pil", interactive=False, show_label=False, elem_id=elem_id, height=height,
                     buttons=["download", "fullscreen"])
+
+
+def head_choices(config) -> list[tuple[str, int]]:
+    """A head selector's choices for `config`'s model: all heads (-1, their mean), then each."""
+    return [("all heads", -1)] + [(f"head {h}", h) for h in range(config.text.num_heads)]
