@@ -85,15 +85,9 @@ class Gemma3(HookedMixin, Gemma3Network):
     def num_parameters(self) -> int:
         """Weights the network computes with; a quantized projection or table counts its
         logical in × out (its codes are buffers, not parameters)."""
-        from .quantize import QuantEmbedding, QuantLinear
+        from .quantize import weight_counts
 
-        n = sum(p.numel() for p in self.parameters())
-        for m in self.modules():  # each module once: a tied QuantHead shares its QuantEmbedding
-            if isinstance(m, QuantLinear):
-                n += m.in_features * m.out_features
-            elif isinstance(m, QuantEmbedding):
-                n += m.qweight.numel()
-        return n
+        return sum(n for _, n in weight_counts(self))
 
     def describe(self) -> str:
         """One line saying what this model is; notes such as "untrained vision" always shown."""

@@ -3,6 +3,8 @@ decoder projections group-wise, optionally the tied embedding/head int8 per row.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -179,6 +181,19 @@ def quantize_model(model: nn.Module, mode: str, group_size: int = 128, embedding
             model.lm_head = QuantHead(model.embed)
     model.quantization = f"{mode}/g{group_size}" + (" +int8 embedding" if embedding == "int8" else "")
     return model
+
+
+def weight_counts(model: nn.Module) -> Iterator[tuple[str, int]]:
+    """(name, number of weights) of every parameter, and of every quantized projection or
+    table by its logical in × out: their codes are buffers, not parameters. A tied QuantHead
+    shares its QuantEmbedding, which `named_modules` yields once."""
+    for name, p in model.named_parameters():
+        yield name, p.numel()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            yield f"{name}.weight", m.in_features * m.out_features
+        elif isinstance(m, QuantEmbedding):
+            yield f"{name}.weight", m.qweight.numel()
 
 
 def tensor_bytes(module: nn.Module) -> int:

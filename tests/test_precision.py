@@ -96,6 +96,9 @@ def test_tiny_quantized_model_runs_hooks_and_stores_low_bit(tiny):
         assert qm.quantization == f"{mode}/g16"
         # the logical weight count stays the float model's, and the one-line description says int
         assert qm.num_parameters() == tiny.num_parameters() and f"{mode}/g16 weight-only" in qm.describe()
+        from gemma3_lab.tour import parameter_breakdown
+
+        assert parameter_breakdown(qm) == parameter_breakdown(tiny)
         with pytest.raises(ValueError, match="already quantized"):
             Q.quantize_model(qm, "int8")
 

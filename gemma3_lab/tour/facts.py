@@ -20,8 +20,10 @@ GLOBAL_SHADE = "#dbe6f7"  # background of global layers in per-layer plots
 def parameter_breakdown(model) -> dict[str, int]:
     """Parameter counts by part: the embedding (also the tied head), attention, MLP, norms,
     and vision (tower + projector) when present. They sum to `model.num_parameters()`."""
+    from ..quantize import weight_counts
+
     parts = {"embedding (= tied head)": 0, "attention": 0, "mlp": 0, "norms": 0, "vision + projector": 0}
-    for name, p in model.named_parameters():
+    for name, n in weight_counts(model):  # quantized projections count as their float weights
         if name.startswith(("vision.", "projector.")):
             key = "vision + projector"
         elif name.startswith(("embed.", "lm_head.")):
@@ -34,7 +36,7 @@ def parameter_breakdown(model) -> dict[str, int]:
             key = "mlp"
         else:
             raise ValueError(f"parameter {name} belongs to no part")
-        parts[key] += p.numel()
+        parts[key] += n
     return {k: v for k, v in parts.items() if v or k != "vision + projector"}
 
 
