@@ -23,19 +23,23 @@ def test_unknown_dtype_is_a_clear_error():
         gl.load(dtype="int3")
 
 
-def test_cuda_without_cuda_is_a_clear_error():
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; the error only exists without it")
+def test_cuda_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without CUDA
     with pytest.raises(ValueError, match="CUDA"):
         gl.load(device="cuda")
 
 
-@pytest.mark.real
-def test_folder_without_tokenizer_names_the_folder(real_folder, tmp_path):
-    folder = tmp_path / "no-tok"
+def weights_only(real_folder, folder):
+    """`folder` holding the real 270M's config and weights (symlinked) and no tokenizer."""
     folder.mkdir()
     for name in ("config.json", "model.safetensors"):
         (folder / name).symlink_to(real_folder / name)
+    return folder
+
+
+@pytest.mark.real
+def test_folder_without_tokenizer_names_the_folder(real_folder, tmp_path):
+    folder = weights_only(real_folder, tmp_path / "no-tok")
     with pytest.raises(FileNotFoundError, match="no-tok.*tokenizer"):
         gl.load(folder)
 
@@ -43,10 +47,7 @@ def test_folder_without_tokenizer_names_the_folder(real_folder, tmp_path):
 @pytest.mark.real
 def test_tokenizer_is_parsed_on_first_use(real_folder, tmp_path):
     """gl.load maps the weights and defers the 2-3 s tokenizer.json parse; a broken file fails then, by name."""
-    folder = tmp_path / "bad-tok"
-    folder.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (folder / name).symlink_to(real_folder / name)
+    folder = weights_only(real_folder, tmp_path / "bad-tok")
     (folder / "tokenizer.json").write_text("{not json")
     m = gl.load(folder, progress=False)
     with torch.no_grad():
