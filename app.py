@@ -6,7 +6,7 @@ import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from gemma3_lab.ui import launch  # noqa: E402
+from gemma3_lab.app.ui import launch  # noqa: E402
 
 if __name__ == "__main__":
     launch()

@@ -171,10 +171,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     a = ap.parse_args()
 
-    from gemma3_lab.load import bundled_gguf_path
-    from gemma3_lab.loading.gguf import cached_conversion
-
     import gemma3_lab as gl
+    from gemma3_lab.load import bundled_gguf_path
+    from gemma3_lab.loading.gguf_convert import cached_conversion
 
     folder = cached_conversion(bundled_gguf_path(), progress=False)
     ids_file = Path(tempfile.mkdtemp()) / "ids.json"

@@ -59,7 +59,7 @@ def _hf_model(folder=None, impl="sdpa"):
     from transformers import AutoModelForCausalLM
 
     from gemma3_lab.load import bundled_gguf_path
-    from gemma3_lab.loading.gguf import cached_conversion
+    from gemma3_lab.loading.gguf_convert import cached_conversion
 
     folder = folder or cached_conversion(bundled_gguf_path(), progress=False)
 

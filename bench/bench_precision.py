@@ -17,8 +17,8 @@ import time
 import torch
 
 import gemma3_lab as gl
-from gemma3_lab.compare import PRECISIONS, compare
-from gemma3_lab.quantize import linear_weight_bytes, quantize_model, tensor_bytes
+from gemma3_lab.analysis.compare import PRECISIONS, compare
+from gemma3_lab.loading.quantize import linear_weight_bytes, quantize_model, tensor_bytes
 
 PROMPT = "The capital of France is"
 # label -> how to get it: a precision of the app's column setting, or one with an int8 embedding

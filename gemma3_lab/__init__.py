@@ -7,25 +7,27 @@ Axis letters used in shape comments throughout:
     P vision patches · C vision width
 """
 
-from .config import PRESETS, AttentionType, Gemma3Config, RopeConfig, TextConfig, VisionConfig
-from .explorer import Gemma3
-from .generate import GenerationResult, Step
-from .hooks import ActivationCache, act_name
-from .inputs import ImageSpan, Inputs
-from .load import load
-from .masks import layer_mask, model_masks
+from gemma3_lab.config import PRESETS, AttentionType, Gemma3Config, RopeConfig, TextConfig, VisionConfig
+from gemma3_lab.errors import Gemma3LabError
+from gemma3_lab.explorer import Gemma3
+from gemma3_lab.generate import GenerationResult, Step
+from gemma3_lab.instrument.hooks import ActivationCache, act_name
+from gemma3_lab.load import load
+from gemma3_lab.model.masks import layer_mask, model_masks
+from gemma3_lab.prompt.inputs import ImageSpan, Inputs
 
 __all__ = [
     "PRESETS", "AttentionType", "Gemma3Config", "RopeConfig", "TextConfig", "VisionConfig",
     "Gemma3", "GenerationResult", "Step", "ActivationCache", "act_name", "ImageSpan", "Inputs",
-    "load", "layer_mask", "model_masks", "AttentionMaskVisualizer",
+    "load", "layer_mask", "model_masks", "AttentionMaskVisualizer", "Gemma3LabError",
 ]
 
 
 def __getattr__(name: str):
     # the visualizers pull in matplotlib; import them only when asked for
     if name == "AttentionMaskVisualizer":
-        from .viz.mask_visualizer import AttentionMaskVisualizer
+        # deferred: the visualizers pull in matplotlib; only when asked for
+        from gemma3_lab.viz.mask_visualizer import AttentionMaskVisualizer
 
         return AttentionMaskVisualizer
     raise AttributeError(f"module 'gemma3_lab' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from .cli import main
+from gemma3_lab.app.cli import main
 
 raise SystemExit(main())

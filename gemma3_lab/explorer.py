@@ -8,12 +8,14 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from .chat import apply_chat_template
-from .config import Gemma3Config
-from .hooks import HookedMixin
-from .inputs import Inputs
-from .model.gemma3 import Gemma3Network, ModelOutput
-from .processor import Processor
+from gemma3_lab.config import Gemma3Config
+from gemma3_lab.generate import generate
+from gemma3_lab.instrument.hooks import HookedMixin
+from gemma3_lab.loading.quantize import weight_counts
+from gemma3_lab.model.network import Gemma3Network, ModelOutput
+from gemma3_lab.prompt.chat import apply_chat_template
+from gemma3_lab.prompt.inputs import Inputs
+from gemma3_lab.prompt.processor import Processor
 
 
 class Gemma3(HookedMixin, Gemma3Network):
@@ -69,8 +71,6 @@ class Gemma3(HookedMixin, Gemma3Network):
         return super().forward(x.input_ids, **merged)
 
     def generate(self, prompt, images=None, **kwargs):
-        from .generate import generate
-
         return generate(self, prompt, images=images, **kwargs)
 
     # ------------------------------------------------------------------ facts
@@ -85,8 +85,6 @@ class Gemma3(HookedMixin, Gemma3Network):
     def num_parameters(self) -> int:
         """Weights the network computes with; a quantized projection or table counts its
         logical in × out (its codes are buffers, not parameters)."""
-        from .quantize import weight_counts
-
         return sum(n for _, n in weight_counts(self))
 
     def describe(self) -> str:

@@ -14,9 +14,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .capture import Capture, capture_hooks
-from .inputs import Inputs
-from .kv_cache import KVCache
+from gemma3_lab.instrument.capture import Capture, capture_hooks
+from gemma3_lab.model.kv_cache import KVCache
+from gemma3_lab.prompt.inputs import Inputs
 
 
 @dataclass

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import os
-import time
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from .config import Gemma3Config
-from .explorer import Gemma3
+from gemma3_lab.classify import Gemma3Classifier
+from gemma3_lab.config import Gemma3Config
+from gemma3_lab.explorer import Gemma3
+from gemma3_lab.loading.demo import DEMO_NAME, DEMO_VISION, NOTE, SEED, add_soft_token, seeded_vision_state
+from gemma3_lab.loading.gguf_convert import cached_conversion
+from gemma3_lab.loading.hf import find_tokenizer, load_hf_state_dict, parse_dtype
+from gemma3_lab.loading.quantize import parse_mode, quantize_model
+from gemma3_lab.prompt.tokenizer import Tokenizer
 
 BUNDLED = "gemma-3-270m"
-NAMES = (BUNDLED, "demo-multimodal")
+NAMES = (BUNDLED, DEMO_NAME)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -51,11 +57,8 @@ def load(
     a Hugging Face folder (config.json, *.safetensors, tokenizer.json), or a .gguf file.
     dtype: "float32" | "bfloat16" | "float16" or a torch.dtype. device: "cpu" | "cuda" | "auto".
     quantize: None | "int8" | "int4" weight-only for the decoder projections, one (offset, step)
-    per `group_size` input columns (see gemma3_lab.quantize); activations stay in `dtype`.
+    per `group_size` input columns (see gemma3_lab.loading.quantize); activations stay in `dtype`.
     """
-    from .loading.hf import parse_dtype
-    from .quantize import parse_mode, quantize_model
-
     parse_mode(quantize)  # a bad value fails before anything is read
     model = _load(name_or_path, parse_dtype(dtype), resolve_device(device), progress)
     return quantize_model(model, quantize, group_size) if quantize else model
@@ -64,9 +67,7 @@ def load(
 def _load(name_or_path, dt: torch.dtype, dev: torch.device, progress: bool) -> Gemma3:
     if name_or_path is None or str(name_or_path) == BUNDLED:
         return load_gguf(bundled_gguf_path(), dt, dev, progress, name=BUNDLED)
-    if str(name_or_path) == "demo-multimodal":
-        from .demo import load_demo_multimodal
-
+    if str(name_or_path) == DEMO_NAME:
         return load_demo_multimodal(dt, dev, progress)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -82,8 +83,6 @@ def _load(name_or_path, dt: torch.dtype, dev: torch.device, progress: bool) -> G
 
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: bool = True, name: str | None = None) -> Gemma3:
     """GGUF files are converted once to a safetensors folder in the cache; later loads mmap it."""
-    from .loading.gguf import cached_conversion
-
     folder = cached_conversion(path, progress=progress)
     model = load_folder(folder, dtype, device, progress)
     model.config = model.config.replace(name=name or Path(path).stem)
@@ -92,9 +91,6 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: bo
 
 
 def load_folder(folder: Path, dtype: torch.dtype, device: torch.device, progress: bool = True) -> Gemma3:
-    from .loading.hf import find_tokenizer, load_hf_state_dict
-    from .tokenizer import Tokenizer
-
     tok_path = find_tokenizer(folder)
     if tok_path.suffix != ".json":
         raise FileNotFoundError(f"{folder}: only tokenizer.json is supported (found {tok_path.name})")
@@ -114,11 +110,35 @@ def build(config: Gemma3Config, state: dict[str, torch.Tensor], tokenizer=None) 
     device = next(iter(state.values())).device
     with torch.device("meta"):
         if "score.weight" in state:  # a sequence-classification checkpoint
-            from .model.classify import Gemma3Classifier
-
             model = Gemma3Classifier(config, state["score.weight"].shape[0], tokenizer)
         else:
             model = Gemma3(config, tokenizer)
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers(device)
     return model.eval()
+
+
+def load_demo_multimodal(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", progress: bool = True):
+    """The bundled 270M plus a vision tower and projector drawn from a fixed seed.
+
+    Nothing about the vision side is trained: use it to explore the image path (processor,
+    soft-token placement, bidirectional image masks, hooks), not to describe pictures.
+    The tower keeps SigLIP's 896 px / patch 14 / 256-token geometry but is reduced to
+    4 layers × 288 (4 heads of 72). Measured in float32 on the 2-core development CPU while
+    other jobs shared it (load average 5–9): one 896×896 image through tower and projector
+    in 5–7.5 s; the full 27 × 1152 shape took 8.75 s per layer there, ≈ 4 min per image.
+    Soft-token id 262144 lies outside the 270M's 262144-row vocabulary; the model's
+    out-of-vocabulary guard looks up <pad> there before the image features overwrite it.
+    """
+    base = load(None, dtype=dtype, device=device, progress=progress)
+    config = base.config.replace(vision=DEMO_VISION, name=DEMO_NAME, notes=(*base.config.notes, NOTE))
+    # the projection is scaled so soft tokens are as large as the scaled text embeddings
+    emb = base.embed.weight.detach()
+    target_rms = float(torch.linalg.vector_norm(emb.float()) / math.sqrt(emb.numel())) * config.text.embed_scale
+    state = dict(base.state_dict())
+    state.update(seeded_vision_state(config, target_rms, dtype, base.device))
+    tokenizer = base.tokenizer
+    add_soft_token(tokenizer, config.image_token_id)
+    model = build(config, state, tokenizer)
+    model.source = f"{base.source} + seeded untrained vision (seed {SEED})"
+    return model

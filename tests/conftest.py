@@ -20,7 +20,7 @@ def long_prompt() -> str:
 def real_folder() -> Path:
     """The bundled GGUF converted once to an HF folder (in the user cache, reused across runs)."""
     from gemma3_lab.load import bundled_gguf_path
-    from gemma3_lab.loading.gguf import cached_conversion
+    from gemma3_lab.loading.gguf_convert import cached_conversion
 
     return cached_conversion(bundled_gguf_path(), progress=False)
 

@@ -48,7 +48,7 @@ def tiny_folder(path: Path, tokenizer_json: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, real_folder):
-    from gemma3_lab.ui import ModelRegistry, build_app
+    from gemma3_lab.app.ui import ModelRegistry, build_app
 
     root = tmp_path_factory.mktemp("models")
     tiny_folder(root / "tiny", real_folder / "tokenizer.json")
@@ -119,7 +119,7 @@ def test_inspector_numbers_come_from_the_library(client, model):
 
 
 def test_ablation_in_b_changes_its_output(client, model):
-    from gemma3_lab.interventions import ablate_heads
+    from gemma3_lab.instrument.interventions import ablate_heads
 
     out = generate(client, b_intervention="ablate heads", b_layer=0, b_heads="0, 1, 2, 3")
     assert out["A"]["token_ids"] != out["B"]["token_ids"]
@@ -140,7 +140,7 @@ def test_steering_and_patching_run(client):
 
 
 def test_precision_is_a_column_setting(client, app):
-    from gemma3_lab.ui.registry import ModelKey
+    from gemma3_lab.app.ui.registry import ModelKey
 
     out = generate(client, b_precision="int4", a_max_new_tokens=3, b_max_new_tokens=3)
     assert (out["A"]["precision"], out["B"]["precision"]) == ("float32", "int4")
@@ -150,8 +150,8 @@ def test_precision_is_a_column_setting(client, app):
 
 
 def test_compare_tab_is_gemma3_lab_compare(client, app, model):
-    from gemma3_lab.compare import compare
-    from gemma3_lab.ui.registry import ModelKey
+    from gemma3_lab.analysis.compare import compare
+    from gemma3_lab.app.ui.registry import ModelKey
 
     generate(client, b_precision="int4", a_max_new_tokens=1, b_max_new_tokens=1)
     summary, layers, positions = client.predict(api_name="/compare")

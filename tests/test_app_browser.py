@@ -40,7 +40,7 @@ def chromium_path() -> str:
 
 @pytest.fixture(scope="module")
 def app():
-    from gemma3_lab.ui import ModelRegistry, build_app
+    from gemma3_lab.app.ui import ModelRegistry, build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

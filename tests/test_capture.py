@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma3_lab.cache_estimate import CacheBudgetError
 from gemma3_lab.config import Gemma3Config, TextConfig, VisionConfig, pattern_layer_types
 from gemma3_lab.explorer import Gemma3
-from gemma3_lab.inputs import Inputs
+from gemma3_lab.instrument.cache_estimate import CacheBudgetError
 from gemma3_lab.model import explicit
 from gemma3_lab.model.banded import BandedPattern, BlockRows, concat_rows
+from gemma3_lab.prompt.inputs import Inputs
 
 BOI, EOI, IMG = 297, 298, 299
 IMAGE = [BOI, IMG, IMG, IMG, IMG, EOI]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gemma3_lab.chat import apply_chat_template, images_in_messages
+from gemma3_lab.prompt.chat import apply_chat_template, images_in_messages
 
 transformers = pytest.importorskip("transformers")
 

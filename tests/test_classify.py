@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gemma3_lab.classify import Gemma3Classifier
 from gemma3_lab.load import build
 from gemma3_lab.loading.hf import load_hf_state_dict
-from gemma3_lab.model.classify import Gemma3Classifier
 
 pytestmark = pytest.mark.oracle
 

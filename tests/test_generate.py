@@ -13,7 +13,9 @@ from gemma3_lab.generate import sample_next, warp
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, None, None), (1.0, 50, None), (1.3, None, 0.9), (0.8, 40, 0.95), (1.0, 1, None)])
 def test_warp_equals_transformers_processors(temperature, top_k, top_p):
     from transformers.generation.logits_process import (
-        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
     )
 
     logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(0)) * 3

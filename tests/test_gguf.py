@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from gemma3_lab.config import PRESETS, AttentionType, Gemma3Config
-from gemma3_lab.loading.gguf import (
-    GGUFError, cached_conversion, convert_gguf, open_gguf, read_gguf_config, read_gguf_state_dict,
-)
+from gemma3_lab.loading.gguf import GGUFError, open_gguf, read_gguf_config, read_gguf_state_dict
+from gemma3_lab.loading.gguf_convert import cached_conversion, convert_gguf
 
 PROMPT_IDS = [2, 818, 5279, 529, 7001, 563]  # "The capital of France is" (spec §0.1)
 
@@ -108,7 +107,7 @@ def test_converted_folder_contents(converted, gguf_path):
         keys = set(f.keys())
         assert f.get_tensor("model.norm.weight").dtype == torch.float32
     assert "lm_head.weight" not in keys and len(keys) == 2 + 18 * 13
-    from gemma3_lab.tokenizer import Tokenizer
+    from gemma3_lab.prompt.tokenizer import Tokenizer
 
     assert Tokenizer.from_file(folder).encode("The capital of France is") == PROMPT_IDS
     assert json.loads((folder / "tokenizer_config.json").read_text())["add_bos_token"] is True
@@ -207,7 +206,7 @@ def test_other_architecture_is_refused(tmp_path):
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
-    import gemma3_lab.loading.gguf as mod
+    import gemma3_lab.loading.gguf_convert as mod
 
     def boom(*a, **k):
         raise KeyboardInterrupt

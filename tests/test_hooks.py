@@ -212,7 +212,7 @@ def test_hook_mask_on_an_image_prompt(demo, long_prompt):
 
 def test_hook_point_shortcut_keeps_every_kind_of_hook():
     """A bare HookPoint skips nn.Module.__call__; forward, backward and global hooks still fire."""
-    from gemma3_lab.hook_point import HookPoint
+    from gemma3_lab.model.hook_point import HookPoint
 
     h = HookPoint()
     x = torch.ones(3, requires_grad=True)

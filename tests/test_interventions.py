@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma3_lab.interventions import ablate_heads, patch, steer
+from gemma3_lab.instrument.interventions import ablate_heads, patch, steer
 
 pytestmark = pytest.mark.real
 

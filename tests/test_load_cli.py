@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gemma3_lab as gl
-from gemma3_lab.cli import main
+from gemma3_lab.app.cli import main
 
 
 def test_unknown_name_lists_the_choices():

@@ -9,10 +9,10 @@ import torch
 
 from gemma3_lab.config import Gemma3Config, TextConfig, VisionConfig, pattern_layer_types
 from gemma3_lab.explorer import Gemma3
-from gemma3_lab.inputs import Inputs
-from gemma3_lab.kv_cache import KVCache
-from gemma3_lab.masks import image_block_ids, layer_mask
-from gemma3_lab.processor import pad_left
+from gemma3_lab.model.kv_cache import KVCache
+from gemma3_lab.model.masks import image_block_ids, layer_mask
+from gemma3_lab.prompt.inputs import Inputs
+from gemma3_lab.prompt.processor import pad_left
 
 BOI, EOI, IMG = 297, 298, 299
 

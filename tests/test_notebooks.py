@@ -75,7 +75,7 @@ def test_images_notebook_switches_to_a_4b_folder(tmp_path, real_folder):
     import torch
     from tokenizers import AddedToken
 
-    from gemma3_lab.tokenizer import Tokenizer
+    from gemma3_lab.prompt.tokenizer import Tokenizer
 
     text = dict(vocab_size=262_208, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, sliding_window=512, query_pre_attn_scalar=16)

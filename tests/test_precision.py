@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import gemma3_lab as gl
-from gemma3_lab import quantize as Q
-from gemma3_lab.compare import PRECISIONS, compare, load_precision
+from gemma3_lab.analysis.compare import PRECISIONS, compare, load_precision
 from gemma3_lab.config import Gemma3Config, TextConfig, pattern_layer_types
 from gemma3_lab.explorer import Gemma3
+from gemma3_lab.loading import quantize as Q
 
 PROMPT = "The capital of France is"
 CODE = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
@@ -96,7 +96,7 @@ def test_tiny_quantized_model_runs_hooks_and_stores_low_bit(tiny):
         assert qm.quantization == f"{mode}/g16"
         # the logical weight count stays the float model's, and the one-line description says int
         assert qm.num_parameters() == tiny.num_parameters() and f"{mode}/g16 weight-only" in qm.describe()
-        from gemma3_lab.tour import parameter_breakdown
+        from gemma3_lab.analysis.tour import parameter_breakdown
 
         assert parameter_breakdown(qm) == parameter_breakdown(tiny)
         with pytest.raises(ValueError, match="already quantized"):
@@ -235,7 +235,7 @@ def test_float16_matches_transformers_until_both_overflow(real_folder, real_mode
     layer agrees with transformers' float16 and float32 to float16 rounding."""
     from transformers import AutoModelForCausalLM
 
-    from gemma3_lab.compare import run_residuals
+    from gemma3_lab.analysis.compare import run_residuals
 
     hf = AutoModelForCausalLM.from_pretrained(real_folder, dtype=torch.float16, attn_implementation="eager").eval()
     model = gl.load(dtype="float16", progress=False)

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from gemma3_lab import images as img_ops
 from gemma3_lab.config import PRESETS
-from gemma3_lab.processor import Processor
+from gemma3_lab.prompt import images as img_ops
+from gemma3_lab.prompt.processor import Processor
 
 SOFT, BOI, EOI = 262144, 255999, 256000
 SIZES = {"wide": (1600, 500), "tall": (300, 1200), "tiny": (10, 10)}
@@ -83,7 +83,7 @@ def tokenizer_4b(real_folder, tmp_path_factory):
     """The 262144-piece vocabulary plus <image_soft_token> = 262144, as in the 4B tokenizer."""
     from tokenizers import AddedToken
 
-    from gemma3_lab.tokenizer import Tokenizer
+    from gemma3_lab.prompt.tokenizer import Tokenizer
 
     tok = Tokenizer.from_file(real_folder / "tokenizer.json")
     tok.backend.add_special_tokens([AddedToken("<image_soft_token>", normalized=False, special=True)])

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from gemma3_lab.quantize import tensor_bytes
-from gemma3_lab.ui.registry import MEMORY_ENV, ModelKey, ModelRegistry
+from gemma3_lab.app.ui.registry import MEMORY_ENV, ModelKey, ModelRegistry
+from gemma3_lab.loading.quantize import tensor_bytes
 
 MB = 2**20
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gemma3_lab.kv_cache import KVCache
 from gemma3_lab.load import build
 from gemma3_lab.loading.hf import load_hf_state_dict
+from gemma3_lab.model.kv_cache import KVCache
 
 pytestmark = pytest.mark.oracle
 

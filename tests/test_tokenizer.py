@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from gemma3_lab.tokenizer import Tokenizer
+from gemma3_lab.loading.gguf_tokenizer import tokenizer_from_gguf
+from gemma3_lab.prompt.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,7 +50,7 @@ def gguf_path() -> Path:
 
 @pytest.fixture(scope="module")
 def tok(gguf_path) -> Tokenizer:
-    return Tokenizer.from_gguf(gguf_path)  # ~5 s on 2 busy cores
+    return tokenizer_from_gguf(gguf_path)  # ~5 s on 2 busy cores
 
 
 @pytest.fixture(scope="module")
@@ -228,8 +229,8 @@ def test_tiny_gguf_matches_transformers_builder(tmp_path, merges):
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
 
     path = _tiny_gguf(tmp_path / "tiny.gguf", merges=merges)
-    ours = Tokenizer.from_gguf(path)
-    via_reader = Tokenizer.from_gguf(gguf.GGUFReader(path))
+    ours = tokenizer_from_gguf(path)
+    via_reader = tokenizer_from_gguf(gguf.GGUFReader(path))
     assert via_reader.backend.to_str() == ours.backend.to_str()
     theirs, _ = convert_gguf_tokenizer(*get_gguf_tokenizer(str(path))[:2])
     a, b = json.loads(ours.backend.to_str()), json.loads(theirs.to_str())
@@ -244,7 +245,7 @@ def test_tiny_gguf_matches_transformers_builder(tmp_path, merges):
 
 def test_from_file_imposes_gemma_pipeline(tmp_path):
     """Like transformers 5, only the vocab, merges and added tokens of a tokenizer.json count."""
-    tiny = Tokenizer.from_gguf(_tiny_gguf(tmp_path / "tiny.gguf"))
+    tiny = tokenizer_from_gguf(_tiny_gguf(tmp_path / "tiny.gguf"))
     saved = tiny.save(tmp_path / "out")
     spec = json.loads(saved.read_text())
     spec.update(normalizer=None, pre_tokenizer={"type": "Whitespace"}, decoder=None)
@@ -258,7 +259,7 @@ def test_from_file_imposes_gemma_pipeline(tmp_path):
 
 # --- errors name the file and the problem -----------------------------------------------------
 def test_missing_files(tmp_path):
-    for build in (Tokenizer.from_file, Tokenizer.from_gguf):
+    for build in (Tokenizer.from_file, tokenizer_from_gguf):
         with pytest.raises(FileNotFoundError, match="nope"):
             build(tmp_path / "nope")
 
@@ -268,7 +269,7 @@ def test_not_a_tokenizer_file(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=rf"{name}.*not a tokenizers tokenizer.json"):
             Tokenizer.from_file(tmp_path / name)
-    saved = Tokenizer.from_gguf(_tiny_gguf(tmp_path / "tiny.gguf")).save(tmp_path / "out")
+    saved = tokenizer_from_gguf(_tiny_gguf(tmp_path / "tiny.gguf")).save(tmp_path / "out")
     saved.with_name("tokenizer_config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"tokenizer_config\.json: not valid JSON"):
         Tokenizer.from_file(saved)
@@ -278,14 +279,14 @@ def test_bad_gguf_files(tmp_path, gguf_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(gguf_path.read_bytes()[:11])  # the magic and part of the header
     with pytest.raises(ValueError, match=r"cut\.gguf.*truncated"):
-        Tokenizer.from_gguf(cut)
+        tokenizer_from_gguf(cut)
     with pytest.raises(ValueError, match=r"bare\.gguf.*no tokenizer metadata"):
-        Tokenizer.from_gguf(_tiny_gguf(tmp_path / "bare.gguf", tokenizer=False))
+        tokenizer_from_gguf(_tiny_gguf(tmp_path / "bare.gguf", tokenizer=False))
     with pytest.raises(ValueError, match=r"bpe\.gguf.*'gpt2'.*not a Gemma"):
-        Tokenizer.from_gguf(_tiny_gguf(tmp_path / "bpe.gguf", model="gpt2"))
+        tokenizer_from_gguf(_tiny_gguf(tmp_path / "bpe.gguf", model="gpt2"))
 
 
 def test_library_never_imports_transformers():
-    code = "import sys, gemma3_lab.tokenizer, gemma3_lab.chat; print('transformers' in sys.modules)"
+    code = "import sys, gemma3_lab.prompt.tokenizer, gemma3_lab.prompt.chat; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -1,4 +1,4 @@
-"""gemma3_lab.tour: the facts the architecture tour prints, checked against the model itself."""
+"""gemma3_lab.analysis.tour: the facts the architecture tour prints, checked against the model itself."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gemma3_lab as gl
-from gemma3_lab import tour
+from gemma3_lab.analysis import tour
 from gemma3_lab.config import Gemma3Config, RopeConfig, TextConfig, pattern_layer_types
 
 
@@ -196,7 +196,7 @@ def test_logit_diff_and_token_id(real_model):
 # ------------------------------------------------------------------------------ steps
 @pytest.fixture(scope="module")
 def three_runs(real_model):
-    from gemma3_lab import interventions
+    from gemma3_lab.instrument import interventions
 
     prompt = "Once upon a time"
     greedy = real_model.generate(prompt, max_new_tokens=5)

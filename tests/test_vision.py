@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gemma3_lab.inputs import Inputs
 from gemma3_lab.load import build
 from gemma3_lab.loading.hf import load_hf_state_dict
-from gemma3_lab.processor import pad_left
+from gemma3_lab.prompt.inputs import Inputs
+from gemma3_lab.prompt.processor import pad_left
 
 pytestmark = pytest.mark.oracle
 
@@ -208,7 +208,7 @@ def test_load_folder_and_generate_with_an_image(tmp_path, real_folder):
     from tokenizers import AddedToken
 
     import gemma3_lab as gl
-    from gemma3_lab.tokenizer import Tokenizer
+    from gemma3_lab.prompt.tokenizer import Tokenizer
 
     cfg = transformers.Gemma3Config(
         text_config={**TEXT, "vocab_size": 262208}, vision_config=VISION, mm_tokens_per_image=4)

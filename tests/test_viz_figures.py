@@ -61,7 +61,7 @@ def test_atlas_every_layer(run):
     axes = [ax for ax in fig.axes if ax.images]
     assert len(axes) == 18
     windows = [4 if t.short == "local" else None for t in run.model.config.text.layer_types]
-    from gemma3_lab.masks import model_masks
+    from gemma3_lab.model.masks import model_masks
 
     expected = model_masks(windows, len(run.tokens))
     for i, ax in enumerate(axes):

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from gemma3_lab.config import PRESETS  # noqa: E402
-from gemma3_lab.processor import Processor  # noqa: E402
+from gemma3_lab.prompt.processor import Processor  # noqa: E402
 from gemma3_lab.viz import images as I  # noqa: E402
 
 W, H = 900, 300  # wide enough for three pan-and-scan crops of 300×300

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import TextConfig
-from ..hook_point import HookPoint
-from ..masks import layer_mask
-from .banded import skew
-from .explicit import explicit_attention, grouped_matmul
-from .norm import RMSNorm
-from .rope import apply_rope
+from gemma3_lab.config import TextConfig
+from gemma3_lab.model.banded import skew
+from gemma3_lab.model.explicit import explicit_attention, grouped_matmul
+from gemma3_lab.model.hook_point import HookPoint
+from gemma3_lab.model.masks import layer_mask
+from gemma3_lab.model.norm import RMSNorm
+from gemma3_lab.model.rope import apply_rope
 
 
 @dataclass

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import AttentionType, TextConfig
-from ..hook_point import HookPoint
-from .attention import Attention, MaskPlan
-from .norm import RMSNorm
+from gemma3_lab.config import AttentionType, TextConfig
+from gemma3_lab.model.attention import Attention, MaskPlan
+from gemma3_lab.model.hook_point import HookPoint
+from gemma3_lab.model.norm import RMSNorm
 
 
 class MLP(nn.Module):

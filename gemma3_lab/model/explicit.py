@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .banded import BandedPattern, BlockRows, skew, unskew
+from gemma3_lab.model.banded import BandedPattern, BlockRows, skew, unskew
 
 CHUNK_BYTES = 16 * 2**20  # float32 scores of one chunk of query rows (prompts up to ~1k: one chunk)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..hook_point import HookPoint
+from gemma3_lab.model.hook_point import HookPoint
 
 
 class RMSNorm(nn.Module):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..config import RopeConfig
+from gemma3_lab.config import RopeConfig
 
 
 def inv_freq(rope: RopeConfig, head_dim: int) -> Tensor:

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Gemma3Config, VisionConfig
-from ..hook_point import HookPoint
-from .norm import RMSNorm
+from gemma3_lab.config import Gemma3Config, VisionConfig
+from gemma3_lab.model.hook_point import HookPoint
+from gemma3_lab.model.norm import RMSNorm
 
 
 class VisionAttention(nn.Module):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import math
 
-from .common import label_figure, resolve_source, set_token_ticks
-from .maskset import ALLOWED, CLASS_NAMES, CUT, DIAG, IMAGE, MASKED, MaskSet, build_mask_set, cell_classes
+from gemma3_lab.viz.common import label_figure, resolve_source, set_token_ticks
+from gemma3_lab.viz.maskset import ALLOWED, CLASS_NAMES, CUT, DIAG, IMAGE, MASKED, MaskSet, build_mask_set, cell_classes
 
 COLORS = {MASKED: "#f1f1f1", CUT: "#f4c7c3", ALLOWED: "#4a5a70", IMAGE: "#e8a200", DIAG: "#2e9e4f"}
 EDGE_COLOR = "#00a0b0"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .common import dense, fig_label, label_figure, set_token_ticks, token_labels
+from gemma3_lab.viz.common import dense, fig_label, label_figure, set_token_ticks, tick_positions, token_labels
 
 CMAP = "magma_r"  # light = little attention, dark = much; masked cells grey
 MASKED_GREY = "#d9d9d9"
@@ -97,8 +97,6 @@ def _kind(cache, layer: int) -> str:
 
 def _query_ticks(ax, cache, tokens: list[str], spans, y: bool = True, max_ticks: int = 64) -> None:
     """Keys on x; queries on y, which are only the captured positions when the cache kept some."""
-    from .common import tick_positions
-
     labels, slots = row_labels(cache, tokens)
     set_token_ticks(ax, tokens, "both" if y and slots is None else "x", spans, max_ticks)
     if not y or slots is None:

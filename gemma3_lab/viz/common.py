@@ -11,7 +11,13 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..config import PRESETS, Gemma3Config
+from gemma3_lab.config import PRESETS, Gemma3Config
+from gemma3_lab.load import bundled_gguf_path
+from gemma3_lab.loading.demo import DEMO_NAME, DEMO_VISION, NOTE
+from gemma3_lab.loading.gguf import read_gguf_config
+from gemma3_lab.loading.gguf_convert import cached_conversion
+from gemma3_lab.loading.gguf_tokenizer import tokenizer_from_gguf
+from gemma3_lab.prompt.tokenizer import Tokenizer
 
 LABEL_WIDTH = 14  # longest token label drawn in full; longer ones end in "…"
 MAX_TICKS = 64  # more tick labels than this overlap at any readable font size
@@ -84,10 +90,6 @@ class Source:
 @functools.lru_cache(maxsize=1)
 def bundled_tokenizer():
     """The bundled 270M's tokenizer (Gemma 3 shares one vocabulary across sizes), read once."""
-    from ..load import bundled_gguf_path
-    from ..loading.gguf import cached_conversion
-    from ..tokenizer import Tokenizer
-
     return Tokenizer.from_file(cached_conversion(bundled_gguf_path(), progress=False))
 
 
@@ -103,8 +105,6 @@ def resolve_source(what, tokenizer=None) -> Source:
         what = "gemma-3-270m"
     name = str(what)
     if name == "demo-multimodal":
-        from ..demo import DEMO_NAME, DEMO_VISION, NOTE
-
         cfg = PRESETS["gemma-3-270m"].replace(vision=DEMO_VISION, name=DEMO_NAME, notes=(NOTE,))
         return Source(cfg, tokenizer or bundled_tokenizer(), DEMO_NAME)
     if name in PRESETS:
@@ -113,17 +113,12 @@ def resolve_source(what, tokenizer=None) -> Source:
     if path.is_dir():
         cfg = Gemma3Config.from_json(path / "config.json")
         if tokenizer is None:
-            from ..tokenizer import Tokenizer
-
             tj = path / "tokenizer.json"
             tokenizer = Tokenizer.from_file(tj) if tj.is_file() else bundled_tokenizer()
         return Source(cfg, tokenizer, path.name)
     if path.is_file() and path.suffix == ".gguf":
-        from ..loading.gguf import read_gguf_config
-        from ..tokenizer import Tokenizer
-
         cfg = read_gguf_config(path)
-        return Source(cfg, tokenizer or Tokenizer.from_gguf(path), path.stem)
+        return Source(cfg, tokenizer or tokenizer_from_gguf(path), path.stem)
     raise FileNotFoundError(
         f"{name!r} is not a model, a config, a preset ({', '.join([*PRESETS, 'demo-multimodal'])}), "
         "a folder with config.json, or a .gguf file"

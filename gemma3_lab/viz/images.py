@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .attention import head_index, pattern, query_row
-from .common import fig_label, label_figure, token_labels
+from gemma3_lab.model.masks import model_masks
+from gemma3_lab.viz.attention import head_index, layer_mask, pattern, query_row
+from gemma3_lab.viz.common import fig_label, label_figure, token_labels
+from gemma3_lab.viz.maskset import layer_windows
 
 TEXT, SPECIAL = 0, 1  # strip codes; soft tokens of span k get code 2 + k
 SPAN_COLORS = ["#e8a200", "#2a9d8f", "#8e5ccf", "#d1495b", "#3d7dd8", "#6a994e", "#bc6c25", "#577590"]
@@ -194,10 +196,6 @@ def span_attention(cache, span, query: int, layers, heads=None, batch: int = 0) 
 def span_reach(cache, inputs, span, query: int, layers, config=None, batch: int = 0) -> Tensor:
     """(grid²,) bool: which of the span's tokens slot `query` may attend to in at least one of
     `layers` — from the cached `hook_mask` when present, else from the model's mask functions."""
-    from ..masks import model_masks
-    from .attention import layer_mask
-    from .maskset import layer_windows
-
     reach = torch.zeros(span.end - span.start, dtype=torch.bool)
     computed = None
     for layer in layers:

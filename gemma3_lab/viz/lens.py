@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from .common import fig_label, label_figure, printable
+from gemma3_lab.viz.common import fig_label, label_figure, printable
 
 LENS_CMAP = "viridis"
 SURPRISAL_CMAP = "YlOrRd"

@@ -12,9 +12,10 @@ from __future__ import annotations
 import shutil
 import sys
 
-from .common import resolve_source, use_color
-from .maskset import MaskSet, build_mask_set
-from .terminal import render_lines, to_html, to_text
+from gemma3_lab.viz.atlas import mask_atlas, mask_figure
+from gemma3_lab.viz.common import resolve_source, use_color
+from gemma3_lab.viz.maskset import MaskSet, build_mask_set
+from gemma3_lab.viz.terminal import render_lines, to_html, to_text
 
 HTML_WIDTH = 180  # characters of a notebook cell's grid before columns are elided
 
@@ -36,14 +37,10 @@ class MaskView:
 
     def figure(self):
         """The same picture as a matplotlib Figure."""
-        from .atlas import mask_figure
-
         return mask_figure(self.masks)
 
     def atlas(self):
         """Every layer's mask in one figure."""
-        from .atlas import mask_atlas
-
         return mask_atlas(self.masks)
 
     def _repr_html_(self) -> str:

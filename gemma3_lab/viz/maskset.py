@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..config import AttentionType
-from ..inputs import Inputs
-from ..masks import image_block_ids, model_masks
-from ..processor import START_OF_IMAGE, Processor
-from .common import Source, token_labels
+from gemma3_lab.config import AttentionType
+from gemma3_lab.model.masks import image_block_ids, model_masks
+from gemma3_lab.prompt.inputs import Inputs
+from gemma3_lab.prompt.processor import START_OF_IMAGE, Processor
+from gemma3_lab.viz.common import Source, token_labels
 
 # cell classes, in drawing order: what a cell of a mask picture means
 MASKED, CUT, ALLOWED, IMAGE, DIAG = range(5)

@@ -8,8 +8,8 @@ import html
 import textwrap
 import unicodedata
 
-from .common import LABEL_WIDTH
-from .maskset import ALLOWED, CUT, DIAG, IMAGE, MASKED, MaskSet, Panel
+from gemma3_lab.viz.common import LABEL_WIDTH
+from gemma3_lab.viz.maskset import ALLOWED, CUT, DIAG, IMAGE, MASKED, MaskSet, Panel
 
 GAP = -1  # a column/row index standing for the elided ones
 ON, OFF, EDGE, ELIDED = "■", "⬚", "│", "⋯"

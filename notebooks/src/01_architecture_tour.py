@@ -14,13 +14,13 @@
 # - how the size of the residual stream grows layer by layer.
 #
 # Everything below is computed from the real Gemma 3 270M weights bundled with `gemma3_lab`;
-# the cells only call the library (`gemma3_lab.tour` holds the small helpers).
+# the cells only call the library (`gemma3_lab.analysis.tour` holds the small helpers).
 
 # %%
 import inspect
 
 import gemma3_lab as gl
-from gemma3_lab import tour
+from gemma3_lab.analysis import tour
 from gemma3_lab.model.block import Block
 from gemma3_lab.model.norm import RMSNorm
 

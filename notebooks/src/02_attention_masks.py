@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import gemma3_lab as gl
-from gemma3_lab import tour
-from gemma3_lab.masks import causal, layer_mask, sliding_window
+from gemma3_lab.analysis import tour
+from gemma3_lab.model.masks import causal, layer_mask, sliding_window
 
 model = gl.load(progress=False)
 t = model.config.text

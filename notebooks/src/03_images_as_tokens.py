@@ -24,9 +24,9 @@
 import os
 
 import gemma3_lab as gl
-from gemma3_lab import tour
+from gemma3_lab.analysis import tour
 from gemma3_lab.viz import images as viz_images
-from gemma3_lab.viz.gallery import scene
+from gemma3_lab.viz.scene import scene
 
 MODEL = os.environ.get("GEMMA3_4B_DIR") or "demo-multimodal"
 model = gl.load(MODEL, progress=False)
@@ -39,7 +39,7 @@ if UNTRAINED:
 # %% [markdown]
 # ## The picture and the prompt
 #
-# A synthetic landscape (`gemma3_lab.viz.gallery.scene`): a house on the left, the sun on the
+# A synthetic landscape (`gemma3_lab.viz.scene`): a house on the left, the sun on the
 # right, wide enough (900 × 400) for pan-and-scan. The prompt marks where the picture goes with
 # `<start_of_image>`.
 

@@ -1,0 +1,119 @@
+"""Two loaded variants of one model (float32 vs int4, say) on the same input: how far apart
+their residual streams are at every layer and how different the next-token distributions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from gemma3_lab.load import load
+
+# the column setting "precision": weights dtype, then weight-only quantization over float32
+PRECISIONS = {
+    "float32": dict(dtype="float32"),
+    "bfloat16": dict(dtype="bfloat16"),
+    "float16": dict(dtype="float16"),
+    "int8": dict(dtype="float32", quantize="int8"),
+    "int4": dict(dtype="float32", quantize="int4"),
+}
+
+
+def load_precision(name_or_path=None, precision: str = "float32", device="cpu", progress: bool = True,
+                   group_size: int = 128):
+    """`gl.load` with one of PRECISIONS; int8/int4 quantize the float32 model's projections."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    return load(name_or_path, device=device, progress=progress, group_size=group_size, **PRECISIONS[precision])
+
+
+@dataclass
+class Comparison:
+    """B measured against A on one prompt. Errors are relative to A; KL is KL(P_A || P_B) in nats."""
+
+    labels: tuple[str, str]
+    token_ids: list[int]  # the prompt, S tokens
+    tokens: list[str]  # their pieces
+    sites: list[str]  # "embed", "layer 0", ..., "layer L-1": the residual stream after each
+    resid_rel_error: Tensor  # (L+1,) ||B - A|| / ||A|| over every position and feature
+    resid_rel_error_by_position: Tensor  # (L+1, S) the same per position
+    kl: Tensor  # (S,) of the distribution over the token after each position
+    top1_a: Tensor  # (S,) A's most likely next token at each position
+    top1_b: Tensor  # (S,)
+
+    @property
+    def top1_agreement(self) -> float:
+        return float((self.top1_a == self.top1_b).float().mean())
+
+    @property
+    def last_kl(self) -> float:
+        """KL of what each variant would generate next."""
+        return float(self.kl[-1])
+
+    def summary(self) -> str:
+        a, b = self.labels
+        lines = [f"{b} vs {a} on {len(self.token_ids)} tokens: next-token KL last {self.last_kl:.4g} nats, "
+                 f"mean {float(self.kl.mean()):.4g}, max {float(self.kl.max()):.4g}; "
+                 f"top-1 agreement {self.top1_agreement:.0%}",
+                 "residual stream relative error by layer:"]
+        lines += [f"  {s:>9}  {float(e):.3e}" for s, e in zip(self.sites, self.resid_rel_error)]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """Plain lists and floats, for the app and JSON."""
+        return {
+            "labels": list(self.labels), "token_ids": self.token_ids, "tokens": self.tokens, "sites": self.sites,
+            "resid_rel_error": self.resid_rel_error.tolist(),
+            "resid_rel_error_by_position": self.resid_rel_error_by_position.tolist(),
+            "kl": self.kl.tolist(), "top1_a": self.top1_a.tolist(), "top1_b": self.top1_b.tolist(),
+            "top1_agreement": self.top1_agreement, "last_kl": self.last_kl,
+        }
+
+
+def residual_sites(model) -> list[str]:
+    """Hook names of the residual stream: what enters block 0, then each block's output."""
+    return ["hook_inputs_embeds"] + [f"blocks.{i}.hook_resid_post" for i in range(model.config.text.num_layers)]
+
+
+@torch.no_grad()
+def run_residuals(model, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(residuals (L+1, S, D) float32, logits (S, V) float32) for one prompt (1, S)."""
+    store: dict[str, Tensor] = {}
+
+    def save(t, hook):
+        store[hook.name] = t[0].float()
+
+    sites = residual_sites(model)
+    with model.hooks([(n, save) for n in sites]):
+        logits = model(input_ids.to(model.device)).logits[0].float()
+    return torch.stack([store[n].cpu() for n in sites]), logits.cpu()
+
+
+def compare(a, b, inputs, labels: tuple[str, str] = ("A", "B")) -> Comparison:
+    """Run one prompt (text, ids or Inputs, tokenized by A) through A and B and compare."""
+    if a.config.text != b.config.text:
+        raise ValueError("compare needs two variants of the same model (their text configs differ)")
+    ids = a.to_inputs(inputs).input_ids
+    if ids.shape[0] != 1:
+        raise ValueError("compare takes one prompt at a time")
+    ra, la = run_residuals(a, ids)
+    rb, lb = run_residuals(b, ids)
+    diff = rb - ra  # (L+1, S, D)
+    by_pos = diff.norm(dim=-1) / ra.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    overall = diff.flatten(1).norm(dim=-1) / ra.flatten(1).norm(dim=-1)
+    lpa, lpb = la.log_softmax(-1), lb.log_softmax(-1)
+    kl = (lpa.exp() * (lpa - lpb)).sum(-1)  # (S,)
+    tok = a.tokenizer
+    id_list = ids[0].tolist()
+    return Comparison(
+        labels=tuple(labels),
+        token_ids=id_list,
+        tokens=[tok.id_to_token(i) for i in id_list] if tok is not None else [str(i) for i in id_list],
+        sites=["embed"] + [f"layer {i}" for i in range(a.config.text.num_layers)],
+        resid_rel_error=overall,
+        resid_rel_error_by_position=by_pos,
+        kl=kl,
+        top1_a=la.argmax(-1),
+        top1_b=lb.argmax(-1),
+    )

@@ -1,0 +1,162 @@
+"""`python -m gemma3_lab`: generate, inspect masks, verify against transformers, convert GGUF."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gemma3_lab.analysis.verify import load_reference, verify
+from gemma3_lab.load import load
+from gemma3_lab.loading.gguf_convert import cached_conversion, convert_gguf
+from gemma3_lab.viz.mask_visualizer import AttentionMaskVisualizer
+
+EXAMPLES = """examples:
+  python -m gemma3_lab generate "The capital of France is"
+  python -m gemma3_lab generate "Once upon a time" --sample --temperature 0.8 --top-p 0.95 --seed 1
+  python -m gemma3_lab masks "The quick brown fox jumps" --window 3
+  python -m gemma3_lab verify --tokens 32
+  python -m gemma3_lab convert model.gguf ./gemma-3-270m-hf
+  python -m gemma3_lab info --model /path/to/gemma-3-4b-it
+
+--model takes: gemma-3-270m (default, the bundled real weights), demo-multimodal
+(270M + an UNTRAINED vision tower), a Hugging Face folder, or a .gguf file."""
+
+
+def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
+    p.add_argument("--model", default="gemma-3-270m", help="name, folder or .gguf (default: bundled 270M)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    if not weights:  # masks need only the config and tokenizer
+        return
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only quantization of the decoder projections (activations stay in --dtype)")
+    p.add_argument("--group-size", type=int, default=128, help="input columns per (offset, step) group (default 128)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m gemma3_lab",
+        description="Explore Gemma 3: generate with per-token probabilities, draw attention masks, "
+        "check numerics against transformers, convert GGUF files.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text, streaming tokens with their probabilities")
+    g.add_argument("prompt", help="the prompt text")
+    _model_args(g)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    g.add_argument("--image", action="append", default=[], help="image file (repeatable); needs a vision model")
+    g.add_argument("--pan-and-scan", action="store_true", help="add pan-and-scan crops for wide/tall images")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--show-probs", action="store_true", help="print each token with its probability and top-3")
+
+    m = sub.add_parser("masks", help="print the attention mask of every distinct layer type")
+    m.add_argument("prompt")
+    _model_args(m, weights=False)
+    m.add_argument("--window", type=int, default=None, help="override the sliding window (teaching prompts)")
+    m.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+
+    v = sub.add_parser("verify", help="compare logits and greedy tokens with transformers (needs it installed)")
+    _model_args(v)
+    v.add_argument("--prompt", default="The capital of France is")
+    v.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare")
+
+    c = sub.add_parser("convert", help="convert a Gemma 3 GGUF file into a Hugging Face safetensors folder")
+    c.add_argument("gguf", help="input .gguf file")
+    c.add_argument("out_dir", help="output folder (config.json, model.safetensors, tokenizer.json)")
+
+    i = sub.add_parser("info", help="describe a model: sizes, layer pattern, windows, RoPE")
+    _model_args(i)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.command is None:
+        ap.print_help()
+        return 0
+    try:
+        return {"generate": _generate, "masks": _masks, "verify": _verify, "convert": _convert, "info": _info}[
+            args.command
+        ](args)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _load(args):
+    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, group_size=args.group_size)
+
+
+def _generate(args) -> int:
+    model = _load(args)
+    print(f"[{model.describe()}]", file=sys.stderr)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+
+    def stream(step):
+        if args.show_probs:
+            alts = ", ".join(f"{t!r} {p:.2f}" for t, p in step.top_k[:3])
+            print(f"{step.index:3d} {step.token!r:>16} p={step.prob:.3f}   top: {alts}")
+        else:
+            print(step.text, end="", flush=True)
+
+    res = model.generate(
+        prompt, images=args.image or None, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+        on_token=stream, pan_and_scan=args.pan_and_scan,
+    )
+    if not args.show_probs:
+        print()
+    print(
+        f"[{len(res.token_ids)} tokens, stop: {res.stop_reason}, prefill {res.prefill_seconds:.2f}s, "
+        f"{res.tokens_per_second:.1f} tok/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _masks(args) -> int:
+    AttentionMaskVisualizer(args.model, window=args.window)(args.prompt, images=args.image or None)
+    return 0
+
+
+def _verify(args) -> int:
+    from pathlib import Path
+
+    model = _load(args)
+    folder = Path(model.source)
+    if folder.suffix == ".gguf":
+        folder = cached_conversion(folder)
+    ref = load_reference(folder, dtype=model.dtype)
+    print(f"[{model.describe()}] vs transformers (eager) on {folder}")
+    report = verify(model, ref, args.prompt, args.tokens)
+    print(report)
+    return 0 if report.greedy_agree else 1
+
+
+def _convert(args) -> int:
+    out = convert_gguf(args.gguf, args.out_dir)
+    print(f"wrote {out}")
+    return 0
+
+
+def _info(args) -> int:
+    model = _load(args)
+    t = model.config.text
+    print(model.describe())
+    print(f"source: {model.source}")
+    print(f"width {t.hidden_size}, MLP {t.intermediate_size}, heads {t.num_heads} (kv {t.num_kv_heads}), head dim {t.head_dim}")
+    print(f"vocab {t.vocab_size}, sliding window {t.sliding_window}, attention scale {t.attn_scale:.6g}")
+    print(f"global layers: {list(t.global_layers)}")
+    print(f"RoPE local: {t.rope_local}   global: {t.rope_global}")
+    if model.config.vision:
+        print(f"vision: {model.config.vision}")
+    return 0

@@ -1,0 +1,165 @@
+"""Event handlers: generate both columns (streaming), stop, and the wiring of the page.
+
+A setting the user can fix raises `gr.Error`: the page shows it as a message and a
+`gradio_client` script gets it as the exception text; the app keeps serving.
+"""
+
+from __future__ import annotations
+
+import inspect as pyinspect
+
+import gradio as gr
+
+from gemma3_lab.app.ui.compare_tab import wire_compare_tab
+from gemma3_lab.app.ui.figures import heatmap_image, layer_mask_image, lens_image, to_image
+from gemma3_lab.app.ui.images_tab import wire_images_tab
+from gemma3_lab.app.ui.inspector import inspect_token, lens_at, lens_rows, sequence_inputs
+from gemma3_lab.app.ui.intervene import parse_intervention
+from gemma3_lab.app.ui.layout import COLUMN_FIELDS, Page, layer_choices
+from gemma3_lab.app.ui.registry import PRECISIONS, ModelKey, ModelRegistry
+from gemma3_lab.app.ui.render import divergence_md, results_json, status_md, tokens_html, topk_html
+from gemma3_lab.app.ui.runner import prepare, run_all
+from gemma3_lab.app.ui.session import COLUMNS, Session
+from gemma3_lab.app.ui.settings import ColumnSpec, SettingsError, build_prompt, parse_decoding, uploaded_images
+from gemma3_lab.app.ui.widgets import head_choices
+from gemma3_lab.viz.atlas import mask_atlas as draw
+
+GENERATE_PARAMS = ("prompt", "chat", "images") + tuple(f"{c.lower()}_{f}" for c in COLUMNS for f in COLUMN_FIELDS)
+
+
+def named(fn, params: tuple[str, ...], extra: tuple[str, ...] = ()):
+    """Give `fn(*values)` a signature with these parameter names: gradio_client scripts call
+    the endpoint with them as keywords (`client.predict(prompt=..., a_model=...)`)."""
+    P = pyinspect.Parameter
+    fn.__signature__ = pyinspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in params + extra])
+    return fn
+
+
+def parse_columns(registry: ModelRegistry, values: dict) -> list[ColumnSpec]:
+    specs = []
+    for col in COLUMNS:
+        v = {f: values[f"{col.lower()}_{f}"] for f in COLUMN_FIELDS}
+        try:
+            key = ModelKey(registry.resolve(v["model"]), v["precision"] or "float32")
+        except ValueError as e:
+            raise SettingsError(f"column {col}: {e}") from None
+        if key.precision not in PRECISIONS:
+            raise SettingsError(f"column {col}: precision must be one of {', '.join(PRECISIONS)}")
+        decoding = parse_decoding(col, v["decoding"], v["temperature"], v["top_k"], v["top_p"], v["seed"],
+                                  v["max_new_tokens"])
+        specs.append(ColumnSpec(col, key, decoding, bool(v["pan_and_scan"]), parse_intervention(col, v)))
+    return specs
+
+
+def outputs_of(session: Session) -> tuple:
+    d = session.first_divergence()
+    out = []
+    for col in COLUMNS:
+        run = session.runs.get(col)
+        out += [status_md(run), tokens_html(run, col, divergence=d)]
+    return (*out, divergence_md(session), results_json(session))
+
+
+def make_generate(registry: ModelRegistry):
+    def generate(*args):
+        *values, session = args
+        values = dict(zip(GENERATE_PARAMS, values))
+        try:
+            images = uploaded_images(values["images"])
+            prompt = build_prompt(values["prompt"], bool(values["chat"]), len(images))
+            specs = parse_columns(registry, values)
+            for _ in prepare(registry, session, specs, prompt, images):
+                yield outputs_of(session)
+        except SettingsError as e:
+            session.runs = {}
+            raise gr.Error(str(e), duration=None) from None
+        for _ in run_all(registry, session):
+            yield outputs_of(session)
+
+    return named(generate, GENERATE_PARAMS, ("session",))
+
+
+def stop(session: Session) -> str:
+    session.stop.set()
+    return "stop requested: the generation ends after the current token"
+
+
+def wire(page: Page, registry: ModelRegistry, session: gr.State) -> None:
+    inputs = [page.prompt, page.chat, page.images]
+    for col in COLUMNS:
+        inputs += page.columns[col].inputs()
+    outputs = []
+    for col in COLUMNS:
+        outputs += [page.columns[col].status, page.columns[col].tokens]
+    outputs += [page.divergence, page.results]
+    gen = dict(fn=make_generate(registry), inputs=inputs + [session], outputs=outputs, api_name="generate",
+               concurrency_id="model", show_progress="minimal")
+    page.generate.click(**gen)
+    page.stop.click(stop, inputs=[session], outputs=[page.divergence], api_name="stop", queue=False)
+    wire_inspector(page, registry, session)
+    wire_images_tab(page.images_tab, registry, session)
+    wire_compare_tab(page.compare_tab, registry, session)
+    a = page.atlas
+    a["draw"].click(make_atlas(registry), inputs=[a["column"], session], outputs=[a["image"]], api_name="mask_atlas",
+                    concurrency_id="inspect")
+
+
+def make_inspect(registry: ModelRegistry):
+    def inspect(column, index, layer, head, session: Session):
+        """Inspect token `index` (0 = first generated) of column "A" or "B" at a layer and head
+        (-1 = all heads)."""
+        if column not in COLUMNS:
+            raise gr.Error(f"column must be A or B, not {column!r}")
+        if index is None:
+            raise gr.Error("which token? give its index (0 = the first generated token)")
+        try:
+            ins = inspect_token(registry, session, column, index, layer if layer is not None else 0, head)
+        except LookupError as e:
+            raise gr.Error(str(e.args[0] if e.args else e)) from None
+        run = session.run(column)
+        config = registry.get(run.spec.model).model.config
+        lens = lens_at(registry, run, ins.query)
+        data = {
+            "column": column, "index": ins.index, "layer": ins.layer, "head": ins.head,
+            "layer_type": ins.layer_kind, "query_position": ins.query,
+            "top_k": ins.top_k, "attended": ins.attended, "logit_lens": lens_rows(lens),
+        }
+        return (
+            column, ins.index, ins.header, topk_html(run.steps[ins.index]), ins.attended,
+            gr.Dropdown(choices=layer_choices(config), value=ins.layer),
+            gr.Dropdown(choices=head_choices(config), value=ins.head),
+            heatmap_image(ins), layer_mask_image(ins), lens_image(lens, config), data["logit_lens"], data,
+        )
+
+    return inspect
+
+
+def wire_inspector(page: Page, registry: ModelRegistry, session: gr.State) -> None:
+    w = page.inspector
+    inspect = make_inspect(registry)
+    outputs = [w[k] for k in ("column", "index", "header", "top_k", "attended", "layer", "head", "heatmap", "mask",
+                              "lens", "lens_table", "json")]
+    common = dict(outputs=outputs, concurrency_id="inspect", show_progress="minimal")
+    gr.on([w["layer"].input, w["head"].input], inspect, inputs=[w["column"], w["index"], w["layer"], w["head"], session],
+          api_name="inspect", **common)
+    for col in COLUMNS:
+        def clicked(layer, head, session, evt: gr.SelectData, col=col):
+            return inspect(col, evt.index, layer, head, session)
+
+        page.columns[col].tokens.select(clicked, inputs=[w["layer"], w["head"], session], api_visibility="private",
+                                        **common)
+
+
+def make_atlas(registry: ModelRegistry):
+    def mask_atlas(column, session: Session):
+        """Every layer's mask over column A's or B's prompt and generated tokens."""
+        try:
+            run = session.run(column)
+        except LookupError as e:
+            raise gr.Error(str(e.args[0])) from None
+        if run.inputs is None:
+            raise gr.Error(f"column {column} has no processed prompt yet: press Generate first")
+        model = registry.get(run.spec.model).model
+        return to_image(draw(model, sequence_inputs(run, upto=len(run.steps))))
+
+    return mask_atlas

@@ -1,0 +1,73 @@
+"""A GGUF file as a Hugging Face folder: converted once into the user cache (config.json, float32
+model.safetensors, tokenizer files), written to a temporary sibling and renamed into place."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from gemma3_lab.loading.gguf import open_gguf, read_gguf_config, read_gguf_state_dict
+from gemma3_lab.loading.gguf_tokenizer import tokenizer_from_gguf
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Path:
+    """Write config.json, model.safetensors (float32) and the tokenizer files to `out_dir`.
+
+    Everything goes to a temporary sibling first and is renamed at the end, so an interrupted
+    conversion never leaves a folder that looks complete. `out_dir` must not exist (or be empty).
+    """
+    g = open_gguf(gguf_path)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # fail before the slow part
+        raise FileExistsError(errno.EEXIST, "conversion target exists and is not empty", str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        cfg = read_gguf_config(g)
+        (tmp / "config.json").write_text(json.dumps({**cfg.to_hf(), "dtype": "float32"}, indent=2))
+        save_file(read_gguf_state_dict(g, progress), tmp / "model.safetensors", metadata={"format": "pt"})
+        tokenizer_from_gguf(g).save(tmp)
+        umask = os.umask(0)
+        os.umask(umask)  # mkdtemp made the folder private (0700); give it the usual permissions
+        for f in (tmp, *tmp.iterdir()):
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
+        try:
+            os.rename(tmp, out)  # atomic; fails if another process filled `out` meanwhile
+        except OSError:
+            raise FileExistsError(errno.EEXIST, "conversion target exists and is not empty", str(out)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GEMMA3_LAB_CACHE") or Path.home() / ".cache" / "gemma3_lab")
+
+
+def cached_conversion(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                      progress: bool = True) -> Path:
+    """The converted folder for this GGUF, converting on first use."""
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise FileNotFoundError(errno.ENOENT, "GGUF file not found", str(path))
+    st = path.stat()
+    # Keyed by name + size + mtime, not a content hash: hashing 250 MB (or 16 GB for a 27B) would
+    # cost seconds on every warm call, and a changed file almost always changes size or mtime.
+    out = Path(cache_dir or cache_root()) / "converted" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+    if out.is_dir():  # only a finished conversion is ever renamed into place
+        return out
+    print(f"gemma3_lab: converting {path.name} to a Hugging Face folder at {out} (once)", file=sys.stderr)
+    try:
+        return convert_gguf(path, out, progress)
+    except FileExistsError:
+        if out.is_dir():  # another process finished the same conversion first
+            return out
+        raise
