@@ -96,6 +96,38 @@ def sample_next(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def prefill(model, inputs: Inputs, cache: KVCache) -> Tensor:
+    """Run the whole prompt once, filling `cache`; (V,) float logits for the next token."""
+    x = inputs.to(model.device)
+    out = model(x.input_ids, **x.model_kwargs(), cache=cache, logits_to_keep=1)
+    return out.logits[0, -1].float()
+
+
+def decode_one(model, token_id: int, cache: KVCache) -> Tensor:
+    """Feed one chosen token at the cache's next slot; (V,) float logits for the one after it."""
+    step_ids = torch.tensor([[token_id]], device=model.device)
+    return model(step_ids, cache=cache, logits_to_keep=1).logits[0, -1].float()
+
+
+def record_step(tok, ids: list[int], index: int, position: int, logits: Tensor, record_top_k: int,
+                added_text: str) -> Step:
+    """The step record of the token `ids[-1]`, chosen from `logits`, that added `added_text`."""
+    next_id = ids[-1]
+    logp = torch.log_softmax(logits, -1)
+    top = torch.topk(logp, record_top_k)
+    piece = tok.id_to_token if tok is not None else str
+    return Step(
+        index=index,
+        position=position,
+        token_id=next_id,
+        token=piece(next_id),
+        text=added_text,
+        logprob=float(logp[next_id]),
+        top_k=[(piece(int(j)), float(p.exp())) for p, j in zip(top.values, top.indices)],
+        top_k_ids=[int(j) for j in top.indices],
+    )
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -114,7 +146,8 @@ def generate(
     pan_and_scan: bool = False,
     should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
-    """Generate from one prompt (text, chat messages, ids or Inputs).
+    """Generate from one prompt (text, chat messages, ids or Inputs): `prefill`, then
+    `decode_one` per token, each choice kept as a `Step` (`record_step`).
 
     `on_token(step)` is called as each token is chosen (for streaming); `should_stop()` is
     polled between steps; `capture` (names, globs or a predicate, as `names_filter`) picks
@@ -132,51 +165,34 @@ def generate(
         raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of {limit}")
     stop_ids = tuple(stop_ids if stop_ids is not None else model.config.text.eos_token_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    tok = model.tokenizer
     cache = KVCache(model.config.text)
     captures: dict[str, Capture] = {}
-    hooks = capture_hooks(model, capture, captures)
 
     ids: list[int] = []
     steps: list[Step] = []
     text = ""
     reason = "max_new_tokens"
     t0 = time.perf_counter()
-    t_first = t0
-    with model.hooks(hooks):
-        x = inputs.to(model.device)
-        out = model(x.input_ids, **x.model_kwargs(), cache=cache, logits_to_keep=1)
+    with model.hooks(capture_hooks(model, capture, captures)):
+        logits = prefill(model, inputs, cache)
         t_first = time.perf_counter()
         for i in range(max_new_tokens):
-            logits = out.logits[0, -1].float()
-            next_id = sample_next(logits, do_sample, temperature, top_k, top_p, gen)
-            logp = torch.log_softmax(logits, -1)
-            top = torch.topk(logp, record_top_k)
-            ids.append(next_id)
-            new_text = tok.decode(ids) if tok is not None else ""
-            step = Step(
-                index=i,
-                position=n_prompt + i,
-                token_id=next_id,
-                token=tok.id_to_token(next_id) if tok is not None else str(next_id),
-                text=new_text[len(text):],
-                logprob=float(logp[next_id]),
-                top_k=[(tok.id_to_token(int(j)) if tok else str(int(j)), float(p.exp())) for p, j in zip(top.values, top.indices)],
-                top_k_ids=[int(j) for j in top.indices],
-            )
+            ids.append(sample_next(logits, do_sample, temperature, top_k, top_p, gen))
+            # decode the whole sequence: a byte-fallback piece may complete an earlier character
+            new_text = model.tokenizer.decode(ids) if model.tokenizer is not None else ""
+            step = record_step(model.tokenizer, ids, i, n_prompt + i, logits, record_top_k, new_text[len(text):])
             text = new_text
             steps.append(step)
             if on_token is not None:
                 on_token(step)
-            if next_id in stop_ids:
+            if ids[-1] in stop_ids:
                 reason = "eos"
                 break
             if should_stop is not None and should_stop():
                 reason = "stopped"
                 break
             if i + 1 < max_new_tokens:
-                step_ids = torch.tensor([[next_id]], device=model.device)
-                out = model(step_ids, cache=cache, logits_to_keep=1)
+                logits = decode_one(model, ids[-1], cache)
     t_end = time.perf_counter()
     return GenerationResult(
         text=text,
