@@ -24,9 +24,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # the visualizers pull in matplotlib; import them only when asked for
     if name == "AttentionMaskVisualizer":
-        # deferred: the visualizers pull in matplotlib; only when asked for
+        # deferred: the visualizers pull in matplotlib; import them only when asked for
         from gemma3_lab.viz.mask_visualizer import AttentionMaskVisualizer
 
         return AttentionMaskVisualizer

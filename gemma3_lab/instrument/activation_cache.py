@@ -16,6 +16,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor
 
+from gemma3_lab.config import kv_heads_of
 from gemma3_lab.instrument.lens import logit_lens
 from gemma3_lab.model.banded import PatternView
 
@@ -93,7 +94,7 @@ def select(name: str, t, heads: list[int] | None, positions: Tensor | None, n_re
     """Keep the given query heads (k/v: the kv heads they read) and query positions of one activation."""
     lay = layout(name)
     if heads is not None and lay.head is not None:
-        idx = sorted({h // n_rep for h in heads}) if lay.kv_heads else list(heads)
+        idx = kv_heads_of(heads, n_rep) if lay.kv_heads else list(heads)
         t = t.select(heads=idx) if isinstance(t, PatternView) else t.index_select(lay.head, torch.tensor(idx, device=t.device))
     if positions is not None and lay.seq is not None:
         if isinstance(t, PatternView):

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gemma3_lab.config import kv_heads_of
 from gemma3_lab.instrument.activation_cache import layout
 
 
@@ -55,7 +56,7 @@ def estimate(model, x, names: list[str], *, heads=None, n_positions: int | None 
     fwd = model.config.mm_tokens_per_image - 1 if n_img else 0  # an image token sees its image's later tokens
     kinds = {t: cfg.window_for(t) for t in cfg.layer_types}
     N = len(heads) if heads is not None else cfg.num_heads
-    K = len({h // cfg.n_rep for h in heads}) if heads is not None else cfg.num_kv_heads
+    K = len(kv_heads_of(heads, cfg.n_rep)) if heads is not None else cfg.num_kv_heads
     model_item = torch.finfo(model.dtype).bits // 8
 
     def item(native: int) -> int:

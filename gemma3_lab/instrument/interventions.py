@@ -12,6 +12,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from gemma3_lab.config import kv_heads_of
 from gemma3_lab.instrument.activation_cache import ActivationCache, canonical, layout
 from gemma3_lab.instrument.capture import SlotTracker
 from gemma3_lab.model.banded import BandedPattern, PatternView
@@ -23,7 +24,7 @@ def _heads(name: str, heads, n_rep: int) -> list[int] | None:
     if heads is None:
         return None
     heads = [heads] if isinstance(heads, int) else list(heads)
-    return sorted({h // n_rep for h in heads}) if layout(name).kv_heads else heads
+    return kv_heads_of(heads, n_rep) if layout(name).kv_heads else heads
 
 
 def ablate_heads(layer: int, heads: int | Iterable[int], mode: str = "zero", means=None) -> Hooks:

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from gemma3_lab.config import VisionConfig
+from gemma3_lab.config import Gemma3Config, VisionConfig
 from gemma3_lab.model.vision import Projector, VisionTower
 
 DEMO_NAME = "demo-multimodal"
@@ -22,6 +22,11 @@ NOTE = (
     "untrained vision: seeded random SigLIP-shaped tower reduced to 4 layers × 288 (real: 27 × 1152) "
     "and projector; image tokens carry no meaning"
 )
+
+
+def demo_config(base: Gemma3Config) -> Gemma3Config:
+    """The 270M's config with the demo tower added and the model labelled untrained."""
+    return base.replace(vision=DEMO_VISION, name=DEMO_NAME, notes=(*base.notes, NOTE))
 
 
 def seeded_vision_state(config, target_rms: float, dtype: torch.dtype, device) -> dict[str, torch.Tensor]:

@@ -166,3 +166,15 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return grouped_matmul(pattern, v)  # (B, N, 1, H)
+
+
+ATTENTION_PATHS = ("sdpa", "explicit")
+
+
+def use_attention_path(blocks, path: str) -> None:
+    """"sdpa" (fast; explicit only where a pattern is hooked) or "explicit" for every block's
+    attention (text and vision alike)."""
+    if path not in ATTENTION_PATHS:
+        raise ValueError(f"attention path must be 'sdpa' or 'explicit', not {path!r}")
+    for b in blocks:
+        b.attn.explicit = path == "explicit"

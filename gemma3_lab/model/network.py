@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from gemma3_lab.config import AttentionType, Gemma3Config
-from gemma3_lab.model.attention import MaskPlan
+from gemma3_lab.model.attention import MaskPlan, use_attention_path
 from gemma3_lab.model.block import Block
 from gemma3_lab.model.hook_point import HookPoint, name_hook_points
 from gemma3_lab.model.kv_cache import KVCache
@@ -149,10 +149,7 @@ class Gemma3Network(nn.Module):
     # ------------------------------------------------------------------ paths
     def set_attention_path(self, path: str) -> None:
         """"sdpa" (fast; explicit only where a pattern is hooked) or "explicit" everywhere."""
-        if path not in ("sdpa", "explicit"):
-            raise ValueError(f"attention path must be 'sdpa' or 'explicit', not {path!r}")
-        for b in self.blocks:
-            b.attn.explicit = path == "explicit"
+        use_attention_path(self.blocks, path)
         if self.vision is not None:
             self.vision.set_attention_path(path)
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gemma3_lab.config import Gemma3Config, VisionConfig
+from gemma3_lab.model.attention import use_attention_path
 from gemma3_lab.model.hook_point import HookPoint
 from gemma3_lab.model.norm import RMSNorm
 
@@ -127,10 +128,7 @@ class VisionTower(nn.Module):
         return self.hook_post_layernorm(self.post_layernorm(x))
 
     def set_attention_path(self, path: str) -> None:
-        if path not in ("sdpa", "explicit"):
-            raise ValueError(f"attention path must be 'sdpa' or 'explicit', not {path!r}")
-        for b in self.blocks:
-            b.attn.explicit = path == "explicit"
+        use_attention_path(self.blocks, path)
 
 
 class Projector(nn.Module):

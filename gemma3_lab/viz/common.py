@@ -11,9 +11,9 @@ from pathlib import Path
 
 from torch import Tensor
 
-from gemma3_lab.config import PRESETS, Gemma3Config
-from gemma3_lab.load import bundled_gguf_path
-from gemma3_lab.loading.demo import DEMO_NAME, DEMO_VISION, NOTE
+from gemma3_lab.config import BUNDLED, PRESETS, Gemma3Config
+from gemma3_lab.load import bundled_gguf_path, source_kind
+from gemma3_lab.loading.demo import demo_config
 from gemma3_lab.loading.gguf import read_gguf_config
 from gemma3_lab.loading.gguf_convert import cached_conversion
 from gemma3_lab.loading.gguf_tokenizer import tokenizer_from_gguf
@@ -101,28 +101,23 @@ def resolve_source(what, tokenizer=None) -> Source:
         return Source(what.config, tokenizer or what.tokenizer, what.config.name)
     if isinstance(what, Gemma3Config):
         return Source(what, tokenizer or bundled_tokenizer(), what.name)
-    if what is None:
-        what = "gemma-3-270m"
-    name = str(what)
-    if name == "demo-multimodal":
-        cfg = PRESETS["gemma-3-270m"].replace(vision=DEMO_VISION, name=DEMO_NAME, notes=(NOTE,))
-        return Source(cfg, tokenizer or bundled_tokenizer(), DEMO_NAME)
-    if name in PRESETS:
-        return Source(PRESETS[name], tokenizer or bundled_tokenizer(), name)
-    path = Path(name).expanduser()
-    if path.is_dir():
+    if str(what) in PRESETS:
+        return Source(PRESETS[str(what)], tokenizer or bundled_tokenizer(), str(what))
+    try:
+        kind, path = source_kind(what)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what!r} is not a model, a config, a preset ({', '.join(PRESETS)}, demo-multimodal), "
+                                "a folder with config.json, or a .gguf file") from None
+    if kind in ("bundled", "demo"):
+        cfg = PRESETS[BUNDLED] if kind == "bundled" else demo_config(PRESETS[BUNDLED])
+        return Source(cfg, tokenizer or bundled_tokenizer(), cfg.name)
+    if kind == "folder":
         cfg = Gemma3Config.from_json(path / "config.json")
         if tokenizer is None:
             tj = path / "tokenizer.json"
             tokenizer = Tokenizer.from_file(tj) if tj.is_file() else bundled_tokenizer()
         return Source(cfg, tokenizer, path.name)
-    if path.is_file() and path.suffix == ".gguf":
-        cfg = read_gguf_config(path)
-        return Source(cfg, tokenizer or tokenizer_from_gguf(path), path.stem)
-    raise FileNotFoundError(
-        f"{name!r} is not a model, a config, a preset ({', '.join([*PRESETS, 'demo-multimodal'])}), "
-        "a folder with config.json, or a .gguf file"
-    )
+    return Source(read_gguf_config(path), tokenizer or tokenizer_from_gguf(path), path.stem)
 
 
 # --------------------------------------------------------------------------- matplotlib

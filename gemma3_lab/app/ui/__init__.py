@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from gemma3_lab.app.ui.registry import ROOT_ENV, ModelRegistry
+from gemma3_lab.config import BUNDLED
 
 DEFAULT_PORT = 7860
 CONCURRENCY = 2  # requests that may run models at once (the rest wait in the queue)
@@ -16,15 +17,11 @@ CONCURRENCY = 2  # requests that may run models at once (the rest wait in the qu
 def build_app(registry: ModelRegistry | None = None, concurrency: int = CONCURRENCY, max_queue: int = 32):
     """The Gradio Blocks of the app, queued. `registry` holds the (shared, read-only) models;
     by default the bundled names plus folders under $GEMMA3_LAB_MODELS_ROOT."""
+    # deferred: gradio (and the modules that build with it) only when the app is built
     import gradio as gr
 
-    # deferred: gradio is imported only when the app is built
     from gemma3_lab.app.ui.events import wire
-
-    # deferred: gradio is imported only when the app is built
     from gemma3_lab.app.ui.layout import build_page
-
-    # deferred: gradio is imported only when the app is built
     from gemma3_lab.app.ui.session import Session
 
     registry = registry or ModelRegistry()
@@ -42,9 +39,6 @@ def launch(demo=None, host: str = "127.0.0.1", port: int | None = None, preload:
     its tokenizer are loaded first so the first request does not wait for them."""
     demo = demo or build_app()
     if preload:
-        # deferred: gradio is imported only when the app is built
-        from gemma3_lab.load import BUNDLED
-
         demo.registry.get(BUNDLED).model.tokenizer  # gl.load defers the 3 s tokenizer.json parse
 
     port = port or int(os.environ.get("GRADIO_SERVER_PORT", DEFAULT_PORT))

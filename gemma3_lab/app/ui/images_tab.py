@@ -11,7 +11,7 @@ from gemma3_lab.app.ui.inspector import sequence_inputs, whole
 from gemma3_lab.app.ui.registry import ModelRegistry
 from gemma3_lab.app.ui.session import Session
 from gemma3_lab.app.ui.widgets import figure_slot, head_choices
-from gemma3_lab.config import PRESETS
+from gemma3_lab.config import BUNDLED, PRESETS
 from gemma3_lab.instrument.hooks import act_name
 from gemma3_lab.viz.common import token_labels
 from gemma3_lab.viz.images import image_attention as draw_attention
@@ -38,7 +38,7 @@ def build_images_tab() -> dict:
         w["image"] = gr.Number(0, precision=0, label="image (0 = first)", elem_id="img-image")
         w["layers"] = gr.Dropdown(layer_options(), value="global layers", label="layers (averaged)",
                                   allow_custom_value=True, elem_id="img-layers")
-        w["head"] = gr.Dropdown(head_choices(PRESETS["gemma-3-270m"]), value=-1,
+        w["head"] = gr.Dropdown(head_choices(PRESETS[BUNDLED]), value=-1,
                                 label="heads (averaged)", allow_custom_value=True, elem_id="img-head")
     w["show"] = gr.Button("Show image tokens and attention", elem_id="img-show")
     w["note"] = gr.Markdown(elem_id="img-note")

@@ -15,8 +15,7 @@ from gemma3_lab.app.ui.registry import PRECISIONS
 from gemma3_lab.app.ui.render import CLICK_JS, CSS, LEGEND, TOPK_CSS, tokens_html, topk_html
 from gemma3_lab.app.ui.settings import DECODING, MAX_NEW_TOKENS
 from gemma3_lab.app.ui.widgets import figure_slot, head_choices
-from gemma3_lab.config import PRESETS
-from gemma3_lab.load import BUNDLED
+from gemma3_lab.config import BUNDLED, PRESETS
 
 # the order of one column's settings in the `generate` endpoint, after prompt/chat/images;
 # the API names are these prefixed with "a_" / "b_"
@@ -148,7 +147,7 @@ def layer_choices(config) -> list[tuple[str, int]]:
 
 def build_inspector(config=None) -> dict:
     """The inspector panel; its layer/head choices follow the model of the clicked column."""
-    config = config or PRESETS["gemma-3-270m"]
+    config = config or PRESETS[BUNDLED]
     w = {}
     gr.Markdown("## Inspector")
     w["header"] = gr.Markdown("Click a generated token to see its candidates and where it attended.",

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from gemma3_lab.analysis.compare import PRECISIONS as COMPARE_PRECISIONS
 from gemma3_lab.analysis.compare import load_precision
-from gemma3_lab.load import BUNDLED, NAMES
+from gemma3_lab.config import BUNDLED
+from gemma3_lab.load import NAMES
 from gemma3_lab.loading.quantize import tensor_bytes
 
 ROOT_ENV = "GEMMA3_LAB_MODELS_ROOT"
