@@ -22,7 +22,7 @@ class Gemma3(HookedMixin, Gemma3Network):
     def __init__(self, config: Gemma3Config, tokenizer=None) -> None:
         super().__init__(config)
         self.tokenizer = tokenizer
-        self.source = ""  # where the weights came from, for display
+        self.source = ""  # the folder or .gguf the weights came from (`verify` reads it); a description for the demo
 
     @property
     def tokenizer(self):

@@ -52,14 +52,8 @@ class KVCache:
             start = max(0, self.length - (self.config.sliding_window - 1))
         return torch.arange(start, self.length + new)
 
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        return self.layers[layer].update(k, v)
-
     def advance(self, new: int, key_valid: Tensor | None, block_ids: Tensor | None, positions: Tensor) -> None:
         """Record `new` appended slots. `key_valid`/`block_ids` cover every slot from 0."""
         self.length += new
         self.key_valid, self.block_ids = key_valid, block_ids
         self.next_position = positions[:, -1] + 1
-
-    def memory_bytes(self) -> int:
-        return sum(c.k.nelement() * c.k.element_size() * 2 for c in self.layers if c.k is not None)
