@@ -93,19 +93,21 @@ def _load(name_or_path, dt: torch.dtype, dev: torch.device, progress: bool) -> G
 
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: bool = True, name: str | None = None) -> Gemma3:
     """GGUF files are converted once to a safetensors folder in the cache; later loads mmap it."""
+    name = name or Path(path).stem
     folder = cached_conversion(path, progress=progress)
-    model = load_folder(folder, dtype, device, progress)
-    model.config = model.config.replace(name=name or Path(path).stem)
+    model = load_folder(folder, dtype, device, progress, label=name)  # not the cache folder's name
+    model.config = model.config.replace(name=name)
     model.source = str(path)
     return model
 
 
-def load_folder(folder: Path, dtype: torch.dtype, device: torch.device, progress: bool = True) -> Gemma3:
+def load_folder(folder: Path, dtype: torch.dtype, device: torch.device, progress: bool = True,
+                label: str | None = None) -> Gemma3:
     tok_path = find_tokenizer(folder)
     if tok_path.suffix != ".json":
         raise FileNotFoundError(f"{folder}: only tokenizer.json is supported (found {tok_path.name})")
     tokenizer = partial(Tokenizer.from_file, tok_path)  # parsed on first use (see Gemma3.tokenizer)
-    config, state = load_hf_state_dict(folder, dtype=dtype, device=device, progress=progress)
+    config, state = load_hf_state_dict(folder, dtype=dtype, device=device, progress=progress, label=label)
     model = build(config, state, tokenizer)
     model.source = str(folder)
     return model

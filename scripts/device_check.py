@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 import gemma3_lab as gl
+from gemma3_lab.load import resolve_device
 
 PROMPT = "The capital of France is"
 FAILED: list[str] = []
@@ -31,10 +32,15 @@ def check(name: str, ok: bool, detail: str) -> None:
 
 @torch.no_grad()
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--device", default="cuda", help="the device checked against the CPU (cpu checks the script itself)")
     args = ap.parse_args()
-    dev = torch.device(args.device)
+    try:
+        dev = resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:  # no such device here, or a name torch does not know
+        print(f"error: --device {args.device}: {e}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     print(f"torch {torch.__version__}; device {dev}"
           + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""))

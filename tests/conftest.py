@@ -9,6 +9,16 @@ import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+REAL_FIXTURES = ("real_folder", "real_model", "hf_eager", "hf_sdpa")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, so `-m "not real"` sees these marks
+def pytest_collection_modifyitems(items):
+    """A test that uses the real 270M, directly or through a fixture built on it, is marked `real`:
+    the fast tier (`-m "not real and not browser and not notebooks"`) never loads the model."""
+    for item in items:
+        if any(name in item.fixturenames for name in REAL_FIXTURES):
+            item.add_marker(pytest.mark.real)
 
 
 @pytest.fixture(scope="session")

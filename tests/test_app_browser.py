@@ -1,6 +1,8 @@
 """The web app in a real browser: headless Debian Chromium driven by Playwright types a
 prompt, generates both columns, clicks a generated token and reads the inspector; two
-browser sessions at once keep their own results. Saves the README's screenshot."""
+browser sessions at once keep their own results. Every check waits for its condition (with a
+timeout), never for a fixed time. The screenshot goes to a temporary folder; the README's
+docs/app.png is refreshed only by scripts/screenshot_app.py, which points $GEMMA3_LAB_SCREENSHOT at it."""
 
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from PIL import Image
+from playwright.sync_api import expect
 
 from gemma3_lab.load import BUNDLED
 
 pytestmark = [pytest.mark.browser, pytest.mark.real]
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "app.png"
 WAIT_MS = 600_000  # generous: the CPU is shared with other jobs
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
@@ -104,22 +107,33 @@ def wait_done(page) -> None:
              "generating both columns")
 
 
+def expect_count(page, selector: str, n: int) -> None:
+    """The page shows `n` of `selector`, waiting for it (the strips render after the status line)."""
+    expect(page.locator(selector)).to_have_count(n, timeout=WAIT_MS)
+
+
 def strip_text(page, col: str) -> str:
     return "".join(page.locator(f"#tokens-{col} .tok").all_inner_texts()).replace("↵\n", "\n")
 
 
-def test_generate_click_a_token_and_inspect(app, browser):
+def screenshot_path(tmp_path: Path) -> Path:
+    """A temporary file, or where $GEMMA3_LAB_SCREENSHOT says (scripts/screenshot_app.py: docs/app.png)."""
+    return Path(os.environ.get("GEMMA3_LAB_SCREENSHOT") or tmp_path / "app.png")
+
+
+def test_generate_click_a_token_and_inspect(app, browser, tmp_path):
     model = app.registry.get(BUNDLED).model
     prompt, n = "The capital of France is", 8
     page = open_page(browser, app.url)
     start(page, prompt, n, b_ablation="0, 1, 2, 3")
     wait_done(page)
     greedy = model.generate(prompt, max_new_tokens=n)
+    expect_count(page, "#tokens-A .tok", len(greedy.steps))
     assert strip_text(page, "A") == greedy.text
-    assert page.locator("#tokens-A .tok").count() == len(greedy.steps)
-    assert page.locator("#tokens-B .tok").count() >= 1
+    expect(page.locator("#tokens-B .tok").first).to_be_visible(timeout=WAIT_MS)
     # the first divergence is outlined in both columns
-    assert page.locator("#tokens-A .tok.div").count() == 1 and page.locator("#tokens-B .tok.div").count() == 1
+    expect_count(page, "#tokens-A .tok.div", 1)
+    expect_count(page, "#tokens-B .tok.div", 1)
 
     step = greedy.steps[2]
     page.locator("#tokens-A .tok").nth(2).click()
@@ -128,16 +142,18 @@ def test_generate_click_a_token_and_inspect(app, browser):
     for w in ("heatmap", "lens", "mask"):  # images load lazily: bring each into view, then it must decode
         page.locator(f"#insp-{w} img").scroll_into_view_if_needed()
         wait_for(page, f"document.querySelector('#insp-{w} img').naturalWidth > 200", f"showing the {w} image")
-    assert "column A, step 2" in page.locator("#insp-header").inner_text()
-    rows = page.locator("#insp-topk tr").all_inner_texts()[1:]  # after the header row
-    assert len(rows) == len(step.top_k)
+    expect(page.locator("#insp-header")).to_contain_text("column A, step 2", timeout=WAIT_MS)
+    expect_count(page, "#insp-topk tr", 1 + len(step.top_k))  # the header row, then one per candidate
+    rows = page.locator("#insp-topk tr").all_inner_texts()[1:]
     for row, ((piece, p), i) in zip(rows, zip(step.top_k, step.top_k_ids)):
         assert str(i) in row and f"{p:.4f}" in row
-    assert page.locator("#insp-topk tr.chosen").count() == 1
+    expect_count(page, "#insp-topk tr.chosen", 1)
     assert page.outside == []
-    SCREENSHOT.parent.mkdir(exist_ok=True)
+    shot = screenshot_path(tmp_path)
     page.locator("#tokens-A").scroll_into_view_if_needed()
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    page.screenshot(path=str(shot), full_page=True)
+    with Image.open(shot) as picture:
+        assert picture.format == "PNG" and picture.width == 1400 and picture.height >= 1000
 
 
 def test_two_sessions_do_not_see_each_other(app, browser):
@@ -149,8 +165,10 @@ def test_two_sessions_do_not_see_each_other(app, browser):
     for page in pages:
         wait_done(page)
     for page, prompt in zip(pages, prompts):
-        want = model.generate(prompt, max_new_tokens=3).text
-        assert strip_text(page, "A") == want and strip_text(page, "B") == want
+        want = model.generate(prompt, max_new_tokens=3)
+        for col in "AB":
+            expect_count(page, f"#tokens-{col} .tok", len(want.steps))
+            assert strip_text(page, col) == want.text
     # inspecting in one tab shows that tab's own token
     pages[1].locator("#tokens-B .tok").nth(0).click()
     wait_for(pages[1], "document.querySelector('#insp-header').innerText.includes('column B, step 0')",
@@ -163,9 +181,13 @@ def test_two_sessions_do_not_see_each_other(app, browser):
 def test_an_error_is_shown_and_the_page_keeps_working(app, browser):
     page = open_page(browser, app.url)
     page.locator("#generate").click()  # empty prompt
-    page.locator(".toast-body.error").wait_for(timeout=WAIT_MS)
-    assert "the prompt is empty" in page.locator(".toast-body.error").first.inner_text()
+    toast = page.locator(".toast-body.error")
+    expect(toast.first).to_contain_text("the prompt is empty", timeout=WAIT_MS)
     page.locator(".toast-close").first.click()
+    # Gone before the next request: wait_done stops at any error toast, so one still fading out
+    # would end the wait before the tokens arrive (how this test once saw 0 tokens).
+    expect_count(page, ".toast-body.error", 0)
     start(page, "Hello", 1)
     wait_done(page)
-    assert page.locator("#tokens-A .tok").count() == 1
+    expect_count(page, "#tokens-A .tok", 1)
+    expect_count(page, "#tokens-B .tok", 1)

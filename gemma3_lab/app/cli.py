@@ -7,7 +7,7 @@ import sys
 
 from gemma3_lab.analysis.verify import load_reference, verify
 from gemma3_lab.config import BUNDLED
-from gemma3_lab.load import load
+from gemma3_lab.load import bundled_gguf_path, load
 from gemma3_lab.loading.gguf_convert import cached_conversion, convert_gguf
 from gemma3_lab.viz.mask_visualizer import AttentionMaskVisualizer
 
@@ -16,22 +16,33 @@ EXAMPLES = """examples:
   python -m gemma3_lab generate "Once upon a time" --sample --temperature 0.8 --top-p 0.95 --seed 1
   python -m gemma3_lab masks "The quick brown fox jumps" --window 3
   python -m gemma3_lab verify --tokens 32
-  python -m gemma3_lab convert model.gguf ./gemma-3-270m-hf
+  python -m gemma3_lab convert gemma-3-270m ./gemma-3-270m-hf   # the bundled GGUF, or any .gguf file
   python -m gemma3_lab info --model /path/to/gemma-3-4b-it
 
 --model takes: gemma-3-270m (default, the bundled real weights), demo-multimodal
 (270M + an UNTRAINED vision tower), a Hugging Face folder, or a .gguf file."""
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The examples epilog as written, and an option's default after its help (when it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help  # "(default: None)" on a flag or an unset option says nothing
+        return super()._get_help_string(action)
+
+
 def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
-    p.add_argument("--model", default=BUNDLED, help="name, folder or .gguf (default: bundled 270M)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--model", default=BUNDLED,
+                   help=f"{BUNDLED} (the bundled real weights), demo-multimodal, a Hugging Face folder or a .gguf file")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the dtype weights and activations are computed in")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     if not weights:  # masks need only the config and tokenizer
         return
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="weight-only quantization of the decoder projections (activations stay in --dtype)")
-    p.add_argument("--group-size", type=int, default=128, help="input columns per (offset, step) group (default 128)")
+    p.add_argument("--group-size", type=int, default=128, help="input columns per (offset, step) group")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,40 +51,43 @@ def build_parser() -> argparse.ArgumentParser:
         description="Explore Gemma 3: generate with per-token probabilities, draw attention masks, "
         "check numerics against transformers, convert GGUF files.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", help="what to do; COMMAND --help shows its options")
 
-    g = sub.add_parser("generate", help="generate text, streaming tokens with their probabilities")
+    def command(name: str, about: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=about, description=about, formatter_class=_HelpFormatter)
+
+    g = command("generate", "generate text, streaming tokens with their probabilities")
     g.add_argument("prompt", help="the prompt text")
     _model_args(g)
     g.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
     g.add_argument("--image", action="append", default=[], help="image file (repeatable); needs a vision model")
     g.add_argument("--pan-and-scan", action="store_true", help="add pan-and-scan crops for wide/tall images")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many generated tokens")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this before sampling")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens only")
+    g.add_argument("--top-p", type=float, default=None, help="sample among the smallest set of tokens with this total probability")
+    g.add_argument("--seed", type=int, default=None, help="seed of the sampler, for a repeatable sample")
     g.add_argument("--show-probs", action="store_true", help="print each token with its probability and top-3")
 
-    m = sub.add_parser("masks", help="print the attention mask of every distinct layer type")
-    m.add_argument("prompt")
+    m = command("masks", "print the attention mask of every distinct layer type")
+    m.add_argument("prompt", help="the prompt text whose tokens the masks are drawn over")
     _model_args(m, weights=False)
     m.add_argument("--window", type=int, default=None, help="override the sliding window (teaching prompts)")
     m.add_argument("--image", action="append", default=[], help="image file (repeatable)")
 
-    v = sub.add_parser("verify", help="compare logits and greedy tokens with transformers (needs it installed)")
+    v = command("verify", "compare logits and greedy tokens with transformers (needs it installed)")
     _model_args(v)
-    v.add_argument("--prompt", default="The capital of France is")
+    v.add_argument("--prompt", default="The capital of France is", help="the prompt both models run")
     v.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare")
 
-    c = sub.add_parser("convert", help="convert a Gemma 3 GGUF file into a Hugging Face safetensors folder")
-    c.add_argument("gguf", help="input .gguf file")
+    c = command("convert", "convert a Gemma 3 GGUF file into a Hugging Face safetensors folder")
+    c.add_argument("gguf", help="input .gguf file, or gemma-3-270m for the bundled one")
     c.add_argument("out_dir", help="output folder (config.json, model.safetensors, tokenizer.json)")
 
-    i = sub.add_parser("info", help="describe a model: sizes, layer pattern, windows, RoPE")
+    i = command("info", "describe a model: sizes, layer pattern, windows, RoPE")
     _model_args(i)
     return ap
 
@@ -144,7 +158,7 @@ def _verify(args) -> int:
 
 
 def _convert(args) -> int:
-    out = convert_gguf(args.gguf, args.out_dir)
+    out = convert_gguf(bundled_gguf_path() if args.gguf == BUNDLED else args.gguf, args.out_dir)
     print(f"wrote {out}")
     return 0
 

@@ -118,11 +118,13 @@ def load_hf_state_dict(
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    label: str | None = None,
 ) -> tuple[Gemma3Config, dict[str, torch.Tensor]]:
     """Read a Hugging Face Gemma 3 folder into (config, state dict in internal names).
 
     Tensors already in `dtype` on CPU stay memory-mapped (no copy); others are cast or moved.
-    Everything is checked against the config before any tensor is read.
+    Everything is checked against the config before any tensor is read. `label` names the
+    model on the progress bar (default: the folder's name).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -159,7 +161,7 @@ def load_hf_state_dict(
     if progress and (len(files) > 1 or total > _PROGRESS_BYTES):
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {folder.name}", file=sys.stderr)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {label or folder.name}", file=sys.stderr)
     state: dict[str, torch.Tensor] = {}
     try:
         for path, pairs in plan.items():

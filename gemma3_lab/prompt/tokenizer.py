@@ -8,12 +8,11 @@ import errno
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
-from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as _Backend
-from tokenizers.models import BPE
+from tokenizers import decoders, normalizers, pre_tokenizers, processors
 
 # Gemma's own spellings; a tokenizer_config.json or the GGUF's special-token ids override them.
 DEFAULT_SPECIALS = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",

@@ -7,7 +7,6 @@ import functools
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from torch import Tensor
 
