@@ -1,7 +1,9 @@
 """The package's dependency rule, read from its own imports (docs/architecture.md draws it):
 
-    config, errors  <-  model  <-  {prompt, instrument}  <-  loading  <-  front door
-    (explorer, generate, load, classify)  <-  {analysis, viz}  <-  app
+    config, errors  <-  model  <-  prompt  <-  loading  <-  front door  <-  {analysis, viz}  <-  app
+                               <-  instrument  <-------------'
+    (the front door: explorer, generate, load, classify; `loading` builds tokenizers, so it reads
+    `prompt`; `instrument` and `prompt` do not know each other)
 
 Nothing imports upward or sideways, there are no import circles, `model/masks.py` imports only
 torch, and an import inside a function is there only to defer something on purpose (its line,
