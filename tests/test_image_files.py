@@ -70,13 +70,17 @@ def photos(tmp_path_factory) -> dict[str, Path]:
     return write_photos(tmp_path_factory.mktemp("photos"))
 
 
-@pytest.fixture(scope="module")
-def hf_images():
+def transformers_images():
+    """What transformers' Gemma3ImageProcessor is without torchvision, configured as Gemma 3's."""
     from transformers import Gemma3ImageProcessorPil
 
-    # what transformers' Gemma3ImageProcessor is without torchvision, configured as Gemma 3's
     return Gemma3ImageProcessorPil(size={"height": 896, "width": 896}, resample=2, image_mean=[0.5] * 3,
                                    image_std=[0.5] * 3)
+
+
+@pytest.fixture(scope="module")
+def hf_images():
+    return transformers_images()
 
 
 def ours(source, pan_and_scan: bool, backend: str = img_ops.DEFAULT_BACKEND) -> torch.Tensor:
@@ -160,10 +164,7 @@ def _digest(t: torch.Tensor) -> str:
 def cpu_report(folder: str) -> dict:
     """Run in a child process: both backends on every photo (with pan-and-scan crops), and the
     default one against transformers' PIL processor there and then."""
-    from transformers import Gemma3ImageProcessorPil
-
-    hf = Gemma3ImageProcessorPil(size={"height": 896, "width": 896}, resample=2, image_mean=[0.5] * 3,
-                                 image_std=[0.5] * 3)
+    hf = transformers_images()
     report = {"capability": torch.backends.cpu.get_cpu_capability(), "files": {}}
     for name in FILES:
         path = Path(folder) / name

@@ -52,21 +52,22 @@ def load_image(source, name: str | None = None):
     """A PIL RGB image from a path, bytes, a PIL image, or an (H, W[, C]) uint8 array, read the
     way transformers' Gemma 3 processor reads that kind of input:
 
-    ==============  ===============================  ==================================
-    input           transparency                     EXIF orientation
-    ==============  ===============================  ==================================
-    path, bytes     alpha band dropped; a colour     applied (the picture made upright)
-                    key (palette/tRNS) made white
-    PIL image       composited over white            not applied
-    uint8 array     (H, W, 4): composited over white none (arrays carry none)
-    ==============  ===============================  ==================================
+    ============  ===================================  ==================================
+    input         transparency                         EXIF orientation
+    ============  ===================================  ==================================
+    path, bytes   alpha band dropped; a colour key     applied (the picture made upright)
+                  (palette or tRNS) turned white
+    PIL image     composited over white                not applied
+    uint8 array   (H, W, 4): composited over white     none (arrays carry none)
+    ============  ===================================  ==================================
 
     A path (or the bytes of a file) goes through transformers' `load_image` and then its
     `convert_to_rgb` (see `file_to_rgb`); a PIL image or an array only through `convert_to_rgb`,
-    which composites transparency over white and expands palettes.
-    (H, W) and (H, W, 1) arrays are grey. Raises `Gemma3LabError` naming the input when it is
-    not an image. Images over `MAX_PIXELS` are refused, or for JPEG decoded at reduced scale:
-    crop boxes then refer to the decoded image (the one kept in `Inputs.images`).
+    which composites transparency over white and expands palettes. (H, W) and (H, W, 1) arrays
+    are grey (transformers refuses a bare (H, W) one). The image returned, kept in
+    `Inputs.images`, is the one crop boxes refer to: upright after an EXIF turn. Raises
+    `Gemma3LabError` naming the input when it is not an image. Images over `MAX_PIXELS` are
+    refused, or for JPEG decoded at reduced scale (boxes then refer to the decoded image).
     """
     from PIL import Image
 
