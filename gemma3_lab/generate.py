@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.instrument.capture import Capture, capture_hooks
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.prompt.inputs import Inputs
@@ -145,6 +146,7 @@ def generate(
     stop_ids: tuple[int, ...] | None = None,
     pan_and_scan: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    stop_at_end_of_turn: bool = True,
 ) -> GenerationResult:
     """Generate from one prompt (text, chat messages, ids or Inputs): `prefill`, then
     `decode_one` per token, each choice kept as a `Step` (`record_step`).
@@ -153,6 +155,15 @@ def generate(
     polled between steps; `capture` (names, globs or a predicate, as `names_filter`) picks
     hook points recorded at every forward: `res.captures[name]` is a `Capture` indexed by
     absolute position, `.tensor()` the whole sequence computed (prompt and all but the last token).
+
+    Stopping: by default generation ends after `<eos>` (id 1) or `<end_of_turn>` (id 106), the
+    checkpoint's `config.text.eos_token_ids`, as llama.cpp stops on this GGUF and as the Hub's
+    Gemma 3 generation_config lists them, so that a chat reply ends with its turn.
+    transformers reading the bundled GGUF itself builds a generation config with
+    `eos_token_id = 1` only and runs on past `<end_of_turn>`; `stop_at_end_of_turn=False`
+    does the same (it drops the tokenizer's `<end_of_turn>` from the default ids).
+    `stop_ids` replaces the default outright (`()`: never stop early). The stop token is
+    kept in `token_ids`, and `stop_reason` is "eos".
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -163,7 +174,7 @@ def generate(
     limit = model.config.text.max_position_embeddings
     if n_prompt + max_new_tokens > limit:
         raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of {limit}")
-    stop_ids = tuple(stop_ids if stop_ids is not None else model.config.text.eos_token_ids)
+    stop_ids = default_stop_ids(model, stop_at_end_of_turn) if stop_ids is None else tuple(stop_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = KVCache(model.config.text)
     captures: dict[str, Capture] = {}
@@ -205,6 +216,16 @@ def generate(
         decode_seconds=t_end - t_first,
         captures=captures,
     )
+
+
+def default_stop_ids(model, stop_at_end_of_turn: bool = True) -> tuple[int, ...]:
+    """The ids `generate` stops on when given none (see its docstring)."""
+    ids = tuple(model.config.text.eos_token_ids)
+    if stop_at_end_of_turn:
+        return ids
+    if model.tokenizer is None:
+        raise Gemma3LabError("stop_at_end_of_turn=False needs the tokenizer to know <end_of_turn>; pass stop_ids instead")
+    return tuple(i for i in ids if i != model.tokenizer.end_of_turn_id)
 
 
 def _prompt_inputs(model, prompt, images, pan_and_scan: bool) -> Inputs:

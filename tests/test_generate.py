@@ -85,3 +85,63 @@ def test_prompt_errors(real_model):
         real_model.generate("")
     with pytest.raises(ValueError, match="context"):
         real_model.generate("hi", max_new_tokens=real_model.config.text.max_position_embeddings)
+
+
+# <end_of_turn> as the first new token and <eos> as the fourth, forced by the same logit bias in
+# both libraries; the two tokens between are each model's own greedy choice.
+FORCED = {0: 106, 3: 1}
+BIAS = 1e4
+
+
+def _force_ours():
+    calls = []
+
+    def hook(logits, hook):
+        n = len(calls)  # forward n chooses new token n (0 is the prefill)
+        calls.append(n)
+        if n in FORCED:
+            logits = logits.clone()
+            logits[:, -1, FORCED[n]] += BIAS
+        return logits
+
+    return hook
+
+
+@pytest.fixture(scope="module")
+def transformers_gguf_eos():
+    """The eos ids of the generation config transformers builds when it reads the bundled GGUF."""
+    from transformers import AutoConfig, GenerationConfig
+
+    from gemma3_lab.load import bundled_gguf_path
+
+    gguf = bundled_gguf_path()
+    return GenerationConfig.from_model_config(AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)).eos_token_id
+
+
+@pytest.mark.real
+@pytest.mark.oracle
+def test_stop_at_end_of_turn_false_stops_where_transformers_does(real_model, hf_eager, transformers_gguf_eos):
+    from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+    ids = real_model.to_inputs("The recipe is simple:").input_ids
+
+    class Force(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            n = input_ids.shape[1] - ids.shape[1]
+            if n in FORCED:
+                scores = scores.clone()
+                scores[:, FORCED[n]] += BIAS
+            return scores
+
+    config = GenerationConfig(eos_token_id=transformers_gguf_eos, do_sample=False, max_new_tokens=8, pad_token_id=0)
+    with torch.no_grad():
+        theirs = hf_eager.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config,
+                                   logits_processor=LogitsProcessorList([Force()]))[0, ids.shape[1]:].tolist()
+    runs = {}
+    for stop_at_end_of_turn in (True, False):
+        with real_model.hooks([("hook_logits", _force_ours())]):
+            runs[stop_at_end_of_turn] = real_model.generate(ids, max_new_tokens=8,
+                                                            stop_at_end_of_turn=stop_at_end_of_turn)
+    assert runs[False].token_ids == theirs and runs[False].stop_reason == "eos"
+    assert len(theirs) == 4 and theirs[0] == 106 and theirs[-1] == 1  # ran on past <end_of_turn>, stopped at <eos>
+    assert runs[True].token_ids == [106] and runs[True].stop_reason == "eos"  # the default ends with the turn

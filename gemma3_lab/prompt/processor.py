@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from gemma3_lab.config import Gemma3Config
+from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.prompt import images as img_ops
 from gemma3_lab.prompt.chat import apply_chat_template, images_in_messages
 from gemma3_lab.prompt.inputs import ImageSpan, Inputs
@@ -24,13 +25,18 @@ class Processor:
     conversations. images: one image, a list for one prompt, or one list per prompt (a flat
     list is split over the prompts by their `<start_of_image>` counts); each a path, bytes,
     a PIL image or a uint8 array. With chat messages and `images=None`, the payloads of the
-    `{"type": "image", "image": ...}` items are used. `image_backend` "torch" matches
-    transformers' default torchvision processor, "pil" its PIL backend (see `images.resize`).
+    `{"type": "image", "image": ...}` items are used; each is read as transformers reads that
+    kind of input (see `images.load_image`: paths are made upright and lose alpha, PIL images
+    and arrays keep their orientation and have transparency composited over white).
+
+    `image_backend` "pil" (the default) equals transformers' PIL Gemma 3 image processor bit for
+    bit on every CPU; "torch" follows its torchvision processor, whose resize arithmetic depends
+    on the CPU (see `images.resize`).
     """
 
-    def __init__(self, tokenizer, config: Gemma3Config, image_backend: str = "torch") -> None:
+    def __init__(self, tokenizer, config: Gemma3Config, image_backend: str = img_ops.DEFAULT_BACKEND) -> None:
         if image_backend not in img_ops.BACKENDS:
-            raise ValueError(f"image_backend must be one of {img_ops.BACKENDS}, not {image_backend!r}")
+            raise Gemma3LabError(f"image_backend must be one of {img_ops.BACKENDS}, not {image_backend!r}")
         self.tokenizer = tokenizer
         self.config = config
         self.image_backend = image_backend
