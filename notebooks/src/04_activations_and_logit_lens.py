@@ -18,7 +18,8 @@
 import torch
 
 import gemma3_lab as gl
-from gemma3_lab import interventions, tour
+from gemma3_lab.analysis import tour
+from gemma3_lab.instrument import interventions
 from gemma3_lab.viz import lens as viz_lens
 
 model = gl.load(progress=False)

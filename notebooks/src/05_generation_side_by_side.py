@@ -16,7 +16,8 @@
 
 # %%
 import gemma3_lab as gl
-from gemma3_lab import interventions, tour
+from gemma3_lab.analysis import tour
+from gemma3_lab.instrument import interventions
 
 model = gl.load(progress=False)
 prompt = "Once upon a time, in a small village by the sea,"
