@@ -22,24 +22,24 @@ def _views_reproduce_the_cache(model, ids, atol):
     W_Q, W_K, W_V, W_O = model.W_Q, model.W_K, model.W_V, model.W_O
     for i, block in enumerate(model.blocks):
         x = cache[f"blocks.{i}.pre_attention_norm.hook_normalized"]
-        torch.testing.assert_close(torch.einsum("bsd,ndh->bsnh", x, W_Q[i]), cache["q", i], atol=atol, rtol=0)
+        torch.testing.assert_close(torch.einsum("bsd,ndh->bsnh", x, W_Q[i]), cache["q", i], atol=atol, rtol=1e-5)
         # W_K is repeated per query head: query head h reads kv head h // n_rep
         k = torch.einsum("bsd,ndh->bsnh", x, W_K[i])
-        torch.testing.assert_close(k, cache["k", i].repeat_interleave(n_rep, dim=2), atol=atol, rtol=0)
+        torch.testing.assert_close(k, cache["k", i].repeat_interleave(n_rep, dim=2), atol=atol, rtol=1e-5)
         v = torch.einsum("bsd,ndh->bsnh", x, W_V[i])
         pattern = cache["pattern", i].to_dense()  # (B, N, S, T)
         z = torch.einsum("bnst,btnh->bsnh", pattern, v)
-        torch.testing.assert_close(z, cache["z", i], atol=atol, rtol=0)
+        torch.testing.assert_close(z, cache["z", i], atol=atol, rtol=1e-5)
         o = torch.einsum("bsnh,nhd->bsd", cache["z", i], W_O[i])
-        torch.testing.assert_close(o, cache[f"blocks.{i}.attn.hook_out"], atol=atol, rtol=0)
-        torch.testing.assert_close(_rms(o, block.post_attention_norm), cache["attn_out", i], atol=atol, rtol=0)
+        torch.testing.assert_close(o, cache[f"blocks.{i}.attn.hook_out"], atol=atol, rtol=1e-5)
+        torch.testing.assert_close(_rms(o, block.post_attention_norm), cache["attn_out", i], atol=atol, rtol=1e-5)
         h = cache[f"blocks.{i}.pre_ffw_norm.hook_normalized"]
         post = F.gelu(h @ model.W_gate[i], approximate="tanh") * (h @ model.W_in[i])
-        torch.testing.assert_close(post, cache["post", i], atol=atol, rtol=0)
+        torch.testing.assert_close(post, cache["post", i], atol=atol, rtol=1e-5)
         torch.testing.assert_close(_rms(post @ model.W_out[i], block.post_ffw_norm), cache["mlp_out", i],
-                                   atol=atol, rtol=0)
+                                   atol=atol, rtol=1e-5)
     torch.testing.assert_close(cache["final_norm.hook_normalized"] @ model.W_U, cache["hook_logits"],
-                               atol=atol * 10, rtol=0)
+                               atol=atol * 10, rtol=1e-5)
     e = model.W_E[ids] * torch.tensor(model.cfg.d_model**0.5, dtype=model.dtype)
     torch.testing.assert_close(e, cache["hook_inputs_embeds"], atol=0, rtol=0)
 
