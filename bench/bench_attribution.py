@@ -46,25 +46,32 @@ def main() -> None:
     with torch.no_grad():
         model(ids)  # warm-up
         fwd = median_s(lambda: model(ids), args.repeat)
+    print(f"load average {os.getloadavg()[0]:.1f}; {ids.shape[1]} tokens; one forward {fwd * 1e3:.0f} ms (the unit)",
+          flush=True)
     _, cache = model.run_with_cache(ids, top_k=0)
     capture = median_s(lambda: model.run_with_cache(ids, top_k=0), 1)
+    report("run_with_cache (every hook point)", capture, fwd)
     top = int(ids[0, -1])
-    dla = median_s(lambda: cache.logit_attrs(cache.decompose_resid(), top), args.repeat)
-    heads = median_s(lambda: cache.logit_attrs(cache.stack_head_results(pos_slice=-1), top, pos_slice=-1), args.repeat)
-    ig = median_s(lambda: attribution.integrated_gradients(model, ids, steps=32, batch_size=8), 1)
+    report("decompose_resid + logit_attrs (all positions)",
+           median_s(lambda: cache.logit_attrs(cache.decompose_resid(), top), args.repeat), fwd)
+    report("stack_head_results + logit_attrs (last position)",
+           median_s(lambda: cache.logit_attrs(cache.stack_head_results(pos_slice=-1), top, pos_slice=-1), args.repeat),
+           fwd)
+    del cache
+    report("integrated gradients, 32 steps",
+           median_s(lambda: attribution.integrated_gradients(model, ids, steps=32, batch_size=8), 1), fwd)
     clean = "The capital of France is Paris. The capital of Italy is"
     corrupt = "The capital of France is Paris. The capital of Spain is"
     metric = tour.logit_diff(model, " Rome", " Madrid")
     atp = median_s(lambda: attribution_patching.attribution_patching(model, clean, corrupt, metric), 1)
     exact = median_s(lambda: tour.patching_sweep(model, clean, corrupt, metric), 1)
-    print(f"load average {os.getloadavg()[0]:.1f}; {ids.shape[1]} tokens; one forward {fwd * 1e3:.0f} ms (the unit)")
-    print(f"run_with_cache (every hook point)           {capture / fwd:6.2f} × forward")
-    print(f"decompose_resid + logit_attrs (all positions) {dla / fwd:6.2f} × forward")
-    print(f"stack_head_results + logit_attrs (last pos.)  {heads / fwd:6.2f} × forward")
-    print(f"integrated gradients, 32 steps              {ig / fwd:6.2f} × forward")
-    print(f"attribution patching vs exact resid_pre sweep ({len(model.to_tokens(clean)[0])} tokens): "
+    print(f"attribution patching vs the exact resid_pre sweep ({len(model.to_tokens(clean)[0])} tokens): "
           f"{atp:.2f} s vs {exact:.2f} s ({exact / atp:.1f}× faster, and it covers 5 sites + every head)")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
+
+def report(what: str, seconds: float, unit: float) -> None:
+    print(f"{what:<50} {seconds / unit:7.2f} × forward ({seconds:.2f} s)", flush=True)
 
 if __name__ == "__main__":
     main()
