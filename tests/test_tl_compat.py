@@ -16,36 +16,40 @@ def _rms(x, norm):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * (1 + norm.weight.float())
 
 
-def _views_reproduce_the_cache(model, ids, atol):
+def close(a, b, tol):
+    """Equal up to float32 rounding: the largest difference relative to b's largest magnitude."""
+    assert a.shape == b.shape
+    assert float((a.float() - b.float()).abs().max()) <= tol * float(b.float().abs().max()), (a - b).abs().max()
+
+
+def _views_reproduce_the_cache(model, ids, tol):
     _, cache = model.run_with_cache(ids, full_logits=True, top_k=0)
     n_rep = model.config.text.n_rep
     W_Q, W_K, W_V, W_O = model.W_Q, model.W_K, model.W_V, model.W_O
     for i, block in enumerate(model.blocks):
         x = cache[f"blocks.{i}.pre_attention_norm.hook_normalized"]
-        torch.testing.assert_close(torch.einsum("bsd,ndh->bsnh", x, W_Q[i]), cache["q", i], atol=atol, rtol=1e-5)
+        close(torch.einsum("bsd,ndh->bsnh", x, W_Q[i]), cache["q", i], tol)
         # W_K is repeated per query head: query head h reads kv head h // n_rep
         k = torch.einsum("bsd,ndh->bsnh", x, W_K[i])
-        torch.testing.assert_close(k, cache["k", i].repeat_interleave(n_rep, dim=2), atol=atol, rtol=1e-5)
+        close(k, cache["k", i].repeat_interleave(n_rep, dim=2), tol)
         v = torch.einsum("bsd,ndh->bsnh", x, W_V[i])
         pattern = cache["pattern", i].to_dense()  # (B, N, S, T)
         z = torch.einsum("bnst,btnh->bsnh", pattern, v)
-        torch.testing.assert_close(z, cache["z", i], atol=atol, rtol=1e-5)
+        close(z, cache["z", i], tol)
         o = torch.einsum("bsnh,nhd->bsd", cache["z", i], W_O[i])
-        torch.testing.assert_close(o, cache[f"blocks.{i}.attn.hook_out"], atol=atol, rtol=1e-5)
-        torch.testing.assert_close(_rms(o, block.post_attention_norm), cache["attn_out", i], atol=atol, rtol=1e-5)
+        close(o, cache[f"blocks.{i}.attn.hook_out"], tol)
+        close(_rms(o, block.post_attention_norm), cache["attn_out", i], tol)
         h = cache[f"blocks.{i}.pre_ffw_norm.hook_normalized"]
         post = F.gelu(h @ model.W_gate[i], approximate="tanh") * (h @ model.W_in[i])
-        torch.testing.assert_close(post, cache["post", i], atol=atol, rtol=1e-5)
-        torch.testing.assert_close(_rms(post @ model.W_out[i], block.post_ffw_norm), cache["mlp_out", i],
-                                   atol=atol, rtol=1e-5)
-    torch.testing.assert_close(cache["final_norm.hook_normalized"] @ model.W_U, cache["hook_logits"],
-                               atol=atol * 10, rtol=1e-5)
+        close(post, cache["post", i], tol)
+        close(_rms(post @ model.W_out[i], block.post_ffw_norm), cache["mlp_out", i], tol)
+    close(cache["final_norm.hook_normalized"] @ model.W_U, cache["hook_logits"], tol)
     e = model.W_E[ids] * torch.tensor(model.cfg.d_model**0.5, dtype=model.dtype)
     torch.testing.assert_close(e, cache["hook_inputs_embeds"], atol=0, rtol=0)
 
 
 def test_weight_views_reproduce_the_cache_tiny(tiny_gqa):
-    _views_reproduce_the_cache(tiny_gqa, torch.tensor([[2, 5, 9, 3, 7, 11, 4, 8]]), atol=1e-5)
+    _views_reproduce_the_cache(tiny_gqa, torch.tensor([[2, 5, 9, 3, 7, 11, 4, 8]]), tol=1e-5)
 
 
 def test_weight_view_shapes_and_cfg(tiny_gqa):
@@ -94,7 +98,7 @@ def test_add_hook_stays_until_reset(tiny_gqa):
 @pytest.mark.real
 def test_weight_views_reproduce_the_cache_real(real_model):
     ids = real_model.to_tokens("The Eiffel Tower is in the city of Paris, which is the capital of France.")
-    _views_reproduce_the_cache(real_model, ids, atol=2e-4)
+    _views_reproduce_the_cache(real_model, ids, tol=1e-5)
 
 
 @pytest.mark.real
