@@ -151,3 +151,20 @@ def test_integrated_gradients_complete_real(real_model):
     r = attribution.integrated_gradients(real_model, "The Eiffel Tower is in the city of")
     assert real_model.to_string([r.token]) == " Paris"
     assert r.completeness_error <= 0.01
+
+
+def test_who_wrote_numbers_and_figures(tiny_gqa):
+    from gemma3_lab.analysis.who_wrote import who_wrote
+    from gemma3_lab.viz.attribution import input_attribution_figure, who_wrote_figure
+
+    w = who_wrote(tiny_gqa, IDS, position=5, input_attribution=False)
+    with torch.no_grad():
+        logit = tiny_gqa(IDS, return_type="logits")[0, 5, int(IDS[0, 6])]
+    assert w.token == int(IDS[0, 6]) and w.logit == pytest.approx(float(logit), abs=1e-5)
+    assert w.dla_error <= 1e-5 * abs(w.logit) + 1e-6
+    torch.testing.assert_close(w.heads.sum(1), w.attn, atol=1e-5, rtol=0)
+    fig = who_wrote_figure(w, top_heads=5)
+    bars = [len(ax.patches) for ax in fig.axes]
+    assert bars == [1 + 2 * tiny_gqa.cfg.n_layers, 5]
+    fig2 = input_attribution_figure(w.tokens, torch.linspace(-1, 1, len(w.tokens)), "t")
+    assert [t.get_text() for t in fig2.texts[1:]] == w.tokens
