@@ -9,16 +9,20 @@ import torch
 from torch import Tensor
 
 from gemma3_lab.config import Gemma3Config
+from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.generate import generate
 from gemma3_lab.instrument.hooks import HookedMixin
+from gemma3_lab.instrument.tl_compat import TransformerLensMixin, per_token_loss
 from gemma3_lab.loading.quantize import weight_counts
-from gemma3_lab.model.network import Gemma3Network, ModelOutput
+from gemma3_lab.model.network import Gemma3Network
 from gemma3_lab.prompt.chat import apply_chat_template
 from gemma3_lab.prompt.inputs import Inputs
 from gemma3_lab.prompt.processor import Processor
 
+_RETURN_TYPES = ("output", "logits", "loss", "both", None)
 
-class Gemma3(HookedMixin, Gemma3Network):
+
+class Gemma3(HookedMixin, TransformerLensMixin, Gemma3Network):
     def __init__(self, config: Gemma3Config, tokenizer=None) -> None:
         super().__init__(config)
         self.tokenizer = tokenizer
@@ -61,14 +65,27 @@ class Gemma3(HookedMixin, Gemma3Network):
         return self.processor(x)
 
     # ------------------------------------------------------------------ running
-    def forward(self, inputs, **kwargs) -> ModelOutput:
-        """model(input_ids) or model(Inputs) or model("text"); kwargs as Gemma3Network.forward."""
+    def forward(self, inputs, *, return_type: str | None = "output", loss_per_token: bool = False, **kwargs):
+        """model(input_ids) or model(Inputs) or model("text"); kwargs as Gemma3Network.forward.
+
+        `return_type` as TransformerLens: "logits" (B, S, V), "loss" (mean next-token
+        cross-entropy; `loss_per_token=True`: (B, S-1)), "both" (logits, loss), None (nothing);
+        the default "output" returns the `ModelOutput`."""
+        if return_type not in _RETURN_TYPES:
+            raise Gemma3LabError(f"return_type must be one of {sorted(map(str, _RETURN_TYPES))}, not {return_type!r}")
         if isinstance(inputs, Tensor):
-            ids = inputs[None] if inputs.dim() == 1 else inputs
-            return super().forward(ids.to(self.device), **kwargs)
-        x = self.to_inputs(inputs).to(self.device)
-        merged = {**x.model_kwargs(), **kwargs}
-        return super().forward(x.input_ids, **merged)
+            ids, mask = (inputs[None] if inputs.dim() == 1 else inputs).to(self.device), None
+            out = super().forward(ids, **kwargs)
+        else:
+            x = self.to_inputs(inputs).to(self.device)
+            ids, mask = x.input_ids, x.attention_mask
+            out = super().forward(ids, **{**x.model_kwargs(), **kwargs})
+        if return_type in ("output", "logits", None):
+            return {"output": out, "logits": out.logits, None: None}[return_type]
+        loss = per_token_loss(out.logits, ids, mask)
+        if not loss_per_token:
+            loss = loss.sum() / (loss.numel() if mask is None else (mask[:, 1:] * mask[:, :-1]).sum())
+        return loss if return_type == "loss" else (out.logits, loss)
 
     def generate(self, prompt, images=None, **kwargs):
         return generate(self, prompt, images=images, **kwargs)

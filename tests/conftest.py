@@ -56,3 +56,22 @@ def hf_eager(real_folder):
 @pytest.fixture(scope="session")
 def hf_sdpa(real_folder):
     return _hf(real_folder, "sdpa")
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa():
+    """A random 3-layer model with grouped-query attention (4 query heads, 2 kv heads), a
+    4-token window and norm offsets away from zero so every (1 + w) gain is visible."""
+    import gemma3_lab as gl
+    from gemma3_lab.config import Gemma3Config, TextConfig, pattern_layer_types
+
+    torch.manual_seed(0)
+    text = TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4, num_kv_heads=2,
+                      head_dim=16, query_pre_attn_scalar=16, sliding_window=4, layer_types=pattern_layer_types(3, 2),
+                      max_position_embeddings=64)
+    model = gl.Gemma3(Gemma3Config(text, name="tiny-gqa")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 0.3)
+    return model

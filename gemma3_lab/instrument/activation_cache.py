@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from gemma3_lab.config import kv_heads_of
+from gemma3_lab.instrument import decompose
 from gemma3_lab.instrument.lens import logit_lens
 from gemma3_lab.model.banded import PatternView
 
@@ -28,7 +29,9 @@ _SHORT = {
     "rot_k": "attn.hook_rot_k", "z": "attn.hook_z", "pattern": "attn.hook_pattern",
     "attn_scores": "attn.hook_attn_scores", "scores": "attn.hook_attn_scores", "mask": "attn.hook_mask",
     "pre": "mlp.hook_pre", "pre_linear": "mlp.hook_pre_linear", "post": "mlp.hook_post",
+    "result": "attn.hook_result",
 }
+_RESULT = re.compile(r"blocks\.(\d+)\.attn\.hook_result$")  # computed on demand, never stored
 # TransformerLens' module names for Gemma's four norms and the final one
 _ALIASES = [
     (re.compile(r"(^|\.)ln1\."), r"\1pre_attention_norm."), (re.compile(r"(^|\.)ln1_post\."), r"\1post_attention_norm."),
@@ -135,17 +138,22 @@ class ActivationCache(Mapping[str, Tensor]):
     order they sit along the stored axes. Local-layer `hook_pattern`/`hook_attn_scores` are
     `BandedPattern`s and, past one chunk of rows, global ones `BlockRows`:
     `cache["pattern", 0].to_dense()` is the full (B, N, S, T) tensor for any layer.
+
+    The analysis methods (`decompose_resid`, `stack_head_results`, `logit_attrs`, ...) are
+    TransformerLens'; `instrument/decompose.py` says how Gemma's sandwich norms enter them.
+    `cache["result", l]` is layer l's per-head output (B, S, N, D), computed on demand.
     """
 
     def __init__(self, store: dict, model=None, *, input_ids: Tensor | None = None,
                  positions: Tensor | None = None, heads: list[int] | None = None,
-                 top_logits: TopLogits | None = None) -> None:
+                 top_logits: TopLogits | None = None, has_batch_dim: bool = True) -> None:
         self._store = store
         self.model = model
         self.input_ids = input_ids  # (B, S) of the run
         self.positions = positions
         self.heads = heads
         self.top_logits = top_logits
+        self.has_batch_dim = has_batch_dim
 
     def _key(self, key) -> str:
         if isinstance(key, tuple):
@@ -157,6 +165,10 @@ class ActivationCache(Mapping[str, Tensor]):
 
     def __getitem__(self, key):
         name = self._key(key)
+        hit = _RESULT.match(name)
+        if hit and name not in self._store and self.model is not None:
+            r = decompose.head_results(self, int(hit.group(1)))
+            return r if self.has_batch_dim else r[0]
         if name not in self._store:
             hint = ""
             if name == "hook_logits" and self.top_logits is not None:
@@ -193,7 +205,50 @@ class ActivationCache(Mapping[str, Tensor]):
         return ActivationCache(
             {k: move(v) for k, v in self._store.items()}, self.model, input_ids=self.input_ids,
             positions=self.positions, heads=self.heads, top_logits=move(self.top_logits),
+            has_batch_dim=self.has_batch_dim,
         )
+
+    def remove_batch_dim(self) -> "ActivationCache":
+        """The same cache without the batch axis (a batch of one only), as TransformerLens';
+        local-layer patterns become dense tensors. Per-image vision activations are kept as they are."""
+        if not self.has_batch_dim:
+            return self
+        if self.input_ids is not None and self.input_ids.shape[0] != 1:
+            raise ValueError(f"remove_batch_dim needs a batch of one, not {self.input_ids.shape[0]}")
+
+        def drop(name, t):
+            if layout(name).seq is None or name == "hook_slots":
+                return t
+            return (t.to_dense() if isinstance(t, PatternView) else t)[0]
+
+        top = self.top_logits
+        top = None if top is None else TopLogits(top.values[0], top.ids[0], top.positions)
+        return ActivationCache({k: drop(k, v) for k, v in self._store.items()}, self.model,
+                               input_ids=self.input_ids, positions=self.positions, heads=self.heads,
+                               top_logits=top, has_batch_dim=False)
+
+    # ------------------------------------------------------------------ TransformerLens' analysis
+    def accumulated_resid(self, layer=None, incl_mid=False, apply_ln=False, pos_slice=None, return_labels=False):
+        return decompose.accumulated_resid(self, layer, incl_mid, apply_ln, pos_slice, return_labels)
+
+    def decompose_resid(self, layer=None, mode="all", incl_embeds=True, apply_ln=False, pos_slice=None,
+                        return_labels=False):
+        return decompose.decompose_resid(self, layer, mode, incl_embeds, apply_ln, pos_slice, return_labels)
+
+    def stack_head_results(self, layer=None, return_labels=False, incl_remainder=False, pos_slice=None,
+                           apply_ln=False):
+        return decompose.stack_head_results(self, layer, return_labels, incl_remainder, pos_slice, apply_ln)
+
+    def stack_neuron_results(self, layer=None, pos_slice=None, neuron_slice=None, return_labels=False,
+                             incl_remainder=False, apply_ln=False):
+        return decompose.stack_neuron_results(self, layer, pos_slice, neuron_slice, return_labels,
+                                              incl_remainder, apply_ln)
+
+    def apply_ln_to_stack(self, residual_stack, layer=None, mlp_input=False, pos_slice=None, recompute_ln=False):
+        return decompose.apply_ln_to_stack(self, residual_stack, layer, mlp_input, pos_slice, recompute_ln)
+
+    def logit_attrs(self, residual_stack, tokens, incorrect_tokens=None, pos_slice=None):
+        return decompose.logit_attrs(self, residual_stack, tokens, incorrect_tokens, pos_slice)
 
     def logit_lens(self, k: int = 5, batch: int = 0):
         """Top-k next-token predictions read off the residual after every layer (see `lens.py`)."""

@@ -85,15 +85,24 @@ class HookedMixin:
         handles = []
         try:
             for name, fn in fwd_hooks:
-                targets = [self.hook_point(name)] if isinstance(name, str) else [
-                    hp for n, hp in self.hook_points.items() if name(n)
-                ]
-                for hp in targets:
+                for hp in self._targets(name):
                     handles.append(hp.register_forward_hook(_wrap(fn)))
             yield self
         finally:
             for h in handles:
                 h.remove()
+
+    def add_hook(self, name: str | Callable[[str], bool], fn: HookFn) -> None:
+        """Attach `fn(tensor, hook)` to a hook point (or every one whose name passes the
+        predicate) until `reset_hooks()`, as TransformerLens' `add_hook`; `hooks()` is the
+        scoped form that removes them itself."""
+        for hp in self._targets(name):
+            hp.register_forward_hook(_wrap(fn))
+
+    def _targets(self, name: str | Callable[[str], bool]) -> list[HookPoint]:
+        if isinstance(name, str):
+            return [self.hook_point(name)]
+        return [hp for n, hp in self.hook_points.items() if name(n)]
 
     def reset_hooks(self) -> None:
         for hp in self.hook_points.values():

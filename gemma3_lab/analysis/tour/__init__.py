@@ -29,7 +29,16 @@ from gemma3_lab.analysis.tour.steps import (
                     step_table,
                     top_k_table,
 )
-from gemma3_lab.analysis.tour.sweeps import Sweep, head_ablation_sweep, logit_diff, patching_sweep, plot_sweep, token_id
+from gemma3_lab.analysis.tour.sweeps import (
+                    Sweep,
+                    head_ablation_sweep,
+                    head_patching_sweep,
+                    logit_diff,
+                    pair_ids,
+                    patching_sweep,
+                    plot_sweep,
+                    token_id,
+)
 
 __all__ = [
     "attention_mass", "find_tokens", "mass_beyond_window", "window_hooks",
@@ -37,5 +46,6 @@ __all__ = [
     "parameter_breakdown", "plot_norm_gains", "plot_rope", "rope_wavelengths", "shade_globals",
     "JOURNEY_HOOKS", "Journey", "plot_journey", "token_journey",
     "ForcedEffect", "divergence_report", "forced_effect", "plot_steps", "step_table", "steering_vector", "top_k_table",
-    "Sweep", "head_ablation_sweep", "logit_diff", "patching_sweep", "plot_sweep", "token_id",
+    "Sweep", "head_ablation_sweep", "head_patching_sweep", "logit_diff", "pair_ids", "patching_sweep", "plot_sweep",
+    "token_id",
 ]

@@ -44,6 +44,14 @@ class Sweep:
         return (self.values - self.baseline) / (self.reference - self.baseline)
 
 
+def pair_ids(model, clean, corrupt) -> tuple[Tensor, Tensor]:
+    """(1, S) ids of a clean and a corrupt prompt, which must have the same number of tokens."""
+    ci, xi = (model.to_inputs(p).input_ids.to(model.device) for p in (clean, corrupt))
+    if ci.shape != xi.shape:
+        raise ValueError(f"clean and corrupt prompts must have the same length, not {ci.shape[1]} and {xi.shape[1]}")
+    return ci, xi
+
+
 @torch.no_grad()
 def head_ablation_sweep(model, prompt, metric) -> Sweep:
     """Zero each query head of each layer in turn (its `hook_z` output, before o_proj) and
@@ -70,9 +78,7 @@ def patching_sweep(model, clean, corrupt, metric, site: str = "hook_resid_pre") 
     """Activation patching: run `corrupt` with the `clean` run's activation at one (layer,
     position) of `blocks.{layer}.{site}` and measure `metric` on the last position's logits.
     The prompts must have the same number of tokens; one batched forward per layer."""
-    ci, xi = (model.to_inputs(p).input_ids.to(model.device) for p in (clean, corrupt))
-    if ci.shape != xi.shape:
-        raise ValueError(f"clean and corrupt prompts must have the same length, not {ci.shape[1]} and {xi.shape[1]}")
+    ci, xi = pair_ids(model, clean, corrupt)
     S, L = ci.shape[1], model.config.text.num_layers
     logits, cache = model.run_with_cache(ci, names_filter=f"blocks.*.{site}")
     ref = float(metric(logits[:, -1].float())[0])
@@ -94,6 +100,30 @@ def patching_sweep(model, clean, corrupt, metric, site: str = "hook_resid_pre") 
     return Sweep(values, base, ref, [f"L{i}" for i in range(L)], cols,
                  f"Patching {site} from the clean run: share of the gap closed")
 
+
+
+@torch.no_grad()
+def head_patching_sweep(model, clean, corrupt, metric) -> Sweep:
+    """Activation patching per head: run `corrupt` with one head's `hook_z` (every position)
+    taken from the `clean` run; one batched forward per layer, one head per batch row."""
+    ci, xi = pair_ids(model, clean, corrupt)
+    N, L = model.config.text.num_heads, model.config.text.num_layers
+    logits, cache = model.run_with_cache(ci, names_filter="blocks.*.attn.hook_z", top_k=0)
+    ref = float(metric(logits[:, -1].float())[0])
+    base = float(metric(model(xi, logits_to_keep=1).logits[:, -1])[0])
+    values = torch.empty(L, N, dtype=torch.float64)
+    for layer in range(L):
+        src = cache[f"blocks.{layer}.attn.hook_z"][0]  # (S, N, H)
+
+        def one_head_per_row(z, hook, src=src):  # z (N rows, S, N heads, H): row h gets clean head h
+            z = z.clone()
+            z[torch.arange(N), :, torch.arange(N)] = src.transpose(0, 1).to(z.dtype)
+            return z
+
+        with model.hooks([(f"blocks.{layer}.attn.hook_z", one_head_per_row)]):
+            values[layer] = metric(model(xi.expand(N, -1), logits_to_keep=1).logits[:, -1]).cpu()
+    return Sweep(values, base, ref, [f"L{i}" for i in range(L)], [f"head {h}" for h in range(N)],
+                 "Patching one head's hook_z from the clean run: share of the gap closed")
 
 def plot_sweep(s: Sweep, effect: bool = True):
     """A (rows × cols) heatmap of a sweep's effect (or raw values), centred on zero."""
