@@ -202,7 +202,7 @@ def test_a_second_generate_replaces_the_running_one(client):
     second = client.submit(**settings(prompt="Paris is", a_max_new_tokens=3, b_max_new_tokens=3), api_name="/generate")
     old, new = first.result(), second.result()
     assert old[-1]["A"]["stop_reason"] == "stopped" and len(old[-1]["A"]["token_ids"]) < 200
-    assert "'Once upon a time'" in old[0]
+    assert "'Once upon a time'" in old[0] and "replaced by a newer Generate" in old[0]
     assert len(new[-1]["A"]["token_ids"]) == len(new[-1]["B"]["token_ids"]) == 3
     assert "'Paris is'" in new[0] and "'Paris is'" in new[2]
 

@@ -88,6 +88,10 @@ def make_generate(registry: ModelRegistry, max_prompt: int | None = None):
             del images  # the decoded uploads go with this request; the runs keep thumbnails
             for _ in run_all(registry, session):
                 yield outputs_of(session)
+            if session.generation != mine:
+                for run in session.runs.values():
+                    run.status += " — replaced by a newer Generate"
+                yield outputs_of(session)
 
     return named(generate, GENERATE_PARAMS, ("session",))
 

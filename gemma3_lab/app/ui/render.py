@@ -83,7 +83,7 @@ def prompt_label(prompt, width: int = 40) -> str:
 def status_md(run: ColumnRun | None, prompt=None) -> str:
     if run is None:
         return ""
-    lines = [f"**{html.escape(run.describe or str(run.spec.model))}** · prompt {html.escape(prompt_label(prompt))}",
+    lines = [f"**{html.escape(run.describe or str(run.spec.model))}** · prompt {html.escape(prompt_label(prompt), quote=False)}",
              f"{run.spec.decoding.describe()}"
              + (" · pan-and-scan" if run.spec.pan_and_scan else "")]
     if run.spec.intervention is not None:
