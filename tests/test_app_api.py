@@ -293,6 +293,21 @@ def test_sessions_do_not_share_results(app, client):
     client.predict(column="A", index=0, layer=0, head=-1, api_name="/inspect")  # the first session still has its own
 
 
+def test_a_finished_run_keeps_no_pixels():
+    """After the request an upload lives on as a thumbnail, its crop boxes scaled to it."""
+    from PIL import Image
+
+    from gemma3_lab.app.ui.runner import THUMBNAIL, lighten
+    from gemma3_lab.prompt.inputs import ImageSpan, Inputs
+
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    x = Inputs(ids, torch.ones_like(ids), ids, torch.zeros(2, 3, 896, 896), [ImageSpan(0, 0, 1, 0, 4, box=(0, 0, 3000, 1000))],
+               [Image.new("RGB", (6000, 2000))])
+    light = lighten(x)
+    assert light.pixel_values is None and light.images[0].size == (THUMBNAIL, round(2000 * THUMBNAIL / 6000))
+    assert light.image_spans[0].box == (0, 0, 512, 171) and x.images[0].size == (6000, 2000)
+
+
 def _png(path: Path) -> Path:
     from PIL import Image
 

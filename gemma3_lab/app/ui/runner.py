@@ -150,11 +150,13 @@ def _apply(run: ColumnRun, kind: str, value, seconds: float) -> None:
     elif kind == "error":
         run.error = f"{type(value).__name__}: {value}"
         run.status = f"failed: {run.error}"
+        run.inputs, run.hooks = lighten(run.inputs), []
     else:
         res, run.capture = value
         run.result = res
         run.steps = list(res.steps)
-        run.inputs = lighten(run.inputs)
+        # the views read the capture: the pixels and the hooks (a patch's source) go with the request
+        run.inputs, run.hooks = lighten(run.inputs), []
         run.capture_note = run.capture_note or "stopped before its first token"
         run.status = _summary(res, seconds) + ("" if run.capture is not None else f"; {run.capture_note}")
 
