@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gemma3_lab.app.ui import ModelRegistry, build_app  # noqa: E402
 from gemma3_lab.app.ui.capture_store import NAMES, from_result  # noqa: E402
+from gemma3_lab.app.ui.settings import build_prompt  # noqa: E402
 from gemma3_lab.load import BUNDLED  # noqa: E402
 
 PROMPT = "The capital of France is"
@@ -94,17 +95,22 @@ def looks(client, model, multimodal, png: str) -> None:
         ids = torch.tensor([model.to_inputs(prompt).input_ids[0].tolist() + out["A"]["token_ids"][:1]])
         with torch.no_grad():
             fwd = timed(lambda: model(ids), 2)
-        t_i = timed(lambda: client.predict(column="A", index=None, position=T - 2, layer=5, head=-1,
+        looked = iter(range(T - 2, 0, -1))  # a new position each time: its logit lens is not kept yet
+        t_i = timed(lambda: client.predict(column="A", index=None, position=next(looked), layer=5, head=0,
+                                           api_name="/inspect"))
+        layers = iter(range(18))  # then a layer switch at the same position
+        t_l = timed(lambda: client.predict(column="A", index=None, position=T - 2, layer=next(layers), head=0,
                                            api_name="/inspect"))
         t_a = timed(lambda: client.predict(column="A", api_name="/mask_atlas"), 2)
-        print(f"{T} tokens: one forward {fwd:.2f} s; /inspect {t_i:.2f} s = {t_i / fwd:.3f}x (target <= 0.1x at "
-              f"1,000); /mask_atlas {t_a:.2f} s = {t_a / fwd:.3f}x")
+        print(f"{T} tokens: one forward {fwd:.2f} s; /inspect a new position {t_i:.2f} s = {t_i / fwd:.3f}x, "
+              f"another layer {t_l:.2f} s = {t_l / fwd:.3f}x (target <= 0.1x at 1,000); "
+              f"/mask_atlas {t_a:.2f} s = {t_a / fwd:.3f}x")
     for n in (20, 1000):  # an image prompt is 256 soft tokens and more
         prompt = "Describe:" + " word" * max(n - 270, 0)
         out = client.predict(**settings(prompt, 1, model="demo-multimodal", images=[handle_file(png)]),
                              api_name="/generate")[-1]
         T = out["A"]["prompt_tokens"]
-        x = multimodal.processor(prompt, images=[png])
+        x = multimodal.processor(build_prompt(prompt, False, 1), images=[png])
         with torch.no_grad():
             fwd = timed(lambda: multimodal(x.input_ids, **x.model_kwargs()), 2)
         t = timed(lambda: client.predict(column="A", index=0, image=0, layers="global layers", head=-1,

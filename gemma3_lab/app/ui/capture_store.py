@@ -11,7 +11,7 @@ plain tensors plus a few numbers, so `arrays()` can be written to an `.npz`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ from gemma3_lab.model.masks import image_block_ids, layer_mask
 BUDGET_ENV = "GEMMA3_LAB_SESSION_CAPTURE_MB"
 DEFAULT_BUDGET_MB = 2048  # both columns of a 4096-token prompt fit
 NAMES = ["blocks.*.attn.hook_pattern", "blocks.0.hook_resid_pre", "blocks.*.hook_resid_post"]
+KEEP_LENSES = 8  # logit lenses kept per column (a few KB each)
 PATTERN_DTYPE = torch.float16  # 3 significant digits of an attention weight are what a view shows
 
 
@@ -53,6 +54,7 @@ class ColumnCapture:
     patterns: list  # per layer: BandedPattern (local) or a (1, N, T, T) tensor (global), PATTERN_DTYPE
     resid: Tensor  # (L + 1, T, D) float32: what enters block 0, then the output of each block
     windows: list  # per layer: its sliding window, None for a global layer
+    lenses: dict = field(default_factory=dict)  # positions -> LogitLens already read (not serialised)
 
     @property
     def length(self) -> int:
@@ -86,7 +88,16 @@ class ColumnCapture:
 
     @torch.no_grad()
     def lens(self, model, positions: list[int], k: int = 3) -> LogitLens:
-        """The logit lens at `positions`, read off the captured residuals (final norm + head only)."""
+        """The logit lens at `positions`, read off the captured residuals (final norm + head
+        only), kept for the next look (a layer or head switch reads the same positions)."""
+        key = (tuple(positions), k)
+        if key not in self.lenses:
+            if len(self.lenses) >= KEEP_LENSES:
+                self.lenses.pop(next(iter(self.lenses)))
+            self.lenses[key] = self._lens(model, positions, k)
+        return self.lenses[key]
+
+    def _lens(self, model, positions: list[int], k: int) -> LogitLens:
         idx = torch.tensor(positions)
         top_ids, top_probs = lens(model, list(self.resid[:, idx]), k)
         piece = model.tokenizer.id_to_token if model.tokenizer is not None else str
