@@ -119,6 +119,7 @@ def looks(client, model, multimodal, png: str) -> None:
 
 
 def long_prompt(client, n: int) -> None:
+    """n prompt tokens ("hello " repeated, <bos> first), stopped 20 s into the prefill."""
     proc = psutil.Process()
     samples: list[int] = []
     done = threading.Event()
@@ -131,7 +132,7 @@ def long_prompt(client, n: int) -> None:
     before = proc.memory_info().rss
     watcher = threading.Thread(target=sample, daemon=True)
     watcher.start()
-    job = client.submit(**settings("hello " * (n - 1), 4), api_name="/generate")
+    job = client.submit(**settings("hello " * (n - 2), 4), api_name="/generate")
     while not job.outputs() or "processing the prompt" not in job.outputs()[-1][0]:
         time.sleep(0.05)
     time.sleep(20)  # well inside the prefill
