@@ -11,6 +11,7 @@ from gemma3_lab.config import PRESETS, AttentionType, Gemma3Config, RopeConfig, 
 from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.explorer import Gemma3
 from gemma3_lab.generate import GenerationResult, Step
+from gemma3_lab.generate_batch import RowSettings, generate_batch
 from gemma3_lab.instrument.hooks import ActivationCache, act_name
 from gemma3_lab.load import load
 from gemma3_lab.model.masks import layer_mask, model_masks
@@ -18,7 +19,7 @@ from gemma3_lab.prompt.inputs import ImageSpan, Inputs
 
 __all__ = [
     "PRESETS", "AttentionType", "Gemma3Config", "RopeConfig", "TextConfig", "VisionConfig",
-    "Gemma3", "GenerationResult", "Step", "ActivationCache", "act_name", "ImageSpan", "Inputs",
+    "Gemma3", "GenerationResult", "Step", "RowSettings", "generate_batch", "ActivationCache", "act_name", "ImageSpan", "Inputs",
     "load", "layer_mask", "model_masks", "AttentionMaskVisualizer", "Gemma3LabError",
 ]
 

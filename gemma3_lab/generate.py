@@ -97,17 +97,51 @@ def sample_next(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def prefill(model, inputs: Inputs, cache: KVCache) -> Tensor:
-    """Run the whole prompt once, filling `cache`; (V,) float logits for the next token."""
+PREFILL_CHUNK = 256  # prompt tokens per prefill forward: a stop request waits for one chunk at most
+
+
+def prefill_chunks(inputs: Inputs, chunk: int | None) -> list[tuple[int, int]]:
+    """[(start, end)] slices of the prompt, `chunk` tokens each; the first one reaches past the
+    last image, whose soft tokens attend to each other both ways and so must share a forward."""
+    S = inputs.input_ids.shape[1]
+    if not chunk or chunk >= S:
+        return [(0, S)]
+    first = max([s.end for s in inputs.image_spans], default=0)
+    first = max(chunk, -(-first // chunk) * chunk)
+    return [(0, min(first, S))] + [(a, min(a + chunk, S)) for a in range(first, S, chunk)]
+
+
+def prefill_rows(model, inputs: Inputs, cache: KVCache, chunk: int | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Tensor | None:
+    """Run the prompt (B rows) through the model, filling `cache`, in `prefill_chunks`;
+    (B, V) float logits for the next token, or None when `should_stop()` said so between chunks."""
     x = inputs.to(model.device)
-    out = model(x.input_ids, **x.model_kwargs(), cache=cache, logits_to_keep=1)
-    return out.logits[0, -1].float()
+    out = None
+    for a, b in prefill_chunks(x, chunk):
+        if out is not None and should_stop is not None and should_stop():
+            return None
+        out = model(x.input_ids[:, a:b], attention_mask=x.attention_mask[:, :b], token_types=x.token_types[:, a:b],
+                    pixel_values=x.pixel_values if a == 0 else None, cache=cache, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def prefill(model, inputs: Inputs, cache: KVCache, chunk: int | None = None,
+            should_stop: Callable[[], bool] | None = None) -> Tensor | None:
+    """Run the whole prompt once, filling `cache`; (V,) float logits for the next token
+    (None if stopped between chunks, see `prefill_rows`)."""
+    logits = prefill_rows(model, inputs, cache, chunk, should_stop)
+    return None if logits is None else logits[0]
+
+
+def decode_rows(model, token_ids: list[int], cache: KVCache) -> Tensor:
+    """Feed one token per row at the cache's next slot; (B, V) float logits for the next ones."""
+    step_ids = torch.tensor([[t] for t in token_ids], device=model.device)
+    return model(step_ids, cache=cache, logits_to_keep=1).logits[:, -1].float()
 
 
 def decode_one(model, token_id: int, cache: KVCache) -> Tensor:
     """Feed one chosen token at the cache's next slot; (V,) float logits for the one after it."""
-    step_ids = torch.tensor([[token_id]], device=model.device)
-    return model(step_ids, cache=cache, logits_to_keep=1).logits[0, -1].float()
+    return decode_rows(model, [token_id], cache)[0]
 
 
 def record_step(tok, ids: list[int], index: int, position: int, logits: Tensor, record_top_k: int,
@@ -147,12 +181,14 @@ def generate(
     pan_and_scan: bool = False,
     should_stop: Callable[[], bool] | None = None,
     stop_at_end_of_turn: bool = True,
+    prefill_chunk: int | None = PREFILL_CHUNK,
 ) -> GenerationResult:
     """Generate from one prompt (text, chat messages, ids or Inputs): `prefill`, then
     `decode_one` per token, each choice kept as a `Step` (`record_step`).
 
     `on_token(step)` is called as each token is chosen (for streaming); `should_stop()` is
-    polled between steps; `capture` (names, globs or a predicate, as `names_filter`) picks
+    polled between steps and between the prefill's chunks of `prefill_chunk` tokens; `capture`
+    (names, globs or a predicate, as `names_filter`) picks
     hook points recorded at every forward: `res.captures[name]` is a `Capture` indexed by
     absolute position, `.tensor()` the whole sequence computed (prompt and all but the last token).
 
@@ -185,8 +221,10 @@ def generate(
     reason = "max_new_tokens"
     t0 = time.perf_counter()
     with model.hooks(capture_hooks(model, capture, captures)):
-        logits = prefill(model, inputs, cache)
+        logits = prefill(model, inputs, cache, prefill_chunk, should_stop)
         t_first = time.perf_counter()
+        if logits is None:
+            reason, max_new_tokens = "stopped", 0
         for i in range(max_new_tokens):
             ids.append(sample_next(logits, do_sample, temperature, top_k, top_p, gen))
             # decode the whole sequence: a byte-fallback piece may complete an earlier character

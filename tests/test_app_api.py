@@ -104,18 +104,119 @@ def test_both_columns_generate_and_equal_the_library(client, model):
 
 def test_inspector_numbers_come_from_the_library(client, model):
     generate(client)
-    column, index, header, topk, attended, layer, head, heatmap, mask, lens, lens_table, data = client.predict(
+    column, index, position, header, topk, attended, layer, head, heatmap, mask, lens, lens_table, data = client.predict(
         column="A", index=2, layer=5, head=-1, api_name="/inspect")
     res = model.generate(PROMPT, max_new_tokens=N)
     step = res.steps[2]
-    assert data["top_k"] == [[p, i, q] for (p, q), i in zip(step.top_k, step.top_k_ids)]
+    # both columns decode as one batch of two: the same tokens, probabilities to float32 rounding
+    assert [row[:2] for row in data["top_k"]] == [[p, i] for (p, _), i in zip(step.top_k, step.top_k_ids)]
+    assert [row[2] for row in data["top_k"]] == pytest.approx([q for _, q in step.top_k], abs=1e-5)
     assert data["query_position"] == step.position - 1 and data["layer_type"] == "global"
     ids = torch.tensor([res.prompt_ids + res.token_ids[:-1]])
     _, cache = model.run_with_cache(ids, names_filter=["blocks.5.attn.hook_pattern"])
     row = cache["pattern", 5][0, :, step.position - 1].float().mean(0)
-    for pos, _, w in data["attended"]:
-        assert w == pytest.approx(round(float(row[pos]), 4), abs=1e-4)
+    for pos, _, w in data["attended"]:  # the capture keeps patterns in float16
+        assert w == pytest.approx(float(row[pos]), abs=1e-3)
     assert f"p = {step.prob:.4f}" in header and Path(mask).exists()
+
+
+class Forwards:
+    """Counts forwards of a model (a forward pre-hook on the network)."""
+
+    def __init__(self, *models):
+        self.n = 0
+        self.handles = [m.register_forward_pre_hook(self.count) for m in models]
+
+    def count(self, module, args):
+        self.n += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def test_inspect_any_position_from_the_capture(client, model):
+    """A prompt slot: the next-token distribution, attention row and logit lens equal one
+    run_with_cache at that slot, and no look runs the model."""
+    out = generate(client)
+    ids = torch.tensor([out["A"]["token_ids"]])
+    seq = torch.cat([model.to_inputs(PROMPT).input_ids, ids[:, :-1]], 1)
+    logits, cache = model.run_with_cache(seq, names_filter=["blocks.3.attn.hook_pattern", "blocks.0.hook_resid_pre",
+                                                            "blocks.*.hook_resid_post"])
+    lens = cache.logit_lens(k=3)
+    for column, pos, layer, head in [("A", 2, 3, -1), ("B", 4, 3, 1), ("A", seq.shape[1] - 1, 3, 0)]:
+        with Forwards(model) as f:
+            *_, lens_table, data = client.predict(column=column, index=None, position=pos, layer=layer, head=head,
+                                                  api_name="/inspect")
+            client.predict(column=column, api_name="/mask_atlas")
+        assert f.n == 0
+        assert data["position"] == data["query_position"] == pos and data["index"] is None
+        probs = logits[0, pos].float().softmax(-1)
+        top = torch.topk(probs, 5)
+        assert [i for _, i, _ in data["top_k"]] == top.indices.tolist()
+        # the capture ran every layer on the explicit path, run_with_cache only layer 3: float32 rounding
+        assert [p for *_, p in data["top_k"]] == pytest.approx(top.values.tolist(), rel=1e-4, abs=1e-6)
+        row = cache["pattern", layer].to_dense()[0, :, pos].float()
+        row = row.mean(0) if head == -1 else row[head]
+        for j, _, w in data["attended"]:
+            assert w == pytest.approx(float(row[j]), abs=1e-3)
+        for r, got in enumerate(lens_table["data"]):
+            assert got[1] == lens.top_tokens[r][pos][0]
+            assert got[2] == pytest.approx(float(lens.top_probs[r, pos, 0]), abs=1e-4)
+    with pytest.raises(Exception, match="there is no position 99"):
+        client.predict(column="A", index=None, position=99, layer=0, head=-1, api_name="/inspect")
+
+
+def test_dollar_tokens_do_not_blank_the_inspector(client, model):
+    """Math-text markers in tokens ($$\\, $x$) are drawn as plain text in every figure."""
+    prompt = r"Cost: $$\frac{1}{2}$$ or $5 and $x$"
+    out = generate(client, prompt=prompt, a_max_new_tokens=2, b_max_new_tokens=1)
+    pieces = [model.tokenizer.id_to_token(i) for i in model.to_inputs(prompt).input_ids[0].tolist()]
+    dollars = [i for i, p in enumerate(pieces) if "$" in p]
+    assert len(pieces) == out["A"]["prompt_tokens"] and len(dollars) >= 3
+    import matplotlib.pyplot as plt
+
+    from gemma3_lab.app.ui.figures import to_image
+    from gemma3_lab.viz.common import set_token_ticks
+
+    fig, ax = plt.subplots()
+    set_token_ticks(ax, ["$$\\", "$x$", "a $ b $"])  # each alone used to stop the figure (math text)
+    assert to_image(fig).size[0] > 100
+    for pos in dollars:
+        *_, heatmap, mask, lens, lens_table, data = client.predict(column="A", index=None, position=pos, layer=0,
+                                                                   head=-1, api_name="/inspect")
+        assert all(Path(p).stat().st_size > 5_000 for p in (heatmap, mask, lens))
+
+
+def test_a_second_generate_replaces_the_running_one(client):
+    """Pressed while a generation runs, Generate stops it and runs: never dropped; every status
+    names the prompt it belongs to."""
+    first = client.submit(**settings(prompt="Once upon a time", a_max_new_tokens=200, b_max_new_tokens=200),
+                          api_name="/generate")
+    while not first.outputs() or not (first.outputs()[-1][-1].get("A") or {}).get("tokens"):
+        assert not first.done(), "finished before the second press"
+        time.sleep(0.2)
+    second = client.submit(**settings(prompt="Paris is", a_max_new_tokens=3, b_max_new_tokens=3), api_name="/generate")
+    old, new = first.result(), second.result()
+    assert old[-1]["A"]["stop_reason"] == "stopped" and len(old[-1]["A"]["token_ids"]) < 200
+    assert "'Once upon a time'" in old[0] and "replaced by a newer Generate" in old[0]
+    assert len(new[-1]["A"]["token_ids"]) == len(new[-1]["B"]["token_ids"]) == 3
+    assert "'Paris is'" in new[0] and "'Paris is'" in new[2]
+
+
+def test_stop_ends_a_long_prefill(client):
+    """Stop during the prompt's prefill ends it between chunks: no token is generated."""
+    job = client.submit(**settings(prompt="hello " * 3000, a_max_new_tokens=4, b_max_new_tokens=4), api_name="/generate")
+    while not job.outputs() or "processing the prompt" not in job.outputs()[-1][0]:
+        assert not job.done(), "finished before it could be stopped"
+        time.sleep(0.1)
+    client.predict(api_name="/stop")
+    out = job.result()[-1]
+    assert out["A"]["stop_reason"] == out["B"]["stop_reason"] == "stopped"
+    assert out["A"]["token_ids"] == [] and out["B"]["token_ids"] == []
 
 
 def test_ablation_in_b_changes_its_output(client, model):
@@ -192,6 +293,21 @@ def test_sessions_do_not_share_results(app, client):
     client.predict(column="A", index=0, layer=0, head=-1, api_name="/inspect")  # the first session still has its own
 
 
+def test_a_finished_run_keeps_no_pixels():
+    """After the request an upload lives on as a thumbnail, its crop boxes scaled to it."""
+    from PIL import Image
+
+    from gemma3_lab.app.ui.runner import THUMBNAIL, lighten
+    from gemma3_lab.prompt.inputs import ImageSpan, Inputs
+
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    x = Inputs(ids, torch.ones_like(ids), ids, torch.zeros(2, 3, 896, 896), [ImageSpan(0, 0, 1, 0, 4, box=(0, 0, 3000, 1000))],
+               [Image.new("RGB", (6000, 2000))])
+    light = lighten(x)
+    assert light.pixel_values is None and light.images[0].size == (THUMBNAIL, round(2000 * THUMBNAIL / 6000))
+    assert light.image_spans[0].box == (0, 0, 512, 171) and x.images[0].size == (6000, 2000)
+
+
 def _png(path: Path) -> Path:
     from PIL import Image
 
@@ -202,6 +318,7 @@ def _png(path: Path) -> Path:
 BAD = {
     "empty prompt": (dict(prompt="  "), "the prompt is empty"),
     "past the context": (dict(prompt="hello " * 33_000), "past gemma-3-270m's context of 32768"),
+    "prompt-token limit": (dict(prompt="hello " * 5000), "past this app's limit of 4096 prompt tokens"),
     "past a small context": (dict(a_model="tiny", prompt="hello " * 70), "past tiny's context of 64"),
     "non-image upload": (dict(images="text"), "is not an image"),
     "image for text-only": (dict(images="png"), "text-only model"),
@@ -255,14 +372,18 @@ def test_still_answers_after_errors(client):
     assert len(generate(client, a_max_new_tokens=1, b_max_new_tokens=1)["A"]["token_ids"]) == 1
 
 
-def test_image_tab_endpoint(client, tmp_path):
+def test_image_tab_endpoint(client, app, tmp_path):
     """demo-multimodal: the picture's 256 soft tokens, the grid and text→image attention come back."""
     png = handle_file(str(_png(tmp_path / "red.png")))
     out = generate(client, prompt="Describe:", images=[png], a_model="demo-multimodal", b_model="demo-multimodal",
                    a_max_new_tokens=1, b_max_new_tokens=1)
     assert out["A"]["prompt_tokens"] > 256 and out["A"]["token_ids"] == out["B"]["token_ids"]
-    note, strip, grid, attention, layers, head = client.predict(column="A", index=0, image=0, layers="global layers",
-                                                                head=-1, api_name="/image_attention")
+    multimodal = app.registry.get("demo-multimodal").model
+    with Forwards(multimodal, multimodal.vision) as f:  # read from the generation's capture
+        note, strip, grid, attention, layers, head = client.predict(column="A", index=0, image=0,
+                                                                    layers="global layers", head=-1,
+                                                                    api_name="/image_attention")
+    assert f.n == 0
     # the selectors are rebuilt from the column's model: demo-multimodal's decoder is the 270M's, 18 layers × 4 heads
     assert (layers["value"], head["value"]) == ("global layers", -1)
     assert [c[1] for c in layers["choices"]] == ["global layers", "all layers"] + [f"L{i}" for i in range(18)]

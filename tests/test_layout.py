@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "gemma3_lab"
-FRONT = {"explorer", "generate", "load", "classify"}
+FRONT = {"explorer", "generate", "generate_batch", "load", "classify"}
 BASE = {"config", "errors"}
 MAY_IMPORT = {
     "config": set(), "errors": set(),

@@ -89,6 +89,30 @@ def _widen(piece, slots: Tensor, total: int, name: str) -> Tensor:
     return torch.nn.functional.pad(p, (start, total - end), value=fill)
 
 
+def row_captures(store: dict[str, Capture], row: int, fed: int) -> dict[str, Capture]:
+    """Batch row `row` of a batched generation's captures, keeping the forwards whose queries
+    all sit before slot `fed` (a finished row is fed again while the others go on)."""
+    out = {}
+    for name, cap in store.items():
+        mine = Capture(name)
+        for piece, slots in zip(cap.pieces, cap.slots):
+            if cap.layout.seq is not None and len(slots) and int(slots[-1]) >= fed:
+                continue
+            mine.pieces.append(_batch_row(piece, row))
+            mine.slots.append(slots)
+        out[name] = mine
+    return out
+
+
+def _batch_row(t, row: int):
+    """Row `row` of a (B, ...) activation; a piece computed once for every row (B = 1) is shared."""
+    if t.shape[0] == 1:
+        return t
+    if isinstance(t, PatternView):
+        return t._map(lambda x: x[row : row + 1])
+    return t[row : row + 1]
+
+
 class SlotTracker:
     """Remembers the slots of the forward in progress; `pair()` is the `hook_slots` hook that
     sets them, which runs before any other hook point of a forward."""

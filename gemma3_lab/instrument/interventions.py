@@ -120,6 +120,29 @@ def steer(name: str, vector: Tensor, scale: float = 1.0, positions: Iterable[int
     return [slots.pair(), (name, fn)]
 
 
+def for_row(hooks: Hooks, row: int) -> Hooks:
+    """The same hooks acting on one row of a batch only (the other rows pass unchanged), for
+    batched generations with an intervention per row (`gemma3_lab.generate_batch`)."""
+    out = []
+    for name, fn in hooks:
+        if name == "hook_slots":  # (S,): the slots are the same for every row
+            out.append((name, fn))
+            continue
+
+        def on_row(t, hook, fn=fn, name=name):
+            if not isinstance(t, Tensor):
+                raise ValueError(f"{name}: a per-row intervention needs a plain tensor, not {type(t).__name__}")
+            got = fn(t[row : row + 1], hook)
+            if got is None:
+                return None
+            t = t.clone()
+            t[row : row + 1] = got
+            return t
+
+        out.append((name, on_row))
+    return out
+
+
 def _n_rep(cache: ActivationCache) -> int:
     return cache.model.config.text.n_rep if cache.model is not None else 1
 

@@ -57,3 +57,12 @@ class KVCache:
         self.length += new
         self.key_valid, self.block_ids = key_valid, block_ids
         self.next_position = positions[:, -1] + 1
+
+    def repeat_rows(self, n: int) -> None:
+        """A one-row cache becomes n identical rows (one prompt forward shared by n generations)."""
+        for c in self.layers:
+            if c.k is not None:
+                c.k, c.v = c.k.expand(n, -1, -1, -1), c.v.expand(n, -1, -1, -1)
+        self.key_valid = None if self.key_valid is None else self.key_valid.expand(n, -1)
+        self.block_ids = None if self.block_ids is None else self.block_ids.expand(n, -1)
+        self.next_position = None if self.next_position is None else self.next_position.expand(n)

@@ -47,7 +47,8 @@ def fig_label(label: str, width: int = LABEL_WIDTH) -> str:
     label = "".join(c if ord(c) in chars or c.isspace() else f"U+{ord(c):04X}" for c in label)
     # a run such as twelve "▁" (a Gemma whitespace token) reads better counted than drawn
     label = re.sub(r"(.)\1{3,}", lambda m: f"{m.group(1)}×{len(m.group(0))}", label)
-    return shorten(label, width)
+    # an escaped "$" is drawn as itself: a token such as "$$\\" would otherwise start math text
+    return shorten(label, width).replace("$", r"\$")
 
 
 def printable(piece: str) -> str:

@@ -14,9 +14,11 @@ DEFAULT_PORT = 7860
 CONCURRENCY = 2  # requests that may run models at once (the rest wait in the queue)
 
 
-def build_app(registry: ModelRegistry | None = None, concurrency: int = CONCURRENCY, max_queue: int = 32):
+def build_app(registry: ModelRegistry | None = None, concurrency: int = CONCURRENCY, max_queue: int = 32,
+              max_prompt_tokens: int | None = None):
     """The Gradio Blocks of the app, queued. `registry` holds the (shared, read-only) models;
-    by default the bundled names plus folders under $GEMMA3_LAB_MODELS_ROOT."""
+    by default the bundled names plus folders under $GEMMA3_LAB_MODELS_ROOT. Prompts longer
+    than `max_prompt_tokens` (default $GEMMA3_LAB_MAX_PROMPT_TOKENS, else 4096) are refused."""
     # deferred: gradio (and the modules that build with it) only when the app is built
     import gradio as gr
 
@@ -28,7 +30,7 @@ def build_app(registry: ModelRegistry | None = None, concurrency: int = CONCURRE
     with gr.Blocks(title="gemma3_lab") as demo:
         session = gr.State(Session())  # deep-copied per tab into a fresh Session
         page = build_page(registry.choices())
-        wire(page, registry, session)
+        wire(page, registry, session, max_prompt_tokens)
     demo.registry = registry
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     return demo

@@ -27,11 +27,13 @@ from gemma3_lab.viz.atlas import mask_atlas as draw
 GENERATE_PARAMS = ("prompt", "chat", "images") + tuple(f"{c.lower()}_{f}" for c in COLUMNS for f in COLUMN_FIELDS)
 
 
-def named(fn, params: tuple[str, ...], extra: tuple[str, ...] = ()):
+def named(fn, params: tuple[str, ...], extra: tuple[str, ...] = (), optional: tuple[str, ...] = ()):
     """Give `fn(*values)` a signature with these parameter names: gradio_client scripts call
-    the endpoint with them as keywords (`client.predict(prompt=..., a_model=...)`)."""
+    the endpoint with them as keywords (`client.predict(prompt=..., a_model=...)`); the
+    `optional` ones default to None (a script may leave them out)."""
     P = pyinspect.Parameter
-    fn.__signature__ = pyinspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in params + extra])
+    fn.__signature__ = pyinspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in params + extra]
+                                           + [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in optional])
     return fn
 
 
@@ -56,35 +58,50 @@ def outputs_of(session: Session) -> tuple:
     out = []
     for col in COLUMNS:
         run = session.runs.get(col)
-        out += [status_md(run), tokens_html(run, col, divergence=d)]
+        out += [status_md(run, session.prompt), tokens_html(run, col, divergence=d)]
     return (*out, divergence_md(session), results_json(session))
 
 
-def make_generate(registry: ModelRegistry):
+def make_generate(registry: ModelRegistry, max_prompt: int | None = None):
     def generate(*args):
+        """Generate both columns, streaming. A press while this session's previous generation
+        runs replaces it: that one is stopped (within one token or prefill chunk) and this one
+        starts when it has ended."""
         *values, session = args
         values = dict(zip(GENERATE_PARAMS, values))
-        try:
-            images = uploaded_images(values["images"])
-            prompt = build_prompt(values["prompt"], bool(values["chat"]), len(images))
-            specs = parse_columns(registry, values)
-            for _ in prepare(registry, session, specs, prompt, images):
+        session.generation += 1
+        mine = session.generation
+        if session.busy.locked():
+            session.stop.set()
+        with session.busy:
+            if session.generation != mine:  # an even newer press replaces this one before it starts
+                return
+            try:
+                images = uploaded_images(values["images"])
+                prompt = build_prompt(values["prompt"], bool(values["chat"]), len(images))
+                specs = parse_columns(registry, values)
+                for _ in prepare(registry, session, specs, prompt, images, max_prompt):
+                    yield outputs_of(session)
+            except SettingsError as e:
+                session.runs = {}
+                raise gr.Error(str(e), duration=None) from None
+            del images  # the decoded uploads go with this request; the runs keep thumbnails
+            for _ in run_all(registry, session):
                 yield outputs_of(session)
-        except SettingsError as e:
-            session.runs = {}
-            raise gr.Error(str(e), duration=None) from None
-        for _ in run_all(registry, session):
-            yield outputs_of(session)
+            if session.generation != mine:
+                for run in session.runs.values():
+                    run.status += " — replaced by a newer Generate"
+                yield outputs_of(session)
 
     return named(generate, GENERATE_PARAMS, ("session",))
 
 
 def stop(session: Session) -> str:
     session.stop.set()
-    return "stop requested: the generation ends after the current token"
+    return "stop requested: the generation ends after the current token (or prompt chunk)"
 
 
-def wire(page: Page, registry: ModelRegistry, session: gr.State) -> None:
+def wire(page: Page, registry: ModelRegistry, session: gr.State, max_prompt: int | None = None) -> None:
     inputs = [page.prompt, page.chat, page.images]
     for col in COLUMNS:
         inputs += page.columns[col].inputs()
@@ -92,8 +109,9 @@ def wire(page: Page, registry: ModelRegistry, session: gr.State) -> None:
     for col in COLUMNS:
         outputs += [page.columns[col].status, page.columns[col].tokens]
     outputs += [page.divergence, page.results]
-    gen = dict(fn=make_generate(registry), inputs=inputs + [session], outputs=outputs, api_name="generate",
-               concurrency_id="model", show_progress="minimal")
+    # "multiple": a second press is sent (and replaces the running generation), never dropped
+    gen = dict(fn=make_generate(registry, max_prompt), inputs=inputs + [session], outputs=outputs,
+               api_name="generate", concurrency_id="model", show_progress="minimal", trigger_mode="multiple")
     page.generate.click(**gen)
     page.stop.click(stop, inputs=[session], outputs=[page.divergence], api_name="stop", queue=False)
     wire_inspector(page, registry, session)
@@ -105,43 +123,43 @@ def wire(page: Page, registry: ModelRegistry, session: gr.State) -> None:
 
 
 def make_inspect(registry: ModelRegistry):
-    def inspect(column, index, layer, head, session: Session):
-        """Inspect token `index` (0 = first generated) of column "A" or "B" at a layer and head
-        (-1 = all heads)."""
+    def inspect(column, index, layer, head, session: Session, position=None):
+        """Inspect column "A" or "B" at generated step `index` (0 = first generated) or at slot
+        `position` (absolute, prompt included), at a layer and head (-1 = all heads); read
+        from the generation's capture."""
         if column not in COLUMNS:
             raise gr.Error(f"column must be A or B, not {column!r}")
-        if index is None:
-            raise gr.Error("which token? give its index (0 = the first generated token)")
         try:
-            ins = inspect_token(registry, session, column, index, layer if layer is not None else 0, head)
+            ins = inspect_token(registry, session, column, index, layer if layer is not None else 0, head, position)
+            run = session.run(column)
+            model = registry.get(run.spec.model).model
+            lens = lens_at(model, run.capture, ins.query)
         except LookupError as e:
             raise gr.Error(str(e.args[0] if e.args else e)) from None
-        run = session.run(column)
-        config = registry.get(run.spec.model).model.config
-        lens = lens_at(registry, run, ins.query)
+        config = model.config
         data = {
-            "column": column, "index": ins.index, "layer": ins.layer, "head": ins.head,
-            "layer_type": ins.layer_kind, "query_position": ins.query,
+            "column": column, "index": ins.index, "position": ins.query if ins.index is None else None,
+            "layer": ins.layer, "head": ins.head, "layer_type": ins.layer_kind, "query_position": ins.query,
             "top_k": ins.top_k, "attended": ins.attended, "logit_lens": lens_rows(lens),
         }
         return (
-            column, ins.index, ins.header, topk_html(run.steps[ins.index]), ins.attended,
+            column, ins.index, data["position"], ins.header, topk_html(ins.step), ins.attended,
             gr.Dropdown(choices=layer_choices(config), value=ins.layer),
             gr.Dropdown(choices=head_choices(config), value=ins.head),
             heatmap_image(ins), layer_mask_image(ins), lens_image(lens, config), data["logit_lens"], data,
         )
 
-    return inspect
+    return named(inspect, ("column", "index", "layer", "head", "session"), optional=("position",))
 
 
 def wire_inspector(page: Page, registry: ModelRegistry, session: gr.State) -> None:
     w = page.inspector
     inspect = make_inspect(registry)
-    outputs = [w[k] for k in ("column", "index", "header", "top_k", "attended", "layer", "head", "heatmap", "mask",
+    outputs = [w[k] for k in ("column", "index", "position", "header", "top_k", "attended", "layer", "head", "heatmap", "mask",
                               "lens", "lens_table", "json")]
     common = dict(outputs=outputs, concurrency_id="inspect", show_progress="minimal")
-    gr.on([w["layer"].input, w["head"].input], inspect, inputs=[w["column"], w["index"], w["layer"], w["head"], session],
-          api_name="inspect", **common)
+    gr.on([w["layer"].input, w["head"].input], inspect,
+          inputs=[w["column"], w["index"], w["layer"], w["head"], session, w["position"]], api_name="inspect", **common)
     for col in COLUMNS:
         def clicked(layer, head, session, evt: gr.SelectData, col=col):
             return inspect(col, evt.index, layer, head, session)

@@ -1,18 +1,17 @@
 """The Images tab: where each image's soft tokens sit in the sequence, the picture with its
 crop boxes and token grid, and one token's attention to the image laid over the picture —
-all drawn by `gemma3_lab.viz.images` from the column's real inputs and a `run_with_cache`."""
+all drawn by `gemma3_lab.viz.images` from the column's real inputs and its generation's capture."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from gemma3_lab.app.ui.figures import to_image
-from gemma3_lab.app.ui.inspector import sequence_inputs, whole
+from gemma3_lab.app.ui.inspector import captured, sequence_inputs, whole
 from gemma3_lab.app.ui.registry import ModelRegistry
 from gemma3_lab.app.ui.session import Session
 from gemma3_lab.app.ui.widgets import figure_slot, head_choices
 from gemma3_lab.config import BUNDLED, PRESETS
-from gemma3_lab.instrument.hooks import act_name
 from gemma3_lab.viz.common import token_labels
 from gemma3_lab.viz.images import image_attention as draw_attention
 from gemma3_lab.viz.images import picture_grid, token_strip
@@ -89,12 +88,9 @@ def make_image_attention(registry: ModelRegistry):
             head = whole("head", head if head is not None else -1)
             if not (head == -1 or 0 <= head < cfg.text.num_heads):
                 raise LookupError(f"head {head} does not exist: the model has heads 0–{cfg.text.num_heads - 1}")
+            cache = captured(run, column).cache(model, chosen)  # the generation's patterns: no forward
         except LookupError as e:
             raise gr.Error(str(e.args[0] if e.args else e)) from None
-        names = [act_name(k, i) for i in chosen for k in ("pattern", "mask")]
-        entry = registry.get(run.spec.model)
-        with entry.lock, entry.model.hooks(run.hooks):
-            _, cache = entry.model.run_with_cache(x, names_filter=names)
         labels = token_labels(model.tokenizer, x.input_ids, cfg, x.image_spans)
         heads = None if head == -1 else [head]
         note = (f"Column {column}: {len(x.image_spans)} image block(s) in {x.input_ids.shape[1]} slots. Attention "

@@ -1,9 +1,10 @@
-"""What the inspector shows for one generated token: its top-k candidates (recorded by
-`generate`), where the query that produced it attended, and that layer's mask.
+"""What the inspector shows for one slot of a column's sequence, read from the column's
+capture (`capture_store`): the next-token candidates there, where that slot attended, the
+layer's mask and the logit lens. The model is not run again.
 
-The token at step i (sequence position p) was chosen from the logits at query p - 1, so
-attention is read from row p - 1 of one forward over the prompt plus the generated
-tokens, run with the column's intervention hooks, through `run_with_cache`.
+Asked by generated step i (sequence position p), the slot is the query p - 1 that chose the
+token, and the candidates are the ones `generate` recorded; asked by position, the slot is
+that position itself (prompt included) and the candidates are read off its final residual.
 """
 
 from __future__ import annotations
@@ -12,30 +13,31 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from gemma3_lab.app.ui.capture_store import ColumnCapture
 from gemma3_lab.app.ui.registry import ModelRegistry
 from gemma3_lab.app.ui.session import ColumnRun, Session
-from gemma3_lab.instrument.hooks import act_name
+from gemma3_lab.generate import Step
 from gemma3_lab.prompt.inputs import Inputs
-from gemma3_lab.viz.common import dense, token_labels
+from gemma3_lab.viz.common import token_labels
 
-KEEP_LAYERS = 4  # activation caches kept per column (one forward each)
-LENS_SPAN = 8  # positions the logit-lens picture shows, ending at the inspected one
+LENS_SPAN = 4  # positions the logit-lens picture shows, ending at the inspected one (one head pass each)
 ALL_HEADS = -1  # head choice: the heatmap shows every head, the table their mean
 
 
 @dataclass
 class Inspection:
     col: str
-    index: int
+    index: int | None  # the generated step, None for a prompt slot
     layer: int
     head: int  # ALL_HEADS or a head index
     header: str  # markdown
-    top_k: list[list]  # [[piece, id, probability], ...] as recorded by generate
+    step: Step  # the candidates at the query (recorded, or read off the capture)
+    top_k: list[list]  # [[piece, id, probability], ...]
     cache: object  # ActivationCache: the layer's hook_pattern and hook_mask over `inputs`
-    inputs: Inputs  # prompt + generated tokens, as run
+    inputs: Inputs  # the sequence computed
     mask: torch.Tensor  # (S, T) bool, the mask the layer used
     labels: list[str]  # one per position
-    query: int  # the row that produced the token
+    query: int  # the slot inspected (the row that produced the token)
     attended: list[list]  # [[position, token, weight], ...] highest first
     layer_kind: str
     window: int | None  # the layer's sliding window, None for a global layer
@@ -58,37 +60,13 @@ def sequence_inputs(run: ColumnRun, upto: int | None = None) -> Inputs:
     )
 
 
-def layer_cache(registry: ModelRegistry, run: ColumnRun, layer: int):
-    """run_with_cache of one layer's pattern and mask over the sequence, with the column's hooks."""
-    if layer in run.caches:
-        return run.caches[layer]
-    entry = registry.get(run.spec.model)
-    names = [act_name("pattern", layer), act_name("mask", layer)]
-    with entry.lock, entry.model.hooks(run.hooks):
-        _, cache = entry.model.run_with_cache(sequence_inputs(run), names_filter=names)
-    if len(run.caches) >= KEEP_LAYERS:
-        run.caches.pop(next(iter(run.caches)))
-    run.caches[layer] = cache
-    return cache
-
-
-def lens_at(registry: ModelRegistry, run: ColumnRun, query: int, k: int = 3):
-    """`gemma3_lab.instrument.lens` over the positions up to `query` (the last LENS_SPAN of them): the
-    residual after every layer read through the final norm and unembedding."""
-    key = ("lens", query)
-    if key not in run.caches:
-        entry = registry.get(run.spec.model)
-        positions = list(range(max(0, query - LENS_SPAN + 1), query + 1))
-        names = ["blocks.0.hook_resid_pre", "blocks.*.hook_resid_post"]
-        with entry.lock, entry.model.hooks(run.hooks):
-            _, cache = entry.model.run_with_cache(sequence_inputs(run, upto=query - run.n_prompt + 1),
-                                                  names_filter=names, positions=positions, top_k=0,
-                                                  return_logits=False)
-            lens = cache.logit_lens(k=k)
-        if len(run.caches) >= KEEP_LAYERS:
-            run.caches.pop(next(iter(run.caches)))
-        run.caches[key] = lens
-    return run.caches[key]
+def captured(run: ColumnRun, col: str) -> ColumnCapture:
+    """The column's capture, or a LookupError saying why there is none."""
+    if run.result is None:
+        raise LookupError(f"column {col} is still generating: look at its tokens when it has finished")
+    if run.capture is None:
+        raise LookupError(f"column {col}: this generation was {run.capture_note or 'not captured'}")
+    return run.capture
 
 
 def lens_rows(lens) -> list[list]:
@@ -102,19 +80,43 @@ def lens_rows(lens) -> list[list]:
     return rows
 
 
+def lens_at(model, cap: ColumnCapture, query: int, k: int = 3):
+    """The logit lens over the LENS_SPAN positions ending at `query`, from the capture."""
+    return cap.lens(model, list(range(max(0, query - LENS_SPAN + 1), query + 1)), k)
+
+
 def topk_rows(step) -> list[list]:
     return [[piece, int(i), float(p)] for (piece, p), i in zip(step.top_k, step.top_k_ids)]
 
 
-def inspect_token(registry: ModelRegistry, session: Session, col: str, index, layer, head) -> Inspection:
+def query_of(run: ColumnRun, col: str, cap: ColumnCapture, model, index, position) -> tuple[int, int | None, Step]:
+    """(query slot, step index or None, the candidates there) for a step `index` or a slot `position`."""
+    if position is not None:
+        p = whole("position", position)
+        if not 0 <= p < cap.length:
+            raise LookupError(f"column {col} computed slots 0–{cap.length - 1}; there is no position {p} (the last "
+                              "generated token is never fed back)")
+        nxt = int(cap.input_ids[0, p + 1]) if p + 1 < cap.length else None
+        if nxt is None:
+            nxt = run.steps[-1].token_id if run.steps else cap.next_token(model, p, 1)[0][0][0]
+        top, logp = cap.next_token(model, p, len(run.steps[0].top_k) if run.steps else 5, also=nxt)
+        piece = model.tokenizer.id_to_token
+        step = Step(-1, p + 1, nxt, piece(nxt), "", logp, [(piece(i), q) for i, q in top], [i for i, _ in top])
+        return p, None, step
+    if index is None:
+        raise LookupError("which token? give its index (0 = the first generated token) or a position")
+    i = whole("token index", index)
+    if not 0 <= i < len(run.steps):
+        raise LookupError(f"column {col} has {len(run.steps)} generated tokens; there is no token {i}")
+    return run.steps[i].position - 1, i, run.steps[i]
+
+
+def inspect_token(registry: ModelRegistry, session: Session, col: str, index, layer, head,
+                  position=None) -> Inspection:
     run = session.run(col)
-    if not run.steps:
+    if not run.steps and position is None:
         raise LookupError(f"column {col} has no generated tokens to inspect")
-    index = whole("token index", index)
-    if not 0 <= index < len(run.steps):
-        raise LookupError(f"column {col} has {len(run.steps)} generated tokens; there is no token {index}")
-    if run.result is None:
-        raise LookupError(f"column {col} is still generating: inspect its tokens when it has finished")
+    cap = captured(run, col)
     model = registry.get(run.spec.model).model
     cfg = model.config.text
     layer = whole("layer", layer)
@@ -123,27 +125,24 @@ def inspect_token(registry: ModelRegistry, session: Session, col: str, index, la
     head = ALL_HEADS if head is None else whole("head", head)
     if not (head == ALL_HEADS or 0 <= head < cfg.num_heads):
         raise LookupError(f"head {head} does not exist: layer {layer} has heads 0–{cfg.num_heads - 1}")
-    step = run.steps[index]
-    cache = layer_cache(registry, run, layer)
-    pattern = dense(cache["pattern", layer])[0].float()  # (N, S, T)
-    mask = cache["mask", layer][0, 0]  # (S, T)
+    query, index, step = query_of(run, col, cap, model, index, position)
     x = sequence_inputs(run)
     labels = token_labels(model.tokenizer, x.input_ids, model.config, x.image_spans)
-    query = step.position - 1
-    row = pattern[:, query] if head == ALL_HEADS else pattern[head, query][None]
-    weights = row.mean(0)[: query + 1]
+    row = cap.row(layer, query)  # (N, T)
+    weights = (row if head == ALL_HEADS else row[head][None]).mean(0)[: query + 1]
     top = torch.topk(weights, min(8, query + 1))
     attended = [[int(j), labels[int(j)], round(float(w), 4)] for w, j in zip(top.values, top.indices)]
     kind = cfg.layer_types[layer].short
-    header = (
-        f"**column {col}, step {index}**: token {step.token!r} (id {step.token_id}) at position {step.position}, "
-        f"p = {step.prob:.4f} (log p = {step.logprob:.3f}). It was chosen from the logits at position {query} "
-        f"({labels[query]!r}); attention below is that query's, layer {layer} ({kind}"
-        + (f", window {cfg.sliding_window}" if kind != "global" else "") + ")"
-        + (f", all {cfg.num_heads} heads (the table: their mean)." if head == ALL_HEADS else f", head {head}.")
-    )
-    return Inspection(col, index, layer, head, header, topk_rows(step), cache, x, mask, labels, query, attended,
-                      kind, cfg.window_for(cfg.layer_types[layer]))
+    what = (f"step {index}**: token {step.token!r} (id {step.token_id}) at position {step.position}, "
+            f"p = {step.prob:.4f} (log p = {step.logprob:.3f}). It was chosen from the logits at position {query} "
+            f"({labels[query]!r})" if index is not None else
+            f"position {query}** ({labels[query]!r}, {'prompt' if query < run.n_prompt else 'generated'}): the "
+            f"next-token distribution the model had there")
+    header = (f"**column {col}, {what}; attention below is that query's, layer {layer} ({kind}"
+              + (f", window {cfg.sliding_window}" if kind != "global" else "") + ")"
+              + (f", all {cfg.num_heads} heads (the table: their mean)." if head == ALL_HEADS else f", head {head}."))
+    return Inspection(col, index, layer, head, header, step, topk_rows(step), cap.cache(model, [layer]), x,
+                      cap.mask(layer), labels, query, attended, kind, cfg.window_for(cfg.layer_types[layer]))
 
 
 def whole(what: str, value) -> int:

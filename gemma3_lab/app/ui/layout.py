@@ -154,6 +154,7 @@ def build_inspector(config=None) -> dict:
                               elem_id="insp-header")
     w["column"] = gr.Textbox(visible=False, label="column")
     w["index"] = gr.Number(visible=False, label="index", precision=0)
+    w["position"] = gr.Number(None, visible=False, label="position", precision=0)
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=280):
             gr.Markdown("**Top candidates** (the probability the model gave each; chosen token highlighted)")

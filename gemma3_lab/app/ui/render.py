@@ -71,10 +71,20 @@ LEGEND = (
 )
 
 
-def status_md(run: ColumnRun | None) -> str:
+def prompt_label(prompt, width: int = 40) -> str:
+    """The prompt a status line belongs to, short: its text (a chat: the user's turn), quoted."""
+    if isinstance(prompt, list):
+        content = prompt[-1].get("content", "") if prompt else ""
+        prompt = content if isinstance(content, str) else " ".join(c.get("text", "") for c in content)
+    text = " ".join(str(prompt or "").split())
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
+
+
+def status_md(run: ColumnRun | None, prompt=None) -> str:
     if run is None:
         return ""
-    lines = [f"**{html.escape(run.describe or str(run.spec.model))}**", f"{run.spec.decoding.describe()}"
+    lines = [f"**{html.escape(run.describe or str(run.spec.model))}** · prompt {html.escape(prompt_label(prompt), quote=False)}",
+             f"{run.spec.decoding.describe()}"
              + (" · pan-and-scan" if run.spec.pan_and_scan else "")]
     if run.spec.intervention is not None:
         lines.append(f"intervention: {html.escape(run.spec.intervention.describe())}")

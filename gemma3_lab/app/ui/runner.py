@@ -8,27 +8,36 @@ from `gemma3_lab.generate`.
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import queue
 import threading
 import time
+from dataclasses import replace
 from typing import Iterator
 
+from gemma3_lab.app.ui.capture_store import BUDGET_ENV, NAMES, estimate_bytes, from_result, session_budget
 from gemma3_lab.app.ui.registry import ModelRegistry
 from gemma3_lab.app.ui.session import COLUMNS, ColumnRun, Session
-from gemma3_lab.app.ui.settings import ColumnSpec, SettingsError
+from gemma3_lab.app.ui.settings import LIMIT_ENV, ColumnSpec, SettingsError, prompt_token_limit
+from gemma3_lab.generate_batch import RowSettings, generate_batch
+from gemma3_lab.prompt.inputs import Inputs
 
 POLL_S = 0.1
+THUMBNAIL = 1024  # longest side of a picture the Images tab keeps after the request
 
 
 class ColumnError(SettingsError):
     """A column's setting that does not fit its model (context, images, heads...)."""
 
 
-def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], prompt, images) -> Iterator[str]:
+def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], prompt, images,
+            max_prompt: int | None = None) -> Iterator[str]:
     """Load both models and process the prompt for each, yielding progress lines; any
     problem raises ColumnError before a single token is generated."""
+    max_prompt = max_prompt or prompt_token_limit()
     session.stop.clear()
-    session.prompt, session.images = prompt, images
+    session.prompt = prompt  # the pictures stay in the runs' inputs only, as thumbnails once done
     session.runs = {s.name: ColumnRun(s) for s in specs}
     for spec in specs:
         run = session.runs[spec.name]
@@ -52,6 +61,11 @@ def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], 
                 f"column {spec.name}: the prompt is {run.n_prompt} tokens; with {spec.decoding.max_new_tokens} new "
                 f"tokens that is {need}, past {model.config.name}'s context of {limit} tokens"
             )
+        if run.n_prompt > max_prompt:
+            raise ColumnError(
+                f"column {spec.name}: the prompt is {run.n_prompt} tokens, past this app's limit of {max_prompt} "
+                f"prompt tokens (set by the server: {LIMIT_ENV}); shorten it"
+            )
         run.status = f"ready: {run.n_prompt} prompt tokens"
     # a patch reads the other column's activations, so that column's hooks come first
     for spec in sorted(specs, key=lambda s: s.intervention is not None and s.intervention.kind.startswith("patch")):
@@ -68,54 +82,122 @@ def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], 
     yield "ready"
 
 
-def generate_column(registry: ModelRegistry, session: Session, col: str) -> Iterator[ColumnRun]:
-    """Stream one column: yields its ColumnRun whenever new steps have arrived."""
-    run = session.runs[col]
-    entry = registry.get(run.spec.model)
-    steps: queue.Queue = queue.Queue()
+def run_all(registry: ModelRegistry, session: Session) -> Iterator[None]:
+    """Both columns at once: one batch of two when they use the same model and precision
+    (`gemma3_lab.generate_batch`), else one worker per model, so both stream from the start."""
+    runs = [session.runs[c] for c in COLUMNS if c in session.runs]
+    events: queue.Queue = queue.Queue()
     gone = threading.Event()  # the page closed or the request was cancelled
-    outcome: dict = {}
 
-    def work() -> None:
-        try:
-            with entry.lock, entry.model.hooks(run.hooks):
-                outcome["result"] = entry.model.generate(
-                    run.inputs, on_token=steps.put, should_stop=lambda: session.stop.is_set() or gone.is_set(),
-                    **run.spec.decoding.kwargs(),
-                )
-        except Exception as e:  # shown in the column; the app keeps serving
-            outcome["error"] = e
+    def stop() -> bool:
+        return session.stop.is_set() or gone.is_set()
 
-    run.status = ("waiting for the model (another request is using it)…" if entry.lock_busy()
-                  else f"processing the prompt ({run.n_prompt} tokens)…")
-    yield run
-    worker = threading.Thread(target=work, name=f"generate-{col}", daemon=True)
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(run.spec.model, []).append(run)
+    capture = _fits_budget(registry, runs)
+    workers = [threading.Thread(target=_work, args=(registry, group, events, stop, capture), daemon=True,
+                                name=f"generate-{''.join(r.spec.name for r in group)}") for group in groups.values()]
     t0 = time.perf_counter()
-    worker.start()
+    for w, group in zip(workers, groups.values()):
+        busy = registry.get(group[0].spec.model).lock_busy()
+        for run in group:
+            run.status = ("waiting for the model (another request is using it)…" if busy
+                          else f"processing the prompt ({run.n_prompt} tokens)…")
+        w.start()
+    yield
     try:
-        while worker.is_alive() or not steps.empty():
-            got = _drain(steps, POLL_S)
+        while any(w.is_alive() for w in workers) or not events.empty():
+            got = _drain(events, POLL_S)
+            for kind, col, value in got:
+                _apply(session.runs[col], kind, value, time.perf_counter() - t0)
             if got:
-                run.steps += got
-                run.status = f"generating… {len(run.steps)} tokens"
-                yield run
-        worker.join()
+                yield
+        for w in workers:
+            w.join()
     finally:
         gone.set()
-    if "error" in outcome:
-        run.error = f"{type(outcome['error']).__name__}: {outcome['error']}"
+        release_memory()
+    yield
+
+
+def _work(registry: ModelRegistry, runs: list[ColumnRun], events: queue.Queue, stop, capture: bool) -> None:
+    """Generate the runs that share one model, as one batch, under that model's lock."""
+    entry = registry.get(runs[0].spec.model)
+    cols = [r.spec.name for r in runs]
+    try:
+        with entry.lock:
+            for col in cols:
+                events.put(("started", col, None))
+            rows = [RowSettings(**r.spec.decoding.kwargs(), hooks=tuple(r.hooks)) for r in runs]
+            results = generate_batch(entry.model, runs[0].inputs, rows, should_stop=stop,
+                                     on_token=lambda i, step: events.put(("step", cols[i], step)),
+                                     capture=NAMES if capture else None)
+            for col, res in zip(cols, results):
+                kept = from_result(res, entry.model.config) if capture and res.steps else None
+                events.put(("done", col, (res, kept)))
+    except Exception as e:  # shown in the column; the app keeps serving
+        for col in cols:
+            events.put(("error", col, e))
+
+
+def _apply(run: ColumnRun, kind: str, value, seconds: float) -> None:
+    if kind == "started":
+        run.status = f"processing the prompt ({run.n_prompt} tokens)…"
+    elif kind == "step":
+        run.steps.append(value)
+        run.status = f"generating… {len(run.steps)} tokens"
+    elif kind == "error":
+        run.error = f"{type(value).__name__}: {value}"
         run.status = f"failed: {run.error}"
+        run.inputs, run.hooks = lighten(run.inputs), []
     else:
-        res = run.result = outcome["result"]
+        res, run.capture = value
+        run.result = res
         run.steps = list(res.steps)
-        run.status = _summary(res, time.perf_counter() - t0)
-    yield run
+        # the views read the capture: the pixels and the hooks (a patch's source) go with the request
+        run.inputs, run.hooks = lighten(run.inputs), []
+        run.capture_note = run.capture_note or "stopped before its first token"
+        run.status = _summary(res, seconds) + ("" if run.capture is not None else f"; {run.capture_note}")
 
 
-def run_all(registry: ModelRegistry, session: Session) -> Iterator[ColumnRun]:
-    for col in COLUMNS:
-        if col in session.runs:
-            yield from generate_column(registry, session, col)
+def _fits_budget(registry: ModelRegistry, runs: list[ColumnRun]) -> bool:
+    """Whether both columns' captures fit the session budget; if not, each run says why."""
+    need = sum(estimate_bytes(registry.get(r.spec.model).model.config, r.n_prompt + r.spec.decoding.max_new_tokens)
+               for r in runs)
+    budget = session_budget()
+    if need <= budget:
+        return True
+    for r in runs:
+        r.capture_note = (f"not captured for the inspector: {need / 2**20:.0f} MB needed, past this session's "
+                          f"{budget / 2**20:.0f} MB ({BUDGET_ENV})")
+    return False
+
+
+def lighten(x: Inputs) -> Inputs:
+    """The processed prompt as the views keep it: no pixel tensor, each picture a thumbnail
+    (crop boxes scaled to it), so an upload's decoded pixels leave with the request."""
+    if not x.images:
+        return replace(x, pixel_values=None)
+    thumbs, scales = [], []
+    for img in x.images:
+        scale = min(1.0, THUMBNAIL / max(img.size))
+        thumbs.append(img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+                      if scale < 1 else img)
+        scales.append(scale)
+    spans = [s if s.box is None else replace(s, box=tuple(round(v * scales[s.image]) for v in s.box))
+             for s in x.image_spans]
+    return replace(x, pixel_values=None, images=thumbs, image_spans=spans)
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the system: a long prompt's activations are freed by Python
+    but glibc keeps the pages unless asked (the server's RSS would stay at its peak)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _drain(q: queue.Queue, timeout: float) -> list:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from gemma3_lab.app.ui.capture_store import ColumnCapture
 from gemma3_lab.app.ui.settings import ColumnSpec
 from gemma3_lab.generate import GenerationResult, Step
 from gemma3_lab.prompt.inputs import Inputs
@@ -23,7 +24,8 @@ class ColumnRun:
     status: str = "waiting"
     error: str | None = None
     hooks: list = field(default_factory=list)  # (name, fn) pairs the generation ran with
-    caches: dict = field(default_factory=dict)  # inspector: layer -> ActivationCache
+    capture: ColumnCapture | None = None  # what every view reads, set when the generation ends
+    capture_note: str = ""  # why there is no capture (the session's budget), if so
 
     @property
     def n_prompt(self) -> int:
@@ -38,7 +40,8 @@ class Session:
         self.stop = threading.Event()
         self.runs: dict[str, ColumnRun] = {}
         self.prompt = None
-        self.images: list = []
+        self.busy = threading.Lock()  # held by the generation running now
+        self.generation = 0  # counts Generate presses: a newer one replaces the running one
 
     def __deepcopy__(self, memo) -> "Session":
         return Session()

@@ -14,6 +14,8 @@ from gemma3_lab.prompt.processor import START_OF_IMAGE
 
 MAX_NEW_TOKENS = 512  # the app's cap per column, to keep one request from holding a model for long
 DECODING = ("greedy", "sample")
+LIMIT_ENV = "GEMMA3_LAB_MAX_PROMPT_TOKENS"
+DEFAULT_PROMPT_TOKENS = 4096  # a prefill of this many tokens takes tens of seconds on a laptop CPU
 
 
 class SettingsError(Gemma3LabError):
@@ -54,6 +56,14 @@ class ColumnSpec:
     decoding: Decoding
     pan_and_scan: bool = False
     intervention: object = None  # an InterventionSpec (ui.interventions), or None
+
+
+def prompt_token_limit() -> int:
+    """The longest prompt the app accepts (tokens): $GEMMA3_LAB_MAX_PROMPT_TOKENS, else 4096."""
+    value = os.environ.get(LIMIT_ENV)
+    if not value:
+        return DEFAULT_PROMPT_TOKENS
+    return _number(LIMIT_ENV, value, int, lo=1)
 
 
 def _number(what: str, value, kind=float, *, lo=None, hi=None, lo_open=False, allow_none=False):

@@ -1,0 +1,152 @@
+"""What one column's generation captured for the views: every layer's attention pattern
+(local layers as bands, float16) and the residual stream after every layer (float32), over
+the whole sequence the model computed. Every look (inspector, mask atlas, image attention)
+reads it; the model is not run again.
+
+A session holds at most `session_budget()` bytes of captures (both columns together); a
+generation that would need more is not captured and its views say so. Everything here is
+plain tensors plus a few numbers, so `arrays()` can be written to an `.npz`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gemma3_lab.instrument.activation_cache import ActivationCache, act_name
+from gemma3_lab.instrument.lens import LogitLens, lens, top_logits
+from gemma3_lab.model.banded import BandedPattern
+from gemma3_lab.model.masks import image_block_ids, layer_mask
+
+BUDGET_ENV = "GEMMA3_LAB_SESSION_CAPTURE_MB"
+DEFAULT_BUDGET_MB = 2048  # both columns of a 4096-token prompt fit
+NAMES = ["blocks.*.attn.hook_pattern", "blocks.0.hook_resid_pre", "blocks.*.hook_resid_post"]
+KEEP_LENSES = 8  # logit lenses kept per column (a few KB each)
+PATTERN_DTYPE = torch.float16  # 3 significant digits of an attention weight are what a view shows
+
+
+def session_budget() -> int:
+    value = os.environ.get(BUDGET_ENV) or DEFAULT_BUDGET_MB
+    try:
+        return int(float(value) * 2**20)
+    except ValueError:
+        raise ValueError(f"{BUDGET_ENV}={value!r}: expected a number of MB, such as 2048") from None
+
+
+def estimate_bytes(config, tokens: int) -> int:
+    """Bytes `from_result` keeps for a sequence of `tokens` slots (patterns + residuals)."""
+    t = config.text
+    elem = torch.finfo(PATTERN_DTYPE).bits // 8
+    total = (t.num_layers + 1) * tokens * t.hidden_size * 4
+    for kind in t.layer_types:
+        w = t.window_for(kind)
+        total += t.num_heads * tokens * (min(tokens, w) if w else tokens) * elem
+    return total
+
+
+@dataclass
+class ColumnCapture:
+    input_ids: Tensor  # (1, T) the slots computed: the prompt and every token fed back
+    token_types: Tensor  # (1, T) 1 on image soft tokens
+    patterns: list  # per layer: BandedPattern (local) or a (1, N, T, T) tensor (global), PATTERN_DTYPE
+    resid: Tensor  # (L + 1, T, D) float32: what enters block 0, then the output of each block
+    windows: list  # per layer: its sliding window, None for a global layer
+    lenses: dict = field(default_factory=dict)  # positions -> LogitLens already read (not serialised)
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        pats = sum(p.nbytes if isinstance(p, BandedPattern) else p.numel() * p.element_size() for p in self.patterns)
+        return pats + self.resid.numel() * self.resid.element_size()
+
+    def row(self, layer: int, query: int) -> Tensor:
+        """(N, T) float32 attention of slot `query` over every key slot, at `layer`."""
+        p = self.patterns[layer]
+        if isinstance(p, BandedPattern):
+            return p.select(rows=[query]).dense()[0, :, 0].float()
+        return p[0, :, query].float()
+
+    def mask(self, layer: int) -> Tensor:
+        """(T, T) bool: the mask that layer used (from the library's mask functions)."""
+        pos = torch.arange(self.length)
+        blocks = image_block_ids(self.token_types) if bool((self.token_types == 1).any()) else None
+        return layer_mask(pos, pos, self.windows[layer], blocks)[0, 0]
+
+    def cache(self, model, layers) -> ActivationCache:
+        """An ActivationCache of these layers' patterns and masks, as the visualizers take it."""
+        store = {}
+        for i in layers:
+            store[act_name("pattern", i)] = self.patterns[i]
+            store[act_name("mask", i)] = self.mask(i)[None, None]
+        return ActivationCache(store, model, input_ids=self.input_ids)
+
+    @torch.no_grad()
+    def lens(self, model, positions: list[int], k: int = 3) -> LogitLens:
+        """The logit lens at `positions`, read off the captured residuals (final norm + head
+        only), kept for the next look (a layer or head switch reads the same positions)."""
+        key = (tuple(positions), k)
+        if key not in self.lenses:
+            if len(self.lenses) >= KEEP_LENSES:
+                self.lenses.pop(next(iter(self.lenses)))
+            self.lenses[key] = self._lens(model, positions, k)
+        return self.lenses[key]
+
+    def _lens(self, model, positions: list[int], k: int) -> LogitLens:
+        idx = torch.tensor(positions)
+        top_ids, top_probs = lens(model, list(self.resid[:, idx]), k)
+        piece = model.tokenizer.id_to_token if model.tokenizer is not None else str
+        return LogitLens(
+            layer_labels=["embed"] + [f"L{i}" for i in range(len(self.patterns))],
+            tokens=[piece(int(t)) for t in self.input_ids[0, idx]],
+            top_ids=top_ids, top_probs=top_probs,
+            top_tokens=[[[piece(int(t)) for t in row] for row in layer] for layer in top_ids],
+            positions=list(positions),
+        )
+
+    @torch.no_grad()
+    def next_token(self, model, position: int, k: int = 5, also: int | None = None):
+        """([(id, p)] the top-k next-token distribution after slot `position`, log p of token `also`)."""
+        h = model.final_norm(self.resid[-1, position][None].to(device=model.device, dtype=model.dtype))
+        vals, ids, lse = top_logits(model, h, k, logsumexp=True)
+        probs = (vals[0].float() - lse[0]).exp()
+        logp = None
+        if also is not None:
+            logp = float(model._unembed(h, vocab=slice(also, also + 1))[0, 0].float() - lse[0])
+        return [(int(i), float(p)) for i, p in zip(ids[0], probs)], logp
+
+    def arrays(self) -> dict:
+        """Plain numpy arrays by name (for `numpy.savez`): bands with their slot bookkeeping."""
+        out = {"input_ids": self.input_ids.numpy(), "token_types": self.token_types.numpy(),
+               "resid": self.resid.numpy()}
+        for i, p in enumerate(self.patterns):
+            if isinstance(p, BandedPattern):
+                out[f"pattern{i}_band"] = p.band.numpy()
+                out[f"pattern{i}_back"] = p.back
+            else:
+                out[f"pattern{i}"] = p.numpy()
+        return out
+
+
+def from_result(res, config) -> ColumnCapture:
+    """The compact capture of a `GenerationResult` recorded with `capture=NAMES`."""
+    t = config.text
+    caps = res.captures
+    patterns = []
+    for i in range(t.num_layers):
+        p = caps[act_name("pattern", i)].tensor()
+        patterns.append(p.to(dtype=PATTERN_DTYPE) if isinstance(p, BandedPattern) else p.to_dense().to(PATTERN_DTYPE))
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(t.num_layers)]
+    resid = torch.stack([caps[n].tensor()[0].float() for n in names])
+    T = resid.shape[1]
+    ids = torch.tensor([(res.prompt_ids + res.token_ids)[:T]])
+    types = torch.zeros_like(ids)
+    if res.inputs is not None:
+        n = res.inputs.token_types.shape[1]
+        types[:, :n] = res.inputs.token_types[:, :T]
+    return ColumnCapture(ids, types, patterns, resid, [t.window_for(k) for k in t.layer_types])
