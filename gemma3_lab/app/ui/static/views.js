@@ -74,6 +74,14 @@ function describeLayer(L) {
   return "layer " + L.layer + " · " + L.type + (L.type === "local" ? " (window " + L.window + ")" : " (whole prefix)");
 }
 
+// the n keys query row r of head h weighs most, as '"piece" (slot) 0.123, ...'
+function topKeys(L, p, r, h, n) {
+  const top = [];
+  for (let k = L.lo[r]; k < L.lo[r] + L.len[r]; k++) top.push([weight(L, p.n_heads, r, h, k), k]);
+  top.sort((a, b) => b[0] - a[0] || a[1] - b[1]);
+  return top.slice(0, n).map(([u, k]) => JSON.stringify(p.tokens[k]) + " (" + k + ") " + fmt(u, p)).join(", ");
+}
+
 function paintAttention(p) {
   const L = p.layers[state.layer];
   const q = state.query;
@@ -84,6 +92,8 @@ function paintAttention(p) {
   const edge = r >= 0 && L.type === "local" ? q - L.window + 1 : null;
   for (const strip of root.querySelectorAll(".strip")) {
     const h = Number(strip.dataset.head);
+    const title = strip.parentElement.querySelector(".head-title");
+    if (title) title.textContent = "head " + h + (r >= 0 ? " · most: " + topKeys(L, p, r, h, 1) : "");
     for (const s of strip.children) {
       const k = Number(s.dataset.pos);
       const u = r >= 0 ? weight(L, p.n_heads, r, h, k) : 0;
@@ -106,13 +116,8 @@ function paintAttention(p) {
     info.textContent = "slot " + q + " " + JSON.stringify(p.tokens[q]) + " has no attention row in this capture.";
   } else {
     const h = state.head === "all" ? 0 : Number(state.head);
-    const lo = L.lo[r], n = L.len[r];
-    const top = [];
-    for (let k = lo; k < lo + n; k++) top.push([weight(L, p.n_heads, r, h, k), k]);
-    top.sort((a, b) => b[0] - a[0]);
     info.textContent = (state.pinned ? "pinned " : "") + "slot " + q + " " + JSON.stringify(p.tokens[q]) +
-      " · head " + h + " attends most to: " +
-      top.slice(0, 3).map(([u, k]) => JSON.stringify(p.tokens[k]) + " (" + k + ") " + fmt(u, p)).join(", ") +
+      " · head " + h + " attends most to: " + topKeys(L, p, r, h, 3) +
       (edge !== null && edge > 0 ? " · window starts at slot " + edge : "");
   }
 }
