@@ -118,7 +118,9 @@ def open_gguf(reader_or_path: str | os.PathLike | GGUFReader | GGUFFile) -> GGUF
             infos.append((name, cur.scalar(4), dims, cur.scalar(10)))
     except UnicodeDecodeError:
         raise GGUFError(f"{path}: corrupt GGUF (a string is not UTF-8 at byte {cur.pos:,})") from None
-    align = int(metadata.get("general.alignment", 32))
+    align = metadata.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= 1 << 16 or align & (align - 1):
+        raise GGUFError(f"{path}: general.alignment = {align!r} must be a power of two (GGUF uses 32)")
     data_start = -(-cur.pos // align) * align
     tensors = {}
     for name, qtype, dims, offset in infos:
@@ -151,8 +153,21 @@ def _f32(x: float) -> float:
 
 
 def read_gguf_config(reader_or_path) -> Gemma3Config:
-    """The text config from `gemma3.*` metadata, plus the keys transformers drops (spec §7 "Gaps")."""
+    """The text config from `gemma3.*` metadata, plus the keys transformers drops (spec §7 "Gaps").
+
+    Metadata of the wrong type or out of range is a GGUFError naming the file."""
     g = open_gguf(reader_or_path)
+    try:
+        return _config(g)
+    except GGUFError:
+        raise
+    except Gemma3LabError as e:  # the config's own checks (sizes, heads, ...)
+        raise GGUFError(f"{g.path}: {e}") from None
+    except (TypeError, ValueError, OverflowError, AttributeError) as e:  # e.g. int() of a list
+        raise GGUFError(f"{g.path}: malformed gemma3 metadata ({type(e).__name__}: {e})") from None
+
+
+def _config(g: GGUFFile) -> Gemma3Config:
     m, path = g.metadata, g.path
     arch = m.get("general.architecture")
     if arch != "gemma3":

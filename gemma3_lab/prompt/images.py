@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gemma3_lab.errors import Gemma3LabError
+
 # Gemma 3's preprocessor_config.json: bilinear to 896, mean = std = 0.5, rescale 1/255
 IMAGE_SIZE = 896
 MEAN = STD = 0.5
@@ -23,10 +25,13 @@ MEAN = STD = 0.5
 PAS_MIN_CROP = 256
 PAS_MAX_CROPS = 4
 PAS_MIN_RATIO = 1.2
-# PIL refuses images over 2 × 89,478,485 pixels as decompression bombs, and so does transformers.
-# Up to that we decode in full (identical to transformers); above it, JPEGs are decoded at a
-# reduced scale (libjpeg's 1/2, 1/4, 1/8) and anything else is refused with a clear message.
-MAX_PIXELS = 2 * 89_478_485
+# The decoding budget, checked on the header before any pixel is decoded. Every image becomes
+# 896×896 anyway; 2**25 pixels (~5800×5800, ~100 MB as RGB) covers photos and screenshots, and is
+# far below PIL's own bomb limit (2 × 89,478,485), which let a 165 KB 13000×13000 palette PNG take
+# 5 GB to decode. Up to the budget we decode in full (identical to transformers); above it, JPEGs
+# are decoded at a reduced scale (libjpeg's 1/2, 1/4, 1/8, via `Image.draft`) and anything else is
+# refused with a clear message (PIL can shrink other formats only after decoding them in full).
+MAX_PIXELS = 2**25
 BACKENDS = ("torch", "pil")
 
 _open_lock = threading.Lock()
@@ -61,29 +66,29 @@ def load_image(source, name: str | None = None):
         path = Path(source).expanduser()
         label = name or str(path)
         if isinstance(source, str) and source.startswith(("http://", "https://")):
-            raise ValueError(f"{source}: URLs are not fetched (no network); download the image and pass its path")
+            raise Gemma3LabError(f"{source}: URLs are not fetched (no network); download the image and pass its path")
         if not path.is_file():
             raise FileNotFoundError(f"{label}: no such image file")
         if path.stat().st_size == 0:
-            raise ValueError(f"{label}: the file is empty (0 bytes), not an image")
+            raise Gemma3LabError(f"{label}: the file is empty (0 bytes), not an image")
         img = _open(path, label)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         label = name or f"<{len(source)} bytes>"
         if len(source) == 0:
-            raise ValueError(f"{label}: empty bytes, not an image")
+            raise Gemma3LabError(f"{label}: empty bytes, not an image")
         img = _open(io.BytesIO(bytes(source)), label)
     elif isinstance(source, (np.ndarray, Tensor)):
         arr = source.detach().cpu().numpy() if isinstance(source, Tensor) else source
         label = name or f"array {tuple(arr.shape)}"
         if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
-            raise ValueError(f"{label}: arrays must be uint8 (H, W) or (H, W, 1|3|4), got {arr.dtype} {arr.shape}")
+            raise Gemma3LabError(f"{label}: arrays must be uint8 (H, W) or (H, W, 1|3|4), got {arr.dtype} {arr.shape}")
         img = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
     else:
         raise TypeError(f"cannot read an image from {type(source).__name__}: give a path, bytes, a PIL image or a uint8 array")
     try:
         return to_rgb(img)
     except OSError as e:  # truncated or corrupt data surfaces only when the pixels are decoded
-        raise ValueError(f"{label}: could not decode the image ({e})") from None
+        raise Gemma3LabError(f"{label}: could not decode the image ({e})") from None
 
 
 def _open(fp, label: str):
@@ -96,16 +101,16 @@ def _open(fp, label: str):
         try:
             img = Image.open(fp)
         except UnidentifiedImageError:
-            raise ValueError(f"{label}: not an image file PIL can read") from None
+            raise Gemma3LabError(f"{label}: not an image file PIL can read") from None
         except OSError as e:
-            raise ValueError(f"{label}: could not open the image ({e})") from None
+            raise Gemma3LabError(f"{label}: could not open the image ({e})") from None
         finally:
             Image.MAX_IMAGE_PIXELS = saved
     w, h = img.size
     if w * h > MAX_PIXELS and img.format == "JPEG":
-        # decode at the smallest libjpeg scale that is still at least 896 px a side, then
-        # check again: 1/8 is the most draft can do
-        scale = min(8, max(1, min(w, h) // IMAGE_SIZE))
+        # decode at the mildest libjpeg scale that fits the budget, then check again: 1/8 is the
+        # most draft can do
+        scale = next((k for k in (2, 4, 8) if math.ceil(w / k) * math.ceil(h / k) <= MAX_PIXELS), 8)
         img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
     _check_size(img, label)
     return img
@@ -114,11 +119,11 @@ def _open(fp, label: str):
 def _check_size(img, label: str) -> None:
     w, h = img.size
     if w == 0 or h == 0:
-        raise ValueError(f"{label}: the image has no pixels ({w}×{h})")
+        raise Gemma3LabError(f"{label}: the image has no pixels ({w}×{h})")
     if w * h > MAX_PIXELS:
-        raise ValueError(
-            f"{label}: {w}×{h} is {w * h / 1e6:.0f} megapixels, over the {MAX_PIXELS / 1e6:.0f} MP decoding limit "
-            "(PIL's decompression-bomb limit, which transformers keeps too). Downscale it first; JPEG files this "
+        raise Gemma3LabError(
+            f"{label}: {w}×{h} is {w * h / 1e6:.0f} megapixels, over the {MAX_PIXELS / 1e6:.0f} MP decoding budget "
+            "(checked before decoding, so an upload cannot take gigabytes). Downscale it first; JPEG files this "
             "large are decoded at reduced scale automatically."
         )
 
@@ -185,7 +190,7 @@ def resize(img: Tensor, size: int = IMAGE_SIZE, backend: str = "torch") -> Tenso
         pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((size, size), resample=Image.BILINEAR)
         return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
     if backend != "torch":
-        raise ValueError(f"resize backend must be one of {BACKENDS}, not {backend!r}")
+        raise Gemma3LabError(f"resize backend must be one of {BACKENDS}, not {backend!r}")
     if tuple(img.shape[-2:]) == (size, size):
         return img  # torchvision returns the input untouched
     x = img[None]  # (1, 3, H, W), strides kept as the caller's (crops are views)
