@@ -18,8 +18,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as np_dequantize
 
-from gemma3_lab.config import Gemma3Config, RopeConfig, TextConfig, pattern_layer_types
-from gemma3_lab.errors import Gemma3LabError
+from gemma3_lab.config import LIMITS, Gemma3Config, RopeConfig, TextConfig, pattern_layer_types
+from gemma3_lab.errors import Gemma3LabError, number
 
 
 class GGUFError(Gemma3LabError):
@@ -163,7 +163,7 @@ def read_gguf_config(reader_or_path) -> Gemma3Config:
         raise
     except Gemma3LabError as e:  # the config's own checks (sizes, heads, ...)
         raise GGUFError(f"{g.path}: {e}") from None
-    except (TypeError, ValueError, OverflowError, AttributeError) as e:  # e.g. int() of a list
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as e:  # e.g. int() of a list
         raise GGUFError(f"{g.path}: malformed gemma3 metadata ({type(e).__name__}: {e})") from None
 
 
@@ -179,6 +179,7 @@ def _config(g: GGUFFile) -> Gemma3Config:
         return m.get(f"gemma3.{k}", default)
 
     n_layers, hidden, heads = int(key("block_count")), int(key("embedding_length")), int(key("attention.head_count"))
+    number("gemma3.block_count", n_layers, integer=True, low=1, high=LIMITS["num_layers"])  # before per-layer lists
     head_dim = int(key("attention.key_length"))
     # transformers drops the attention scale; llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3) reads
     # `attention.scale` if set, else uses hidden/heads for the 27B (62 layers) and head_dim otherwise.

@@ -113,6 +113,10 @@ def _open(fp, label: str):
         scale = next((k for k in (2, 4, 8) if math.ceil(w / k) * math.ceil(h / k) <= MAX_PIXELS), 8)
         img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
     _check_size(img, label)
+    try:  # decode now, within the budget: a corrupt file fails here, by name
+        img.load()
+    except Exception as e:  # PIL's decoders raise OSError, ValueError, SyntaxError, EOFError... on bad bytes
+        raise Gemma3LabError(f"{label}: could not decode the image ({e})") from None
     return img
 
 
