@@ -113,7 +113,8 @@ class TextConfig:
             raise Gemma3LabError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         positive = {"query_pre_attn_scalar": self.query_pre_attn_scalar, "rms_norm_eps": self.rms_norm_eps,
                     "rope_local.theta": self.rope_local.theta, "rope_global.theta": self.rope_global.theta,
-                    "rope_global.factor": self.rope_global.factor, "final_logit_softcapping": self.final_logit_softcapping}
+                    "rope_global.factor": self.rope_global.factor,
+                    "final_logit_softcapping": self.final_logit_softcapping}
         for name, v in positive.items():
             if v is not None:
                 number(f"text config {name}", v, above=0)
@@ -175,7 +176,8 @@ class TextConfig:
         layer_types = tuple(lt) if lt else pattern_layer_types(n, pattern)
         rope_local, rope_global = _rope_from_hf(d)
         eos = d.get("eos_token_id", 1)
-        eos_ids = tuple(_int({"eos_token_id": e}, "eos_token_id", 1) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+        eos_ids = tuple(number("config field eos_token_id", e, integer=True)
+                        for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
         return cls(
             vocab_size=_int(d, "vocab_size", 262_208),
             hidden_size=_int(d, "hidden_size", 2304),
@@ -191,7 +193,8 @@ class TextConfig:
             rope_global=rope_global,
             max_position_embeddings=_int(d, "max_position_embeddings", 131_072),
             rms_norm_eps=_float(d, "rms_norm_eps", 1e-6),
-            final_logit_softcapping=_float(d, "final_logit_softcapping", None) if d.get("final_logit_softcapping") is not None else None,
+            final_logit_softcapping=(None if d.get("final_logit_softcapping") is None
+                                     else _float(d, "final_logit_softcapping", None)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             pad_token_id=_int(d, "pad_token_id", 0) if d.get("pad_token_id") is not None else 0,
             bos_token_id=_int(d, "bos_token_id", 2),
@@ -259,7 +262,8 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[RopeConfig, RopeConfig]:
     local = RopeConfig(_float(d, "rope_local_base_freq", 10_000.0))
     g_theta = _float(d, "rope_theta", 1_000_000.0)
     scaling = d.get("rope_scaling")
-    return local, one({**mapping(scaling, "config field rope_scaling"), "rope_theta": g_theta} if scaling else None, g_theta)
+    scaling = {**mapping(scaling, "config field rope_scaling"), "rope_theta": g_theta} if scaling else None
+    return local, one(scaling, g_theta)
 
 
 @dataclass(frozen=True)
@@ -279,7 +283,8 @@ class VisionConfig:
         _check_sizes(self, "vision config")
         if self.hidden_size % self.num_heads or self.patch_size > self.image_size:
             raise Gemma3LabError(f"vision config: hidden_size {self.hidden_size} must be a multiple of num_heads "
-                                 f"{self.num_heads} and patch_size {self.patch_size} at most image_size {self.image_size}")
+                                 f"{self.num_heads} and patch_size {self.patch_size} at most image_size "
+                                 f"{self.image_size}")
         number("vision config layer_norm_eps", self.layer_norm_eps, above=0)
 
     @property

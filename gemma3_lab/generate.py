@@ -134,7 +134,8 @@ def generate(
     if inputs.input_ids.shape[0] != 1:
         raise Gemma3LabError("generate takes one prompt at a time")
     n_prompt = inputs.input_ids.shape[1]
-    check_context(model.config, n_prompt + max_new_tokens, f"the prompt ({n_prompt:,} tokens) + max_new_tokens ({max_new_tokens:,})")
+    check_context(model.config, n_prompt + max_new_tokens,
+                  f"the prompt ({n_prompt:,} tokens) + max_new_tokens ({max_new_tokens:,})")
     stop_ids = tuple(stop_ids if stop_ids is not None else model.config.text.eos_token_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     tok = model.tokenizer

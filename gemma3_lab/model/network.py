@@ -76,7 +76,7 @@ class Gemma3Network(nn.Module):
         """
         cfg = self.config.text
         past = cache.length if cache is not None else 0
-        check_input_ids(self.config, input_ids, past, pixel_values is not None)
+        check_input_ids(self.config, input_ids, past, pixel_values is not None or token_types is not None)
         B, S = input_ids.shape
         dev = input_ids.device
         # first, so hooks later in this forward can ask where its queries sit (decode steps)
