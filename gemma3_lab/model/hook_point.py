@@ -47,9 +47,11 @@ class HookPoint(nn.Module):
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
                 or _global_hooks_present()):
             x = super().__call__(x)
-        for fn in LOCAL_HOOKS.get().get(self, ()):  # this call's own hooks, after the model-wide ones
-            out = fn(self, (x,), x)
-            x = x if out is None else out
+        local = LOCAL_HOOKS.get()
+        if local and self in local:  # this call's own hooks, after the model-wide ones
+            for fn in local[self]:
+                out = fn(self, (x,), x)
+                x = x if out is None else out
         return x
 
     def extra_repr(self) -> str:
