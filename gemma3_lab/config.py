@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from gemma3_lab.errors import Gemma3LabError, mapping, number
+
 
 class AttentionType(str, enum.Enum):
     """Which mask and RoPE table a decoder layer uses (Gemma 3 report §2: 5 local : 1 global)."""
@@ -33,6 +35,31 @@ def pattern_layer_types(num_layers: int, pattern: int = 6) -> tuple[AttentionTyp
         AttentionType.GLOBAL if (i + 1) % pattern == 0 else AttentionType.LOCAL_SLIDING
         for i in range(num_layers)
     )
+
+
+# Sanity bounds, far above every published Gemma 3 (27B: 62 layers, width 5376, vocab 262,208):
+# a config outside them is a typo or an attack, refused before a single tensor is allocated.
+LIMITS = {
+    "vocab_size": 2**20, "hidden_size": 65_536, "intermediate_size": 2**20, "num_layers": 1000,
+    "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 4096, "sliding_window": 2**24,
+    "max_position_embeddings": 2**24, "num_channels": 4, "image_size": 8192, "patch_size": 1024,
+}
+
+
+def _check_sizes(obj: Any, where: str) -> None:
+    """Every int field named in LIMITS is an int in 1..limit (one line naming the field)."""
+    for f in dataclasses.fields(obj):
+        if f.name in LIMITS:
+            number(f"{where} {f.name}", getattr(obj, f.name), integer=True, low=1, high=LIMITS[f.name])
+
+
+def _int(d: Mapping[str, Any], key: str, default: Any) -> int:
+    """`d[key]` (or the default when absent) as an int; null, text, 2.5, true are refused by name."""
+    return number(f"config field {key}", d.get(key, default), integer=True)
+
+
+def _float(d: Mapping[str, Any], key: str, default: Any) -> float:
+    return number(f"config field {key}", d.get(key, default))
 
 
 @dataclass(frozen=True)
@@ -77,13 +104,28 @@ class TextConfig:
     eos_token_ids: tuple[int, ...] = (1, 106)
 
     def __post_init__(self) -> None:
+        _check_sizes(self, "text config")
         if len(self.layer_types) != self.num_layers:
-            raise ValueError(
+            raise Gemma3LabError(
                 f"layer_types has {len(self.layer_types)} entries but num_layers is {self.num_layers}"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
-        object.__setattr__(self, "layer_types", tuple(AttentionType(t) for t in self.layer_types))
+            raise Gemma3LabError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        positive = {"query_pre_attn_scalar": self.query_pre_attn_scalar, "rms_norm_eps": self.rms_norm_eps,
+                    "rope_local.theta": self.rope_local.theta, "rope_global.theta": self.rope_global.theta,
+                    "rope_global.factor": self.rope_global.factor,
+                    "final_logit_softcapping": self.final_logit_softcapping}
+        for name, v in positive.items():
+            if v is not None:
+                number(f"text config {name}", v, above=0)
+        for v in (self.pad_token_id, self.bos_token_id, *self.eos_token_ids):
+            number("text config special token id", v, integer=True, low=0)
+        try:
+            types = tuple(AttentionType(t) for t in self.layer_types)
+        except ValueError:
+            raise Gemma3LabError(f"layer_types must name {[t.value for t in AttentionType]}, "
+                                 f"got {sorted(set(map(str, self.layer_types)))[:4]}") from None
+        object.__setattr__(self, "layer_types", types)
 
     # derived values
     @property
@@ -122,35 +164,40 @@ class TextConfig:
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "TextConfig":
         """From a `gemma3_text` config dict (or the `text_config` of a `gemma3` one)."""
-        n = int(d.get("num_hidden_layers", 26))
+        n = _int(d, "num_hidden_layers", 26)
+        if not 1 <= n <= LIMITS["num_layers"]:  # before a per-layer list is built
+            raise Gemma3LabError(f"config field num_hidden_layers = {n} must be in 1..{LIMITS['num_layers']}")
         lt = d.get("layer_types")
-        layer_types = (
-            tuple(AttentionType(t) for t in lt)
-            if lt
-            else pattern_layer_types(n, int(d.get("sliding_window_pattern", 6)))
-        )
+        if lt is not None and not isinstance(lt, (list, tuple)):
+            raise Gemma3LabError(f"config field layer_types must be a list, got {type(lt).__name__}")
+        pattern = _int(d, "sliding_window_pattern", 6)
+        if lt is None and pattern < 1:
+            raise Gemma3LabError(f"config field sliding_window_pattern = {pattern} must be >= 1")
+        layer_types = tuple(lt) if lt else pattern_layer_types(n, pattern)
         rope_local, rope_global = _rope_from_hf(d)
         eos = d.get("eos_token_id", 1)
-        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+        eos_ids = tuple(number("config field eos_token_id", e, integer=True)
+                        for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
         return cls(
-            vocab_size=int(d.get("vocab_size", 262_208)),
-            hidden_size=int(d.get("hidden_size", 2304)),
-            intermediate_size=int(d.get("intermediate_size", 9216)),
+            vocab_size=_int(d, "vocab_size", 262_208),
+            hidden_size=_int(d, "hidden_size", 2304),
+            intermediate_size=_int(d, "intermediate_size", 9216),
             num_layers=n,
-            num_heads=int(d.get("num_attention_heads", 8)),
-            num_kv_heads=int(d.get("num_key_value_heads", 4)),
-            head_dim=int(d.get("head_dim", 256)),
-            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)),
-            sliding_window=int(d.get("sliding_window") or 4096),
+            num_heads=_int(d, "num_attention_heads", 8),
+            num_kv_heads=_int(d, "num_key_value_heads", 4),
+            head_dim=_int(d, "head_dim", 256),
+            query_pre_attn_scalar=_float(d, "query_pre_attn_scalar", 256),
+            sliding_window=_int(d, "sliding_window", None) if d.get("sliding_window") else 4096,
             layer_types=layer_types,
             rope_local=rope_local,
             rope_global=rope_global,
-            max_position_embeddings=int(d.get("max_position_embeddings", 131_072)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            final_logit_softcapping=d.get("final_logit_softcapping"),
+            max_position_embeddings=_int(d, "max_position_embeddings", 131_072),
+            rms_norm_eps=_float(d, "rms_norm_eps", 1e-6),
+            final_logit_softcapping=(None if d.get("final_logit_softcapping") is None
+                                     else _float(d, "final_logit_softcapping", None)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-            pad_token_id=int(d.get("pad_token_id", 0) or 0),
-            bos_token_id=int(d.get("bos_token_id", 2)),
+            pad_token_id=_int(d, "pad_token_id", 0) if d.get("pad_token_id") is not None else 0,
+            bos_token_id=_int(d, "bos_token_id", 2),
             eos_token_ids=eos_ids,
         )
 
@@ -198,23 +245,25 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[RopeConfig, RopeConfig]:
     def one(p: Mapping[str, Any] | None, theta: float) -> RopeConfig:
         if not p:
             return RopeConfig(theta)
+        p = mapping(p, "config field rope_parameters / rope_scaling")
         kind = p.get("rope_type", p.get("type", "default"))
         if kind not in ("default", "linear"):
-            raise ValueError(f"unsupported RoPE type {kind!r} (Gemma 3 uses 'default' or 'linear')")
+            raise Gemma3LabError(f"unsupported RoPE type {kind!r} (Gemma 3 uses 'default' or 'linear')")
         return RopeConfig(
-            float(p.get("rope_theta", theta)), kind, float(p.get("factor", 1.0)) if kind == "linear" else 1.0
+            _float(p, "rope_theta", theta), kind, _float(p, "factor", 1.0) if kind == "linear" else 1.0
         )
 
     params = d.get("rope_parameters")
-    if params and AttentionType.GLOBAL.value in params:
+    if params and AttentionType.GLOBAL.value in mapping(params, "config field rope_parameters"):
         return (
             one(params.get(AttentionType.LOCAL_SLIDING.value), 10_000.0),
             one(params.get(AttentionType.GLOBAL.value), 1_000_000.0),
         )
-    local = RopeConfig(float(d.get("rope_local_base_freq", 10_000.0)))
-    g_theta = float(d.get("rope_theta", 1_000_000.0))
+    local = RopeConfig(_float(d, "rope_local_base_freq", 10_000.0))
+    g_theta = _float(d, "rope_theta", 1_000_000.0)
     scaling = d.get("rope_scaling")
-    return local, one({**scaling, "rope_theta": g_theta} if scaling else None, g_theta)
+    scaling = {**mapping(scaling, "config field rope_scaling"), "rope_theta": g_theta} if scaling else None
+    return local, one(scaling, g_theta)
 
 
 @dataclass(frozen=True)
@@ -229,6 +278,14 @@ class VisionConfig:
     image_size: int = 896
     patch_size: int = 14
     layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_sizes(self, "vision config")
+        if self.hidden_size % self.num_heads or self.patch_size > self.image_size:
+            raise Gemma3LabError(f"vision config: hidden_size {self.hidden_size} must be a multiple of num_heads "
+                                 f"{self.num_heads} and patch_size {self.patch_size} at most image_size "
+                                 f"{self.image_size}")
+        number("vision config layer_norm_eps", self.layer_norm_eps, above=0)
 
     @property
     def head_dim(self) -> int:
@@ -245,14 +302,14 @@ class VisionConfig:
     @classmethod
     def from_hf(cls, d: Mapping[str, Any]) -> "VisionConfig":
         return cls(
-            hidden_size=int(d.get("hidden_size", 768)),
-            intermediate_size=int(d.get("intermediate_size", 3072)),
-            num_layers=int(d.get("num_hidden_layers", 12)),
-            num_heads=int(d.get("num_attention_heads", 12)),
-            num_channels=int(d.get("num_channels", 3)),
-            image_size=int(d.get("image_size", 224)),
-            patch_size=int(d.get("patch_size", 16)),
-            layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
+            hidden_size=_int(d, "hidden_size", 768),
+            intermediate_size=_int(d, "intermediate_size", 3072),
+            num_layers=_int(d, "num_hidden_layers", 12),
+            num_heads=_int(d, "num_attention_heads", 12),
+            num_channels=_int(d, "num_channels", 3),
+            image_size=_int(d, "image_size", 224),
+            patch_size=_int(d, "patch_size", 16),
+            layer_norm_eps=_float(d, "layer_norm_eps", 1e-6),
         )
 
     def to_hf(self) -> dict:
@@ -296,36 +353,40 @@ class Gemma3Config:
 
     @classmethod
     def from_hf(cls, d: Mapping[str, Any], name: str = "gemma-3") -> "Gemma3Config":
-        mt = d.get("model_type")
+        mt = mapping(d, "config").get("model_type")
         if mt == "gemma3_text":
             return cls(text=TextConfig.from_hf(d), name=name)
         if mt == "gemma3":
-            text = dict(d.get("text_config") or {})
+            text = dict(mapping(d.get("text_config") or {}, "config field text_config"))
             text.setdefault("eos_token_id", d.get("eos_token_id", text.get("eos_token_id", 1)))
             return cls(
                 text=TextConfig.from_hf(text),
-                vision=VisionConfig.from_hf(d.get("vision_config") or {}),
+                vision=VisionConfig.from_hf(mapping(d.get("vision_config") or {}, "config field vision_config")),
                 name=name,
-                mm_tokens_per_image=int(d.get("mm_tokens_per_image", 256)),
-                boi_token_id=int(d.get("boi_token_index", d.get("boi_token_id", 255_999))),
-                eoi_token_id=int(d.get("eoi_token_index", d.get("eoi_token_id", 256_000))),
-                image_token_id=int(d.get("image_token_index", d.get("image_token_id", 262_144))),
+                mm_tokens_per_image=_int(d, "mm_tokens_per_image", 256),
+                boi_token_id=_int(d, "boi_token_index", d.get("boi_token_id", 255_999)),
+                eoi_token_id=_int(d, "eoi_token_index", d.get("eoi_token_id", 256_000)),
+                image_token_id=_int(d, "image_token_index", d.get("image_token_id", 262_144)),
             )
-        raise ValueError(f"config model_type is {mt!r}; gemma3_lab reads 'gemma3' and 'gemma3_text'")
+        raise Gemma3LabError(f"config model_type is {mt!r}; gemma3_lab reads 'gemma3' and 'gemma3_text'")
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Gemma3Config":
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: config.json not found") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except IsADirectoryError:
+            raise Gemma3LabError(f"{path}: is a folder, not a config.json file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise Gemma3LabError(f"{path}: not valid JSON ({e})") from None
+        except (OSError, RecursionError) as e:  # unreadable, or nested too deep to parse
+            raise Gemma3LabError(f"{path}: cannot be read as JSON ({type(e).__name__}: {e})") from None
         try:
             return cls.from_hf(d, name=path.parent.name)
         except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+            raise Gemma3LabError(f"{path}: {e}") from None
 
     def to_hf(self) -> dict:
         if self.vision is None:

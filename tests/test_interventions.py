@@ -23,7 +23,7 @@ def base(real_model):
 def test_ablating_a_head_changes_logits_and_removal_restores_them_exactly(real_model, base):
     ablated = real_model.run_with_hooks(CLEAN, fwd_hooks=ablate_heads(3, 1))
     assert (ablated - base).abs().max() > 1e-3
-    assert not any(hp._forward_hooks for hp in real_model.hook_points.values())
+    assert not any(hp.active for hp in real_model.hook_points.values())
     with torch.no_grad():
         again = real_model(CLEAN).logits
     assert torch.equal(again, base)  # bit for bit

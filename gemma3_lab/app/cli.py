@@ -7,6 +7,7 @@ import sys
 
 from gemma3_lab.analysis.verify import load_reference, verify
 from gemma3_lab.config import BUNDLED
+from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.load import bundled_gguf_path, load
 from gemma3_lab.loading.gguf_convert import cached_conversion, convert_gguf
 from gemma3_lab.viz.mask_visualizer import AttentionMaskVisualizer
@@ -102,9 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         return {"generate": _generate, "masks": _masks, "verify": _verify, "convert": _convert, "info": _info}[
             args.command
         ](args)
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (Gemma3LabError, ValueError, OSError, ImportError) as e:  # bad input: one line, no traceback
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The message on one line (a config mismatch lists its tensors on indented lines)."""
+    return "; ".join(part.strip() for part in str(e).splitlines() if part.strip()) or type(e).__name__
 
 
 def _load(args):

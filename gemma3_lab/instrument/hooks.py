@@ -26,7 +26,7 @@ from gemma3_lab.instrument.activation_cache import (
 )
 from gemma3_lab.instrument.cache_estimate import CacheEstimate, check_budget, default_budget, estimate
 from gemma3_lab.instrument.lens import top_logits
-from gemma3_lab.model.hook_point import HookPoint
+from gemma3_lab.model.hook_point import LOCAL_HOOKS, HookPoint
 
 __all__ = ["HookedMixin", "ActivationCache", "act_name", "unknown_name"]
 
@@ -81,16 +81,20 @@ class HookedMixin:
 
     @contextlib.contextmanager
     def hooks(self, fwd_hooks: Iterable[tuple[str | Callable[[str], bool], HookFn]] = ()):
-        """Attach `(name or name-predicate, fn)` pairs for the block; removed however it exits."""
-        handles = []
+        """Attach `(name or name-predicate, fn)` pairs for the block; removed however it exits.
+
+        They belong to this thread (or asyncio task): another thread's forward on the same model
+        does not run them (see gemma3_lab.model.hook_point)."""
+        before = LOCAL_HOOKS.get()
+        added: dict[HookPoint, tuple] = dict(before)
+        for name, fn in fwd_hooks:
+            for hp in self._targets(name):
+                added[hp] = (*added.get(hp, ()), _wrap(fn))
+        LOCAL_HOOKS.set(added)
         try:
-            for name, fn in fwd_hooks:
-                for hp in self._targets(name):
-                    handles.append(hp.register_forward_hook(_wrap(fn)))
             yield self
         finally:
-            for h in handles:
-                h.remove()
+            LOCAL_HOOKS.set(before)
 
     def add_hook(self, name: str | Callable[[str], bool], fn: HookFn) -> None:
         """Attach `fn(tensor, hook)` to a hook point (or every one whose name passes the
@@ -105,8 +109,11 @@ class HookedMixin:
         return [hp for n, hp in self.hook_points.items() if name(n)]
 
     def reset_hooks(self) -> None:
+        """Remove model-wide hooks, and this context's hooks on this model."""
         for hp in self.hook_points.values():
             hp._forward_hooks.clear()
+        mine = set(self.hook_points.values())
+        LOCAL_HOOKS.set({hp: fns for hp, fns in LOCAL_HOOKS.get().items() if hp not in mine})
 
     def run_with_hooks(self, inputs, fwd_hooks=(), **kwargs):
         """Forward with the given hooks attached; returns the model output's logits."""

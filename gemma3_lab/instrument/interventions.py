@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from gemma3_lab.config import kv_heads_of
+from gemma3_lab.errors import Gemma3LabError, number
 from gemma3_lab.instrument.activation_cache import ActivationCache, canonical, layout
 from gemma3_lab.instrument.capture import SlotTracker
 from gemma3_lab.model.banded import BandedPattern, PatternView
@@ -102,14 +103,23 @@ def patch(source: ActivationCache, names: str | Iterable[str], positions: Iterab
     return [slots.pair()] + [make(n) for n in names]
 
 
+MAX_STEER_SCALE = 1e6  # residual norms are in the hundreds; beyond this only overflow remains
+
+
 def steer(name: str, vector: Tensor, scale: float = 1.0, positions: Iterable[int] | None = None) -> Hooks:
     """Add `scale * vector` (D,) to the activation at `name` (e.g. `blocks.6.hook_resid_post`),
-    at every position or only at the given absolute slots."""
+    at every position or only at the given absolute slots. `|scale|` is at most MAX_STEER_SCALE
+    and `scale * vector` must be finite: a NaN or overflowing edit would turn every logit to NaN."""
     name = canonical(name)
+    scale = number("steering scale", scale, low=-MAX_STEER_SCALE, high=MAX_STEER_SCALE)
+    if not bool(torch.isfinite(vector).all()) or not bool(torch.isfinite(scale * vector.float()).all()):
+        raise Gemma3LabError(f"steering vector for {name}: scale {scale:g} × vector has NaN or inf values")
     slots = SlotTracker()
 
     def fn(t, hook):
         v = (scale * vector).to(device=t.device, dtype=t.dtype)
+        if not bool(torch.isfinite(v).all()):
+            raise Gemma3LabError(f"steering at {name}: scale {scale:g} × vector overflows {t.dtype}")
         if positions is None:
             return t + v
         rows, _ = slots.rows(positions)

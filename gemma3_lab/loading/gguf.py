@@ -18,8 +18,8 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize as np_dequantize
 
-from gemma3_lab.config import Gemma3Config, RopeConfig, TextConfig, pattern_layer_types
-from gemma3_lab.errors import Gemma3LabError
+from gemma3_lab.config import LIMITS, Gemma3Config, RopeConfig, TextConfig, pattern_layer_types
+from gemma3_lab.errors import Gemma3LabError, number
 
 
 class GGUFError(Gemma3LabError):
@@ -118,7 +118,9 @@ def open_gguf(reader_or_path: str | os.PathLike | GGUFReader | GGUFFile) -> GGUF
             infos.append((name, cur.scalar(4), dims, cur.scalar(10)))
     except UnicodeDecodeError:
         raise GGUFError(f"{path}: corrupt GGUF (a string is not UTF-8 at byte {cur.pos:,})") from None
-    align = int(metadata.get("general.alignment", 32))
+    align = metadata.get("general.alignment", 32)
+    if isinstance(align, bool) or not isinstance(align, int) or not 1 <= align <= 1 << 16 or align & (align - 1):
+        raise GGUFError(f"{path}: general.alignment = {align!r} must be a power of two (GGUF uses 32)")
     data_start = -(-cur.pos // align) * align
     tensors = {}
     for name, qtype, dims, offset in infos:
@@ -151,8 +153,21 @@ def _f32(x: float) -> float:
 
 
 def read_gguf_config(reader_or_path) -> Gemma3Config:
-    """The text config from `gemma3.*` metadata, plus the keys transformers drops (spec §7 "Gaps")."""
+    """The text config from `gemma3.*` metadata, plus the keys transformers drops (spec §7 "Gaps").
+
+    Metadata of the wrong type or out of range is a GGUFError naming the file."""
     g = open_gguf(reader_or_path)
+    try:
+        return _config(g)
+    except GGUFError:
+        raise
+    except Gemma3LabError as e:  # the config's own checks (sizes, heads, ...)
+        raise GGUFError(f"{g.path}: {e}") from None
+    except (TypeError, ValueError, ArithmeticError, AttributeError) as e:  # e.g. int() of a list
+        raise GGUFError(f"{g.path}: malformed gemma3 metadata ({type(e).__name__}: {e})") from None
+
+
+def _config(g: GGUFFile) -> Gemma3Config:
     m, path = g.metadata, g.path
     arch = m.get("general.architecture")
     if arch != "gemma3":
@@ -164,6 +179,7 @@ def read_gguf_config(reader_or_path) -> Gemma3Config:
         return m.get(f"gemma3.{k}", default)
 
     n_layers, hidden, heads = int(key("block_count")), int(key("embedding_length")), int(key("attention.head_count"))
+    number("gemma3.block_count", n_layers, integer=True, low=1, high=LIMITS["num_layers"])  # before per-layer lists
     head_dim = int(key("attention.key_length"))
     # transformers drops the attention scale; llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3) reads
     # `attention.scale` if set, else uses hidden/heads for the 27B (62 layers) and head_dim otherwise.

@@ -6,15 +6,21 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from safetensors.torch import save_file
 
-from gemma3_lab.loading.gguf import open_gguf, read_gguf_config, read_gguf_state_dict
+from gemma3_lab.errors import Gemma3LabError
+from gemma3_lab.loading.gguf import hf_name, open_gguf, read_gguf_config, read_gguf_state_dict
 from gemma3_lab.loading.gguf_tokenizer import tokenizer_from_gguf
+from gemma3_lab.loading.hf import validate
+from gemma3_lab.loading.hf_names import Unmatched, to_internal
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Path:
@@ -26,11 +32,14 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
     g = open_gguf(gguf_path)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # fail before the slow part
-        raise FileExistsError(errno.EEXIST, "conversion target exists and is not empty", str(out))
+        what = "not empty" if out.is_dir() else "a file"
+        raise Gemma3LabError(f"{out}: the conversion target exists and is {what}; give a new or empty folder")
+    cfg = read_gguf_config(g)
+    check_tensors(g, cfg)  # a GGUF whose metadata disagrees with its tensors fails here, before 1 GB is written
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    remove_stale_partials(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{PARTIAL}{_HOST}-{os.getpid()}-", dir=out.parent))
     try:
-        cfg = read_gguf_config(g)
         (tmp / "config.json").write_text(json.dumps({**cfg.to_hf(), "dtype": "float32"}, indent=2))
         save_file(read_gguf_state_dict(g, progress), tmp / "model.safetensors", metadata={"format": "pt"})
         tokenizer_from_gguf(g).save(tmp)
@@ -46,6 +55,53 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progr
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+PARTIAL = ".partial-"  # `.NAME.partial-HOST-PID-XXXX`: who is writing it, so leftovers can be told apart
+_HOST = socket.gethostname().replace("-", "_") or "host"
+_STALE_S = 24 * 3600  # a partial from another machine (shared home) is only presumed dead after a day
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Delete conversion temporaries a killed process left in `folder`: those of this machine whose
+    process is gone, and any older than a day (another machine's, or an old name without a PID)."""
+    removed = []
+    for p in folder.glob(f".*{PARTIAL}*"):
+        m = re.fullmatch(rf"\..+{re.escape(PARTIAL)}(?:([^-]+)-(\d+)-)?[^-]*", p.name)
+        if m is None or not p.is_dir():
+            continue
+        host, pid = m.group(1), m.group(2)
+        mine_and_dead = host == _HOST and pid is not None and not _alive(int(pid))
+        try:
+            old = time.time() - max([p.stat().st_mtime, *(f.stat().st_mtime for f in p.iterdir())]) > _STALE_S
+        except OSError:  # removed meanwhile by another process
+            continue
+        if mine_and_dead or old:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def check_tensors(g, cfg) -> None:
+    """The GGUF's tensor names and shapes against the config its metadata describes (error names the GGUF)."""
+    found, unknown = {}, []
+    for name, t in g.tensors.items():
+        internal = to_internal(hf_name(name) or name)
+        if isinstance(internal, Unmatched):
+            unknown.append(name)
+        elif internal is not None:  # None: dropped on purpose
+            found[internal] = (t.shape, name)
+    validate(cfg, found, unknown=unknown, where=f"{g.path} (its tensors against its own metadata)")
 
 
 def cache_root() -> Path:

@@ -14,13 +14,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gemma3_lab.config import Gemma3Config
+from gemma3_lab.errors import Gemma3LabError, number
 from gemma3_lab.loading.hf_names import Unmatched, expected_shapes, to_hf, to_internal
 
-__all__ = ["load_hf_state_dict", "save_hf_folder", "find_tokenizer", "expected_shapes", "parse_dtype", "validate"]
+__all__ = ["load_hf_state_dict", "save_hf_folder", "find_tokenizer", "expected_shapes", "parse_dtype", "validate",
+           "inside"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOAT_STORAGE = {"F64", "F32", "F16", "BF16"}  # safetensors dtype names the loader reads
 _PROGRESS_BYTES = 10**9  # below this a single file loads too fast for a bar to help
 _MAX_LISTED = 10
 
@@ -34,40 +37,81 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)} (or the matching torch.dtype)")
 
 
+def inside(folder: str | Path, path: str | Path) -> Path:
+    """`path` with symlinks resolved, if it stays inside `folder` (also resolved); else a
+    Gemma3LabError naming the file. Every file the loader opens goes through here, so a symlink
+    or a `../` shard name cannot reach weights outside the folder it was given (the one exception:
+    a hub cache snapshot may reach its own repository's blobs)."""
+    root = Path(folder).resolve()
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        root = root.parent.parent  # a Hugging Face hub cache: snapshots/<rev>/* link to ../../blobs/*
+    real = (Path(folder) / path).resolve()
+    if real != root and root not in real.parents:
+        raise Gemma3LabError(f"{Path(folder) / path}: resolves to {real}, outside the model folder {root}; refused")
+    return real
+
+
 def find_tokenizer(folder: str | Path) -> Path:
-    """tokenizer.json if present (fast tokenizers), else the SentencePiece tokenizer.model."""
+    """tokenizer.json if present (fast tokenizers), else the SentencePiece tokenizer.model.
+
+    It and the files read beside it (tokenizer_config.json, chat_template.jinja) must be inside `folder`."""
     folder = Path(folder)
     for name in ("tokenizer.json", "tokenizer.model"):
         if (folder / name).is_file():
+            for extra in ("tokenizer_config.json", "chat_template.jinja"):
+                if (folder / extra).exists():
+                    inside(folder, extra)
+            inside(folder, name)
             return folder / name
     raise FileNotFoundError(f"{folder}: no tokenizer.json or tokenizer.model")
+
+
+def _shard_names(index: Path) -> list[str]:
+    """The distinct file names an index's weight_map points to: relative names inside the folder."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError, RecursionError) as e:
+        raise Gemma3LabError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise Gemma3LabError(f"{index}: weight_map must map tensor names to shard file names, "
+                             f"got {type(weight_map).__name__}")
+    names = sorted(set(weight_map.values()))
+    for s in names:
+        if not s or Path(s).is_absolute() or ".." in Path(s).parts or "\\" in s or "\0" in s:
+            raise Gemma3LabError(f"{index}: shard name {s!r} must be a plain file name inside the folder")
+    return names
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files that hold the weights; a single file wins over an index, as in transformers."""
     if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
+        return [inside(folder, SINGLE_FILE)]
     index = folder / INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index with a weight_map ({e!r})") from None
-        shards = [folder / s for s in sorted(set(weight_map.values()))]
-        absent = [s.name for s in shards if not s.is_file()]
+        inside(folder, INDEX_FILE)
+        names = _shard_names(index)
+        absent = [s for s in names if not (folder / s).is_file()]
         if absent:
-            raise FileNotFoundError(f"{index} names shard(s) that are not in {folder}: {', '.join(absent)}")
-        return shards
+            raise FileNotFoundError(f"{index} names shard(s) that are not in {folder}: {_listing(absent)}")
+        return [inside(folder, s) for s in names]
     present = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".safetensors", ".gguf", ".pth"})
     hint = f" (found {', '.join(present)}; only safetensors are read)" if present else ""
     raise FileNotFoundError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def _check_finite(t: torch.Tensor, label: str) -> None:
+    """Refuse NaN/inf weights by name: the fast (SDPA) and hooked (explicit) attention paths treat
+    them differently, so the model would give two answers. One sum finds them (NaN and inf
+    propagate); only a non-finite sum, or one that overflowed, looks closer."""
+    if t.numel() and not torch.isfinite(t.sum(dtype=torch.float32)) and not bool(torch.isfinite(t).all()):
+        raise Gemma3LabError(f"{label} holds NaN or inf values; refusing to load it")
 
 
 def _open(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:  # safetensors raises its own SafetensorError for a bad header
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise Gemma3LabError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _listing(items: list[str]) -> str:
@@ -82,7 +126,7 @@ def validate(
     unknown: Sequence[str] = (),
     where: str = "checkpoint",
 ) -> None:
-    """Raise one ValueError describing every missing, unexpected and mis-shaped tensor.
+    """Raise one Gemma3LabError describing every missing, unexpected and mis-shaped tensor.
 
     `found` maps internal name -> (shape, where it came from); `unknown` lists names no rename rule knows.
     Lists stop at ten names so a wrong config gives a readable error, not thousands of lines.
@@ -103,14 +147,15 @@ def validate(
     if wrong:
         problems.append(f"{len(wrong)} tensor(s) with the wrong shape: {_listing(wrong)}")
     if problems:
-        raise ValueError(f"{where} does not match its config:\n  " + "\n  ".join(problems))
+        raise Gemma3LabError(f"{where} does not match its config:\n  " + "\n  ".join(problems))
 
 
 def _num_labels(raw: Mapping) -> int | None:
     """Only the (Text)ForSequenceClassification classes have a `score` head; its size is in the config."""
     if not any("ForSequenceClassification" in a for a in raw.get("architectures") or ()):
         return None
-    return int(raw.get("num_labels") or len(raw.get("id2label") or {}) or 2)  # 2 = transformers' default
+    n = raw.get("num_labels") or len(raw.get("id2label") or {}) or 2  # 2 = transformers' default
+    return number("config field num_labels", n, integer=True, low=1, high=2**20)
 
 
 def load_hf_state_dict(
@@ -130,8 +175,10 @@ def load_hf_state_dict(
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: checkpoint folder not found")
     dtype = parse_dtype(dtype)
-    config = Gemma3Config.from_json(folder / "config.json")
-    num_labels = _num_labels(json.loads((folder / "config.json").read_text()))
+    if (folder / "config.json").exists():
+        inside(folder, "config.json")
+    config = Gemma3Config.from_json(folder / "config.json")  # validated, bounded: nothing is allocated yet
+    num_labels = _num_labels(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     files = _checkpoint_files(folder)
 
     # Pass 1: names and shapes from the headers only, so a bad checkpoint fails fast.
@@ -150,7 +197,11 @@ def load_hf_state_dict(
                 if name == "lm_head.weight" and config.text.tie_word_embeddings:
                     continue  # a tied head is the embedding; a stored copy is redundant
                 if name in found:
-                    raise ValueError(f"{path}: {key} and {found[name][1]} both map to {name}")
+                    raise Gemma3LabError(f"{path}: {key} and {found[name][1]} both map to {name}")
+                stored = f.get_slice(key).get_dtype()
+                if stored not in FLOAT_STORAGE:  # casting integers or float8 codes would invent weights
+                    raise Gemma3LabError(f"{path}: {key} is stored as {stored}; only float weights "
+                                         f"({', '.join(sorted(FLOAT_STORAGE))}) are read, nothing is cast from it")
                 found[name] = (tuple(f.get_slice(key).get_shape()), f"{key} in {path.name}")
                 plan.setdefault(path, []).append((key, name))
     validate(config, found, num_labels, unknown, where=str(folder))
@@ -169,6 +220,7 @@ def load_hf_state_dict(
             with _open(path) as f:
                 for key, name in pairs:
                     t = f.get_tensor(key)
+                    _check_finite(t, f"{path}: {key}")
                     state[name] = t.to(device=device, dtype=dtype)
                     if bar is not None:
                         bar.update(t.numel() * t.element_size())

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from gemma3_lab.config import AttentionType, Gemma3Config
 from gemma3_lab.model.attention import MaskPlan, use_attention_path
 from gemma3_lab.model.block import Block
+from gemma3_lab.model.checks import check_input_ids
 from gemma3_lab.model.hook_point import HookPoint, name_hook_points
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.model.masks import image_block_ids
@@ -74,8 +75,9 @@ class Gemma3Network(nn.Module):
         other both ways. logits_to_keep=k computes the head on the last k positions only.
         """
         cfg = self.config.text
-        B, S = input_ids.shape
         past = cache.length if cache is not None else 0
+        check_input_ids(self.config, input_ids, past, pixel_values is not None or token_types is not None)
+        B, S = input_ids.shape
         dev = input_ids.device
         # first, so hooks later in this forward can ask where its queries sit (decode steps)
         q_slots = self.hook_slots(torch.arange(past, past + S, device=dev))

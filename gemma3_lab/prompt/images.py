@@ -26,10 +26,13 @@ MEAN = STD = 0.5
 PAS_MIN_CROP = 256
 PAS_MAX_CROPS = 4
 PAS_MIN_RATIO = 1.2
-# PIL refuses images over 2 × 89,478,485 pixels as decompression bombs, and so does transformers.
-# Up to that we decode in full (identical to transformers); above it, JPEGs are decoded at a
-# reduced scale (libjpeg's 1/2, 1/4, 1/8) and anything else is refused with a clear message.
-MAX_PIXELS = 2 * 89_478_485
+# The decoding budget, checked on the header before any pixel is decoded. Every image becomes
+# 896×896 anyway; 2**25 pixels (~5800×5800, ~100 MB as RGB) covers photos and screenshots, and is
+# far below PIL's own bomb limit (2 × 89,478,485), which let a 165 KB 13000×13000 palette PNG take
+# 5 GB to decode. Up to the budget we decode in full (identical to transformers); above it, JPEGs
+# are decoded at a reduced scale (libjpeg's 1/2, 1/4, 1/8, via `Image.draft`) and anything else is
+# refused with a clear message (PIL can shrink other formats only after decoding them in full).
+MAX_PIXELS = 2**25
 # "pil" is the default because it is the one proven equal to its reference (transformers' PIL
 # processor, bit for bit) and it gives the same pixels on every CPU; see `resize` for "torch".
 BACKENDS = ("pil", "torch")
@@ -124,11 +127,15 @@ def _open(fp, label: str):
             Image.MAX_IMAGE_PIXELS = saved
     w, h = img.size
     if w * h > MAX_PIXELS and img.format == "JPEG":
-        # decode at the smallest libjpeg scale that is still at least 896 px a side, then
-        # check again: 1/8 is the most draft can do
-        scale = min(8, max(1, min(w, h) // IMAGE_SIZE))
+        # decode at the mildest libjpeg scale that fits the budget, then check again: 1/8 is the
+        # most draft can do
+        scale = next((k for k in (2, 4, 8) if math.ceil(w / k) * math.ceil(h / k) <= MAX_PIXELS), 8)
         img.draft("RGB", (math.ceil(w / scale), math.ceil(h / scale)))
     _check_size(img, label)
+    try:  # decode now, within the budget: a corrupt file fails here, by name
+        img.load()
+    except Exception as e:  # PIL's decoders raise OSError, ValueError, SyntaxError, EOFError... on bad bytes
+        raise Gemma3LabError(f"{label}: could not decode the image ({e})") from None
     return img
 
 
@@ -138,8 +145,8 @@ def _check_size(img, label: str) -> None:
         raise Gemma3LabError(f"{label}: the image has no pixels ({w}×{h})")
     if w * h > MAX_PIXELS:
         raise Gemma3LabError(
-            f"{label}: {w}×{h} is {w * h / 1e6:.0f} megapixels, over the {MAX_PIXELS / 1e6:.0f} MP decoding limit "
-            "(PIL's decompression-bomb limit, which transformers keeps too). Downscale it first; JPEG files this "
+            f"{label}: {w}×{h} is {w * h / 1e6:.0f} megapixels, over the {MAX_PIXELS / 1e6:.0f} MP decoding budget "
+            "(checked before decoding, so an upload cannot take gigabytes). Downscale it first; JPEG files this "
             "large are decoded at reduced scale automatically."
         )
 

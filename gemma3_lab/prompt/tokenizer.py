@@ -14,6 +14,8 @@ import torch
 from tokenizers import Tokenizer as _Backend
 from tokenizers import decoders, normalizers, pre_tokenizers, processors
 
+from gemma3_lab.errors import Gemma3LabError
+
 # Gemma's own spellings; a tokenizer_config.json or the GGUF's special-token ids override them.
 DEFAULT_SPECIALS = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
                      "pad_token": "<pad>", "mask_token": "<mask>"}
@@ -110,6 +112,7 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Ids for `text`; special tokens written in the text become their ids. `add_bos=None`
         uses this tokenizer's setting (True for Gemma)."""
+        _check_text(text)
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return self._bos(add_bos) + ids
 
@@ -119,7 +122,10 @@ class Tokenizer:
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of strings; use encode() for one string")
         bos = self._bos(add_bos)
-        rows = [bos + e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+        texts = list(texts)
+        for t in texts:
+            _check_text(t)
+        rows = [bos + e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
         T = max((len(r) for r in rows), default=0)
         ids = torch.full((len(rows), T), self.pad_id or 0, dtype=torch.long)  # (B, T)
         mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
@@ -184,3 +190,15 @@ def _id_list(ids) -> list[int]:
     if isinstance(ids, int):
         return [ids]
     return [int(i) for i in ids]
+
+
+def _check_text(text) -> None:
+    """Text the tokenizer can take: a str that is valid Unicode (no lone surrogate halves, which
+    a browser or a bad decode can produce and which UTF-8 cannot represent)."""
+    if not isinstance(text, str):
+        raise Gemma3LabError(f"the prompt must be text (str), got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise Gemma3LabError(f"the prompt holds a lone surrogate {text[e.start]!r} at character {e.start}; "
+                             "it is not valid Unicode text") from None
