@@ -239,7 +239,7 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[RopeConfig, RopeConfig]:
     """Both RoPE tables from either `rope_parameters` (v5) or the legacy keys.
 
     Legacy `rope_scaling` applies to the global (full-attention) table only; `rope_theta`
-    is the global base and `rope_local_base_freq` the local one (spec §1.1).
+    is the global base and `rope_local_base_freq` the local one (docs/gemma3.md §1.1).
     """
 
     def one(p: Mapping[str, Any] | None, theta: float) -> RopeConfig:
@@ -268,7 +268,7 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[RopeConfig, RopeConfig]:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """SigLIP-So400m as used by Gemma 3 4B/12B/27B (spec §1.2)."""
+    """SigLIP-So400m as used by Gemma 3 4B/12B/27B (docs/gemma3.md §1.2)."""
 
     hidden_size: int = 1152
     intermediate_size: int = 4304
@@ -336,7 +336,7 @@ class Gemma3Config:
     text: TextConfig = TextConfig()
     vision: VisionConfig | None = None
     name: str = "gemma-3"
-    # image tokens (spec §1.3, §5.6)
+    # image tokens (docs/gemma3.md §1.3, §5.6)
     mm_tokens_per_image: int = 256
     boi_token_id: int = 255_999
     eoi_token_id: int = 256_000

@@ -10,7 +10,7 @@ from gemma3_lab.prompt.chat import apply_chat_template, images_in_messages
 transformers = pytest.importorskip("transformers")
 
 # The bundled GGUF carries no `tokenizer.chat_template` (test_chat_template_source checks), so
-# the oracle runs this template: spec §5.5's rules, written out in jinja for transformers' renderer.
+# the oracle runs this template: docs/gemma3.md §5.5's rules, written out in jinja for transformers' renderer.
 REFERENCE_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- set ns = namespace(prefix='', turns=messages) -%}"

@@ -17,7 +17,7 @@ from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.loading.gguf import GGUFError, open_gguf, read_gguf_config, read_gguf_state_dict
 from gemma3_lab.loading.gguf_convert import cached_conversion, convert_gguf
 
-PROMPT_IDS = [2, 818, 5279, 529, 7001, 563]  # "The capital of France is" (spec §0.1)
+PROMPT_IDS = [2, 818, 5279, 529, 7001, 563]  # "The capital of France is" (docs/gemma3.md §0.1)
 
 
 @pytest.fixture(scope="module")

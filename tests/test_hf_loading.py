@@ -173,7 +173,7 @@ def test_multimodal_layouts(tmp_path, multimodal, layout):
     path, model = multimodal
     embed = model.model.language_model.embed_tokens.weight.detach().clone()
     if layout == "save_pretrained":
-        # what transformers 5.24 writes for a model built from scratch (spec §6)
+        # what transformers 5.24 writes for a model built from scratch (docs/gemma3.md §6)
         keys = file_keys(path)
         assert "language_model.model.embed_tokens.weight" in keys
         assert "vision_tower.encoder.layers.0.mlp.fc1.weight" in keys

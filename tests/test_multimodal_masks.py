@@ -1,6 +1,6 @@
 """Image tokens attend to each other both ways within their image and never across images,
 text after an image sees all of it, the window still bounds local layers backwards, and
-cached generation with an image equals one uncached forward (spec §3.3, §3.5)."""
+cached generation with an image equals one uncached forward (docs/gemma3.md §3.3, §3.5)."""
 
 from __future__ import annotations
 

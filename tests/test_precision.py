@@ -134,7 +134,7 @@ def test_compare_tiny(tiny):
 
 
 # ---------------------------------------------------------------------------- real 270M
-SQRT_640 = {  # spec §2.1: sqrt(640) rounded to the weight dtype before the multiply
+SQRT_640 = {  # docs/gemma3.md §2.1: sqrt(640) rounded to the weight dtype before the multiply
     torch.float32: 25.298221588134766,
     torch.bfloat16: 25.25,
     torch.float16: 25.296875,
@@ -175,8 +175,8 @@ def test_load_every_dtype_everywhere(real_folder, source, dtype):
     where = {"name": "gemma-3-270m", "folder": real_folder, "gguf": bundled_gguf_path(), "demo-multimodal": "demo-multimodal"}
     model = gl.load(where[source], dtype=str(dtype).removeprefix("torch."), progress=False)
     assert model.dtype == dtype
-    assert {p.dtype for p in model.parameters()} == {dtype}  # norms too: they upcast inside (spec §2.2)
-    assert {b.dtype for n, b in model.named_buffers() if "inv_freq" in n} == {torch.float32}  # spec §2.4
+    assert {p.dtype for p in model.parameters()} == {dtype}  # norms too: they upcast inside (docs/gemma3.md §2.2)
+    assert {b.dtype for n, b in model.named_buffers() if "inv_freq" in n} == {torch.float32}  # docs/gemma3.md §2.4
     ids = model.to_inputs(PROMPT).input_ids
     logits, cache = model.run_with_cache(ids, names_filter=["hook_embed", "hook_embed_scaled", "blocks.0.pre_attention_norm.hook_scale"])
     assert logits.dtype == dtype

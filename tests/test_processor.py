@@ -20,7 +20,7 @@ from gemma3_lab.prompt.processor import Processor
 SOFT, BOI, EOI = 262144, 255999, 256000
 SIZES = {"wide": (1600, 500), "tall": (300, 1200), "tiny": (10, 10)}
 
-# Gemma 3's chat template (google/gemma-3-4b-it tokenizer_config.json; spec §5.5)
+# Gemma 3's chat template (google/gemma-3-4b-it tokenizer_config.json; docs/gemma3.md §5.5)
 CHAT_TEMPLATE = (
     "{{ bos_token }}\n"
     "{%- if messages[0]['role'] == 'system' -%}\n"

@@ -68,7 +68,7 @@ def test_greedy_64_tokens_identical(real_model, hf_eager, prompt):
 
 
 def test_known_continuation(real_model):
-    """The continuation transformers gives for the spec's reference prompt (spec §0.1)."""
+    """The continuation transformers gives for the spec's reference prompt (docs/gemma3.md §0.1)."""
     res = real_model.generate("The capital of France is", max_new_tokens=32)
     assert res.prompt_ids == [2, 818, 5279, 529, 7001, 563]
     assert res.text.startswith(" the capital of the country of France. It is the largest city in France")

@@ -78,7 +78,7 @@ def test_left_padding_matches(pair, path):
         got = ours(ids, attention_mask=mask).logits
     ours.set_attention_path("sdpa")
     ref = _hf_logits(hf, ids, mask, impl="eager" if path == "explicit" else "sdpa")
-    real = mask.bool()  # padded query rows carry no meaning (spec §3.4)
+    real = mask.bool()  # padded query rows carry no meaning (docs/gemma3.md §3.4)
     assert (got - ref)[real].abs().max() <= 1e-5
 
 

@@ -133,7 +133,7 @@ def test_left_padded_batch_of_two(pair, path, impl):
     pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(6))
     got = _ours(ours, ids, mask, types, pixels, path)
     ref = _hf_logits(hf, ids, mask, types, pixels, impl)
-    real = mask.bool()  # padded query rows carry no meaning (spec §3.4)
+    real = mask.bool()  # padded query rows carry no meaning (docs/gemma3.md §3.4)
     assert (got - ref)[real].abs().max() <= 1e-5
 
 

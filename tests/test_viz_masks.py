@@ -76,7 +76,7 @@ def test_golden_short_window3(real_model):
     check_golden("masks_short_window3.txt", view.text(width=100))
     titles = [p.title.split(" · ")[0] for p in view.panels]
     assert titles == ["local ×15: L0–4, L6–10, L12–16", "global ×3: L5, L11, L17"]
-    assert view.masks.labels[0] == "<bos>"  # transformers' visualizer drops it (spec §8)
+    assert view.masks.labels[0] == "<bos>"  # transformers' visualizer drops it (docs/gemma3.md §8)
 
 
 def test_golden_image_tiny_config(real_model):
@@ -88,7 +88,7 @@ def test_golden_image_tiny_config(real_model):
     assert view.masks.labels[s.start - 1] == "<start_of_image>"
     assert view.masks.labels[s.end] == "<end_of_image>"
     local = view.panels[0].classes
-    # soft tokens see later soft tokens of their image, in a local layer too (spec §3.3)
+    # soft tokens see later soft tokens of their image, in a local layer too (docs/gemma3.md §3.3)
     assert local[s.start, s.end - 1] == IMAGE and local[s.end - 1, s.start] == CUT
 
 

@@ -1,7 +1,7 @@
 """Logit lens: read the residual stream after every layer through the model's own final norm
 and tied unembedding, as if the network stopped there (nostalgebraist, 2020).
 
-Gemma's final norm has its (1 + w) scale and the head is the unscaled embedding (spec §2.7),
+Gemma's final norm has its (1 + w) scale and the head is the unscaled embedding (docs/gemma3.md §2.7),
 so the last row equals the model's real next-token distribution.
 """
 

@@ -1,5 +1,5 @@
 """Gemma 3 GGUF files (llama.cpp's format): the config from the metadata, float32 weights under
-transformers' `Gemma3ForCausalLM` names, and a cached conversion to a Hugging Face folder (spec §7)."""
+transformers' `Gemma3ForCausalLM` names, and a cached conversion to a Hugging Face folder (docs/gemma3.md §7)."""
 
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def _f32(x: float) -> float:
 
 
 def read_gguf_config(reader_or_path) -> Gemma3Config:
-    """The text config from `gemma3.*` metadata, plus the keys transformers drops (spec §7 "Gaps").
+    """The text config from `gemma3.*` metadata, plus the keys transformers drops (docs/gemma3.md §7 "Gaps").
 
     Metadata of the wrong type or out of range is a GGUFError naming the file."""
     g = open_gguf(reader_or_path)
@@ -257,7 +257,7 @@ def dequantize(t: GGUFTensor) -> torch.Tensor:
 
 
 # --- state dict --------------------------------------------------------------------------
-# The one GGUF -> transformers rename table (spec §7). Per-layer names sit under blk.{i} / model.layers.{i}.
+# The one GGUF -> transformers rename table (docs/gemma3.md §7). Per-layer names sit under blk.{i} / model.layers.{i}.
 GGUF_TO_HF = {
     "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
 }
@@ -295,7 +295,7 @@ def read_gguf_state_dict(reader_or_path, progress: bool = True) -> dict[str, tor
         for name, t in g.tensors.items():
             w = dequantize(t)
             if name.endswith("norm.weight"):
-                w -= 1  # llama.cpp's converter stores Gemma's RMSNorm scale as 1 + w (spec §7)
+                w -= 1  # llama.cpp's converter stores Gemma's RMSNorm scale as 1 + w (docs/gemma3.md §7)
             out[hf_name(name)] = w
             bar.update(t.raw.nbytes)
     return out

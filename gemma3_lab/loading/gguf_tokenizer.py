@@ -1,5 +1,5 @@
 """A Gemma 3 tokenizer from a GGUF file's metadata, built the way transformers'
-`AutoTokenizer.from_pretrained(dir, gguf_file=...)` builds it (spec §7): the SentencePiece pieces
+`AutoTokenizer.from_pretrained(dir, gguf_file=...)` builds it (docs/gemma3.md §7): the SentencePiece pieces
 become a byte-fallback BPE whose merges are implied by the vocabulary."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ _GGUF_SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id",
 
 def gemma_merges(tokens: list[str], vocab: dict[str, int]) -> list[tuple[str, str]]:
     """The BPE merges a SentencePiece vocabulary implies, ranked like transformers' `generate_merges`
-    with `vocab_scores = {token: -index}` (spec §7 step 3).
+    with `vocab_scores = {token: -index}` (docs/gemma3.md §7 step 3).
 
     Every split of a token into two vocabulary pieces is a merge. They are ranked by the token's
     position in the file (Gemma's scores do not follow merge order, its token order does), then by
@@ -41,7 +41,7 @@ def gemma_backend(metadata: dict[str, Any], specials: dict[str, str]) -> _Backen
     """`GemmaTokenizer(vocab, merges)` plus the GGUF's control and user-defined added tokens."""
     raw = list(metadata["tokenizer.ggml.tokens"])
     # llama.cpp stores a run of spaces as real spaces, but the normalizer turns text spaces into
-    # "▁" before lookup, so such a token could never match; transformers respells it (spec §7)
+    # "▁" before lookup, so such a token could never match; transformers respells it (docs/gemma3.md §7)
     tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in raw]
     vocab = {t: i for i, t in enumerate(tokens)}
     if "tokenizer.ggml.merges" in metadata:
@@ -64,7 +64,7 @@ def gemma_backend(metadata: dict[str, Any], specials: dict[str, str]) -> _Backen
 
 def tokenizer_from_gguf(source, add_bos: bool | None = None) -> Tokenizer:
     """Build from a GGUF path, a `gguf.GGUFReader` or an opened `GGUFFile`, the way
-    transformers' `AutoTokenizer.from_pretrained(dir, gguf_file=...)` does (spec §7).
+    transformers' `AutoTokenizer.from_pretrained(dir, gguf_file=...)` does (docs/gemma3.md §7).
     `add_bos=None` follows the file's `tokenizer.ggml.add_bos_token` (default True)."""
     g = open_gguf(source)
     m = g.metadata

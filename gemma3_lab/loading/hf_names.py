@@ -1,5 +1,5 @@
 """The one rename table between Hugging Face Gemma 3 checkpoint names and gemma3_lab's names,
-and the parameter shapes a config implies (spec §6)."""
+and the parameter shapes a config implies (docs/gemma3.md §6)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ RENAMES: tuple[tuple[str, str, str | None], ...] = (
     ("vision", "encoder.layers.{n}.mlp.fc2.{wb}", "vision.blocks.{n}.mlp.fc2.{wb}"),
     ("vision", "post_layernorm.{wb}", "vision.post_layernorm.{wb}"),
     # SigLIP's attention-pooling head: present when a config leaves vision_use_head at its
-    # default True, but Gemma 3 overwrites pooler_output and never runs it (spec §4.3).
+    # default True, but Gemma 3 overwrites pooler_output and never runs it (docs/gemma3.md §4.3).
     ("vision", "head.{rest}", None),
     ("projector", "mm_soft_emb_norm.weight", "projector.mm_soft_emb_norm.weight"),
     ("projector", "mm_input_projection_weight", "projector.mm_input_projection_weight"),
@@ -106,7 +106,7 @@ def to_hf(name: str, multimodal: bool) -> str:
 
 
 def expected_shapes(config: Gemma3Config, num_labels: int | None = None) -> dict[str, tuple[int, ...]]:
-    """Every parameter a config implies, in model order, with its shape (spec §6 "Shapes", §4).
+    """Every parameter a config implies, in model order, with its shape (docs/gemma3.md §6 "Shapes", §4).
 
     `lm_head.weight` only when the head is untied; `score.weight` only when `num_labels` is given
     (Gemma3ForSequenceClassification).

@@ -62,7 +62,7 @@ class MaskPlan:
 
     def reach(self, a: int, b: int) -> int:
         """How many keys (from the first) query rows a..b-1 can see at most: up to the last
-        row's own slot, or further to the end of its image (spec §3.3)."""
+        row's own slot, or further to the end of its image (docs/gemma3.md §3.3)."""
         q0, q1 = int(self.q_slots[a]), int(self.q_slots[b - 1])
         k0 = int(self.kv_slots[0])
         return min(len(self.kv_slots), q1 - k0 + 1 + _image_reach(self.block_ids, q0, q1))
@@ -71,7 +71,7 @@ class MaskPlan:
         """(back, fwd): how many slots before and after itself any query of a local layer can see."""
         q0, q1 = int(self.q_slots[0]), int(self.q_slots[-1])
         k0, k1 = int(self.kv_slots[0]), int(self.kv_slots[-1])
-        # forward only inside an image: later soft tokens of the own image (spec §3.3)
+        # forward only inside an image: later soft tokens of the own image (docs/gemma3.md §3.3)
         return max(min(self.window - 1, q1 - k0), 0), min(_image_reach(self.block_ids, q0, q1), max(k1 - q0, 0))
 
     def band_rows(self, a: int, b: int, back: int, width: int) -> Tensor:
@@ -136,7 +136,7 @@ class Attention(nn.Module):
         q = self.hook_q(self.q_proj(x).view(B, S, N, H))  # (B, S, N, H)
         k = self.hook_k(self.k_proj(x).view(B, S, K, H))  # (B, S, K, H)
         v = self.hook_v(self.v_proj(x).view(B, S, K, H))
-        # q/k norm comes before RoPE; v is never normed (spec §2.3)
+        # q/k norm comes before RoPE; v is never normed (docs/gemma3.md §2.3)
         q = self.hook_rot_q(apply_rope(self.q_norm(q), cos, sin))
         k = self.hook_rot_k(apply_rope(self.k_norm(k), cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N|K, S, H)

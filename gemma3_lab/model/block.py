@@ -1,4 +1,4 @@
-"""One Gemma 3 decoder layer: sandwich-normed attention and gated-GELU MLP (spec §2.5–2.6)."""
+"""One Gemma 3 decoder layer: sandwich-normed attention and gated-GELU MLP (docs/gemma3.md §2.5–2.6)."""
 
 from __future__ import annotations
 

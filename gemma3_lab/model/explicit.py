@@ -1,7 +1,7 @@
 """The explicit-softmax attention path, in chunks of query rows so that no (N, T, T) tensor
 needs to exist unless a hook asks for one.
 
-Numerics are transformers' eager path (spec §2.3): scores · scale, an additive finfo.min
+Numerics are transformers' eager path (docs/gemma3.md §2.3): scores · scale, an additive finfo.min
 mask, a float32 softmax cast back, then pattern @ v. Global layers (and any layer whose
 mask a hook replaced) use `DenseRows`; local layers use `BandRows`, whose scores and
 softmax only touch the keys a query's window (or its own image) can reach.

@@ -2,7 +2,7 @@
 
 Keys are tracked by cache slot (absolute index in the padded sequence), so the same mask
 functions serve a prefill and a decode step. Mirrors transformers' DynamicSlidingWindowLayer:
-a local layer stores its last W-1 keys, and one step sees those plus the new ones (spec §9).
+a local layer stores its last W-1 keys, and one step sees those plus the new ones (docs/gemma3.md §9).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The model and the visualizers call these same functions, so what is drawn is what is used.
 True means "query may attend to key". Positions are cache slots (absolute indices in the
-padded sequence), not RoPE positions. Rules follow transformers' masking_utils (spec §3).
+padded sequence), not RoPE positions. Rules follow transformers' masking_utils (docs/gemma3.md §3).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def sliding_window(q_pos: Tensor, kv_pos: Tensor, window: int) -> Tensor:
     """(S, T): key inside the last `window` slots up to the query, itself included.
 
     Only the backward bound `kv > q - window` — causality is a separate rule, so an image
-    token can still see later tokens of its own image in a local layer (spec §3.3).
+    token can still see later tokens of its own image in a local layer (docs/gemma3.md §3.3).
     """
     return kv_pos[None, :] > q_pos[:, None] - window
 

@@ -114,7 +114,7 @@ class Gemma3Network(nn.Module):
         ids = input_ids
         if cfg.image_token_id >= cfg.text.vocab_size:
             # 262144-row vocabularies have no row for the soft token: look up <pad> there
-            # instead; the row is overwritten by image features anyway (spec §4.5)
+            # instead; the row is overwritten by image features anyway (docs/gemma3.md §4.5)
             ids = input_ids.masked_fill(image_slots, cfg.text.pad_token_id)
         e = self.hook_embed(self.embed(ids))
         # the scale is rounded to the weight dtype before the multiply (bf16: 25.25 for D=640)

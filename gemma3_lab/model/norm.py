@@ -1,4 +1,4 @@
-"""Gemma's RMSNorm: computed in float32 with the (1 + w) scale, cast back once (spec §2.2)."""
+"""Gemma's RMSNorm: computed in float32 with the (1 + w) scale, cast back once (docs/gemma3.md §2.2)."""
 
 from __future__ import annotations
 

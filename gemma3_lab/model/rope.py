@@ -1,5 +1,5 @@
 """Rotary position embeddings: one table per layer type (local θ=1e4, global θ=1e6 with
-optional linear scaling), half-split rotation as in transformers (spec §2.4)."""
+optional linear scaling), half-split rotation as in transformers (docs/gemma3.md §2.4)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The SigLIP vision tower and the Gemma 3 projector that turn an 896×896 image into 256
-soft tokens in the decoder's width (spec §4.1–4.4)."""
+soft tokens in the decoder's width (docs/gemma3.md §4.1–4.4)."""
 
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ class VisionBlock(nn.Module):
 
 class VisionTower(nn.Module):
     """SigLIP encoder: 14×14 conv patches (row-major, patch = row·64 + col), learned absolute
-    positions, pre-LN blocks, a final LayerNorm. No CLS token, no pooling head (spec §4.3)."""
+    positions, pre-LN blocks, a final LayerNorm. No CLS token, no pooling head (docs/gemma3.md §4.3)."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -133,7 +133,7 @@ class VisionTower(nn.Module):
 
 class Projector(nn.Module):
     """Average-pool the patch grid to a √256 = 16 square, RMSNorm (1 + w), then `x @ W`
-    into the decoder's width. W is a bare (C, D) matrix, not an nn.Linear (spec §4.4)."""
+    into the decoder's width. W is a bare (C, D) matrix, not an nn.Linear (docs/gemma3.md §4.4)."""
 
     def __init__(self, config: Gemma3Config) -> None:
         super().__init__()

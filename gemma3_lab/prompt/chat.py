@@ -1,4 +1,4 @@
-"""The Gemma 3 chat format in plain Python (spec §5.5): messages -> the prompt string the
+"""The Gemma 3 chat format in plain Python (docs/gemma3.md §5.5): messages -> the prompt string the
 instruction-tuned models were trained on, plus the image payloads those messages carry."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def apply_chat_template(messages: list[dict[str, Any]], add_generation_prompt: b
     is not trimmed (the reference template does not trim it either). The turns must alternate
     user / assistant starting with user. Content is a string or a list of items:
     `{"type": "text", "text": ...}` (trimmed) and `{"type": "image", ...}` (`<start_of_image>`,
-    which the processor later expands into the image's soft tokens, spec §5.3).
+    which the processor later expands into the image's soft tokens, docs/gemma3.md §5.3).
     """
     if not isinstance(messages, (list, tuple)):
         raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")

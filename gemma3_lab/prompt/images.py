@@ -1,6 +1,6 @@
 """Image inputs for Gemma 3: open (path, bytes, PIL, array) and convert to RGB as transformers
 does for each kind, pan-and-scan, resize to 896×896 and normalize exactly as transformers' Gemma 3
-image processor (spec §5.1–5.2)."""
+image processor (docs/gemma3.md §5.1–5.2)."""
 
 from __future__ import annotations
 
@@ -264,7 +264,7 @@ def preprocess(
     """For each RGB PIL image: [whole image, crop 1, ..., crop k], each resized and normalized.
 
     Pan-and-scan works on the original pixels; the whole image and every crop are then
-    resized to size×size independently (spec §5.2).
+    resized to size×size independently (docs/gemma3.md §5.2).
     """
     out = []
     for i, img in enumerate(images):

@@ -1,6 +1,6 @@
 """Turns text, chat messages and images into `Inputs` for the model: every `<start_of_image>`
 becomes the image's 256 soft tokens (and its pan-and-scan crops'), with token types and the
-place of every soft token recorded (spec §5)."""
+place of every soft token recorded (docs/gemma3.md §5)."""
 
 from __future__ import annotations
 
@@ -174,7 +174,7 @@ class Processor:
 def _expand(text: str, images: list[list[img_ops.Piece]]) -> list:
     """Split a prompt into text and image pieces: each `<start_of_image>` becomes
     "\\n\\n<start_of_image>" + soft tokens + "<end_of_image>\\n\\n", and with crops
-    "Here is the original image " ... " and here are some crops ..." (spec §5.3)."""
+    "Here is the original image " ... " and here are some crops ..." (docs/gemma3.md §5.3)."""
     parts = text.split(START_OF_IMAGE)
     segs: list = [parts[0]]
     for img, after in zip(images, parts[1:]):

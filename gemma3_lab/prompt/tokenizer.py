@@ -1,5 +1,5 @@
 """The Gemma 3 tokenizer: a `tokenizers.Tokenizer` read from a tokenizer.json exactly as transformers
-reads it (spec §5.6, §5.7), with Gemma's special ids by name. GGUF vocabularies are turned into one
+reads it (docs/gemma3.md §5.6, §5.7), with Gemma's special ids by name. GGUF vocabularies are turned into one
 by `gemma3_lab.loading.gguf_tokenizer`."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _post_processor(bos: str, bos_id: int | None, add_bos: bool) -> processors.T
 
 
 def set_gemma_pipeline(tk: _Backend) -> _Backend:
-    """`GemmaTokenizer`'s fixed pipeline around the BPE model (spec §5.7). transformers imposes it
+    """`GemmaTokenizer`'s fixed pipeline around the BPE model (docs/gemma3.md §5.7). transformers imposes it
     on every Gemma tokenizer.json it loads too, whatever the file says."""
     # no dummy-prefix "▁" and no strip: Gemma 3 sees text exactly as written
     tk.normalizer = normalizers.Replace(" ", "\u2581")
@@ -161,7 +161,7 @@ class Tokenizer:
         want = self.add_bos if add_bos is None else add_bos
         return [self.bos_id] if want and self.bos_id is not None else []
 
-    # --- special ids (spec §5.6); None when the vocabulary lacks the token -------------------
+    # --- special ids (docs/gemma3.md §5.6); None when the vocabulary lacks the token -------------------
     bos_id = _special_id("bos_token")  # 2
     eos_id = _special_id("eos_token")  # 1
     pad_id = _special_id("pad_token")  # 0
@@ -174,7 +174,7 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> list[int]:
-        # a chat reply ends with <end_of_turn>; the Hub generation_config lists both (spec §5.6)
+        # a chat reply ends with <end_of_turn>; the Hub generation_config lists both (docs/gemma3.md §5.6)
         return [i for i in (self.eos_id, self.end_of_turn_id) if i is not None]
 
     def __repr__(self) -> str:

@@ -1,7 +1,7 @@
 """`gl.AttentionMaskVisualizer`: the attention mask each layer really uses, drawn in the
 terminal, in matplotlib and as HTML in a notebook — from a config and tokenizer, no weights.
 
-Unlike transformers' visualizer (spec §8) the cells come from the same mask functions the
+Unlike transformers' visualizer (docs/gemma3.md §8) the cells come from the same mask functions the
 model runs, BOS is included, there is one panel per distinct mask titled with its layers,
 the 256 soft tokens of each image (not `<start_of_image>`) are marked, and the image block
 is bidirectional as in the model.
