@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from gemma3_lab.instrument.capture import Capture, capture_hooks
+from gemma3_lab.model.fast_decode import decode_step
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.prompt.inputs import Inputs
 
@@ -103,8 +104,15 @@ def prefill(model, inputs: Inputs, cache: KVCache) -> Tensor:
     return out.logits[0, -1].float()
 
 
-def decode_one(model, token_id: int, cache: KVCache) -> Tensor:
-    """Feed one chosen token at the cache's next slot; (V,) float logits for the one after it."""
+def decode_one(model, token_id: int, cache: KVCache, fast: bool | None = None) -> Tensor:
+    """Feed one chosen token at the cache's next slot; (V,) float logits for the one after it.
+
+    fast (default: the model's `fast_decode`) takes the lean step where nothing is hooked
+    (`gemma3_lab.model.fast_decode`); the plain forward runs otherwise."""
+    if fast if fast is not None else getattr(model, "fast_decode", False):
+        logits = decode_step(model, token_id, cache)
+        if logits is not None:
+            return logits
     step_ids = torch.tensor([[token_id]], device=model.device)
     return model(step_ids, cache=cache, logits_to_keep=1).logits[0, -1].float()
 
@@ -145,6 +153,7 @@ def generate(
     stop_ids: tuple[int, ...] | None = None,
     pan_and_scan: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    fast: bool | None = None,
 ) -> GenerationResult:
     """Generate from one prompt (text, chat messages, ids or Inputs): `prefill`, then
     `decode_one` per token, each choice kept as a `Step` (`record_step`).
@@ -153,6 +162,8 @@ def generate(
     polled between steps; `capture` (names, globs or a predicate, as `names_filter`) picks
     hook points recorded at every forward: `res.captures[name]` is a `Capture` indexed by
     absolute position, `.tensor()` the whole sequence computed (prompt and all but the last token).
+    `fast` (default: the model's `fast_decode`, True) lets decode steps with nothing hooked
+    take the lean step and packed kernels; False runs the plain forward at every step.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -192,7 +203,7 @@ def generate(
                 reason = "stopped"
                 break
             if i + 1 < max_new_tokens:
-                logits = decode_one(model, ids[-1], cache)
+                logits = decode_one(model, ids[-1], cache, fast)
     t_end = time.perf_counter()
     return GenerationResult(
         text=text,
