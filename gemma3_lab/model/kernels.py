@@ -5,7 +5,8 @@ bfloat16: torch's `F.linear` with one bfloat16 row reorders the weight on every 
 runs at a fraction of float32's bandwidth; oneDNN on a weight packed once (into its
 blocked layout) reads it at about twice float32's speed where the CPU has AVX-512. The
 packed copy is made on first use and remade whenever the weight changes (an edit in place
-bumps its version), so interventions on weights are always seen.
+bumps its version), so interventions on weights are always seen. Quantized projections
+bring their own packed kernels (`decode_forward`, in gemma3_lab.loading.quantize).
 """
 
 from __future__ import annotations
