@@ -17,6 +17,7 @@ from torch import Tensor
 from gemma3_lab.errors import Gemma3LabError, number
 from gemma3_lab.instrument.capture import Capture, capture_hooks
 from gemma3_lab.model.checks import check_context
+from gemma3_lab.model.fast_decode import decode_step
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.prompt.inputs import Inputs
 
@@ -144,8 +145,15 @@ def decode_rows(model, token_ids: list[int], cache: KVCache) -> Tensor:
     return model(step_ids, cache=cache, logits_to_keep=1).logits[:, -1].float()
 
 
-def decode_one(model, token_id: int, cache: KVCache) -> Tensor:
-    """Feed one chosen token at the cache's next slot; (V,) float logits for the one after it."""
+def decode_one(model, token_id: int, cache: KVCache, fast: bool | None = None) -> Tensor:
+    """Feed one chosen token at the cache's next slot; (V,) float logits for the one after it.
+
+    fast (default: the model's `fast_decode`) takes the lean step where nothing is hooked
+    (`gemma3_lab.model.fast_decode`); the plain forward runs otherwise."""
+    if fast if fast is not None else getattr(model, "fast_decode", False):
+        logits = decode_step(model, token_id, cache)
+        if logits is not None:
+            return logits
     return decode_rows(model, [token_id], cache)[0]
 
 
@@ -187,6 +195,7 @@ def generate(
     should_stop: Callable[[], bool] | None = None,
     stop_at_end_of_turn: bool = True,
     prefill_chunk: int | None = PREFILL_CHUNK,
+    fast: bool | None = None,
 ) -> GenerationResult:
     """Generate from one prompt (text, chat messages, ids or Inputs): `prefill`, then
     `decode_one` per token, each choice kept as a `Step` (`record_step`).
@@ -205,6 +214,9 @@ def generate(
     does the same (it drops the tokenizer's `<end_of_turn>` from the default ids).
     `stop_ids` replaces the default outright (`()`: never stop early). The stop token is
     kept in `token_ids`, and `stop_reason` is "eos".
+
+    `fast` (default: the model's `fast_decode`, True) lets decode steps with nothing hooked
+    take the lean step and packed kernels; False runs the plain forward at every step.
     """
     number("max_new_tokens", max_new_tokens, integer=True, low=0)
     number("record_top_k", record_top_k, integer=True, low=0, high=model.config.text.vocab_size)
@@ -246,7 +258,7 @@ def generate(
                 reason = "stopped"
                 break
             if i + 1 < max_new_tokens:
-                logits = decode_one(model, ids[-1], cache)
+                logits = decode_one(model, ids[-1], cache, fast)
     t_end = time.perf_counter()
     return GenerationResult(
         text=text,

@@ -71,7 +71,7 @@ def load(
     device: str | torch.device = "cpu",
     progress: bool = True,
     quantize: str | None = None,
-    group_size: int = 128,
+    group_size: int | None = 128,
 ) -> Gemma3:
     """Load a Gemma 3 model.
 
@@ -80,7 +80,8 @@ def load(
     a Hugging Face folder (config.json, *.safetensors, tokenizer.json), or a .gguf file.
     dtype: "float32" | "bfloat16" | "float16" or a torch.dtype. device: "cpu" | "cuda" | "auto".
     quantize: None | "int8" | "int4" weight-only for the decoder projections, one (offset, step)
-    per `group_size` input columns (see gemma3_lab.loading.quantize); activations stay in `dtype`.
+    per `group_size` input columns (None: per row, which int8's decode kernel needs; see
+    gemma3_lab.loading.quantize); activations stay in `dtype`.
     """
     parse_mode(quantize)  # a bad value fails before anything is read
     model = _load(name_or_path, parse_dtype(dtype), resolve_device(device), progress)

@@ -53,7 +53,7 @@ def test_quantize_error_is_at_most_half_a_step(bits, group_size):
     w = torch.randn(6, 64) * torch.logspace(-2, 1, 6)[:, None]  # rows of very different scale
     w[0, :group_size] = 0.25  # a constant group is stored exactly
     qweight, lo, step = Q.quantize_tensor(w, bits, group_size)
-    assert qweight.dtype == torch.uint8 and qweight.shape == (6, 64 if bits == 8 else 32)
+    assert qweight.dtype == (torch.int8 if bits == 8 else torch.uint8) and qweight.shape == (6, 64 if bits == 8 else 32)
     assert lo.shape == step.shape == (6, 64 // group_size)
     err = (Q.dequantize(qweight, lo, step, bits) - w).abs()
     bound = step.repeat_interleave(group_size, dim=1) / 2
@@ -107,7 +107,7 @@ def test_int8_embedding_is_the_dequantized_table(tiny, monkeypatch):
     monkeypatch.setattr(Q, "_HEAD_CHUNK", 7)  # several chunks, the last one short
     qm = Q.quantize_model(_copy(tiny), "int8", group_size=16, embedding="int8")
     table = qm.embed.weight  # dequantized on demand
-    assert qm.embed.qweight.dtype == torch.uint8 and qm.embed.lo.shape == (300, 1)
+    assert qm.embed.qweight.dtype == torch.int8 and qm.embed.lo.shape == (300, 1)
     assert (table - tiny.embed.weight).abs().max() <= qm.embed.step.max() / 2 * (1 + 1e-5)
     ids = torch.tensor([[2, 5, 299, 0]])
     assert torch.equal(qm.embed(ids), table[ids])
@@ -266,7 +266,7 @@ def test_quantized_weights_are_stored_low_bit(real_model, quantized):
     for block, ref in zip(model.blocks, real_model.blocks):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             lin, w = getattr(block.attn, name), getattr(ref.attn, name).weight
-            assert isinstance(lin, Q.QuantLinear) and lin.qweight.dtype == torch.uint8
+            assert isinstance(lin, Q.QuantLinear) and lin.qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
             assert lin.qweight.shape == (w.shape[0], w.shape[1] * bits // 8)
     ratio = Q.linear_weight_bytes(model) / Q.linear_weight_bytes(real_model)
     print(f"{mode}: decoder projections {Q.linear_weight_bytes(model) / 2**20:.1f} MiB, {ratio:.3f}x float32")
@@ -320,3 +320,64 @@ def test_precisions_are_the_app_column_settings():
     assert list(PRECISIONS) == ["float32", "bfloat16", "float16", "int8", "int4"]
     with pytest.raises(ValueError, match="unknown precision 'int2'"):
         load_precision(None, "int2")
+
+
+# ---------------------------------------------------------------------------- int4 ranges, decode kernels
+def test_searched_int4_ranges_never_increase_the_error():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 256, generator=g)
+    w[torch.rand(32, 256, generator=g) < 0.01] *= 8  # a few outliers per row, as in real weights
+
+    def group_sq_error(search):
+        qweight, lo, step = Q.quantize_tensor(w, 4, 32, search=search)
+        return (Q.dequantize(qweight, lo, step, 4) - w).pow(2).reshape(32, 8, 32).sum(-1)
+
+    plain, searched = group_sq_error(False), group_sq_error(True)
+    assert bool((searched <= plain * (1 + 1e-5)).all())
+    assert float(searched.sum()) <= 0.9 * float(plain.sum())
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 128), (8, 256)])
+def test_packed_decode_kernels_equal_the_dequantized_product(bits, group_size):
+    """torch's int4 / per-row int8 kernels on bfloat16-rounded activations."""
+    lin = torch.nn.Linear(256, 48, bias=False)
+    q = Q.QuantLinear.from_linear(lin, bits, group_size)
+    x = torch.randn(1, 1, 256)
+    ref = F.linear(x.bfloat16().float(), q.dequantize())
+    got = q.decode_forward(x)
+    assert got.dtype == torch.float32 and got.shape == (1, 1, 48)
+    assert float((got - ref).norm() / ref.norm()) <= 1e-2
+    assert Q.packed_product(q, x, q.qweight, q.lo, q.step, bits) is not None
+
+
+def test_int8_in_groups_has_no_packed_kernel_and_falls_back():
+    q = Q.QuantLinear.from_linear(torch.nn.Linear(256, 48, bias=False), 8, 128)
+    x = torch.randn(1, 1, 256)
+    assert Q.packed_product(q, x, q.qweight, q.lo, q.step, 8) is None
+    assert torch.equal(q.decode_forward(x), q(x))
+
+
+def test_tiny_quantized_fast_decode_follows_the_plain_one(tiny):
+    qm = Q.quantize_model(_copy(tiny), "int4", group_size=32, embedding="int8")
+    ids = torch.tensor([[2, 17, 33, 5]])
+    fast = qm.generate(ids, max_new_tokens=8, stop_ids=(), fast=True)
+    plain = qm.generate(ids, max_new_tokens=8, stop_ids=(), fast=False)
+    assert fast.token_ids == plain.token_ids
+    assert [s.logprob for s in fast.steps] == pytest.approx([s.logprob for s in plain.steps], abs=2e-2)
+
+
+@pytest.mark.real
+def test_int4_greedy_stays_fluent_on_the_bench_prompts(real_model):
+    """Searched ranges (group 128): no token repeated 8 times in a row and no markup, where
+    min..max ranges made "Once upon a time" run into `<strong><strong>...`."""
+    import itertools
+
+    model = gl.load(quantize="int4", progress=False)
+    for prompt in (PROMPT, "Once upon a time"):
+        ids = model.generate(prompt, max_new_tokens=16, stop_ids=()).token_ids
+        ref = real_model.generate(prompt, max_new_tokens=16, stop_ids=()).token_ids
+        text = model.tokenizer.decode(ids)
+        same = sum(a == b for a, b in zip(ids, ref))
+        print(f"int4 {prompt!r}: {text!r}, {same} of 16 tokens at float32's positions, shares {_shared_prefix(ref, ids)}")
+        assert max(len(list(run)) for _, run in itertools.groupby(ids)) < 8
+        assert "<" not in text and _shared_prefix(ref, ids) >= 3

@@ -14,21 +14,64 @@ from gemma3_lab.config import AttentionType, TextConfig
 
 
 class LayerCache:
+    """One layer's keys/values in a preallocated buffer: a step writes its keys in place
+    instead of concatenating the whole cache again (O(new) per step, not O(length)).
+
+    The buffer grows by doubling (a global layer); a local layer slides its last `keep`
+    keys back to the front when its buffer is full, once every `keep` or so steps.
+    """
+
     def __init__(self, keep: int | None) -> None:
         self.keep = keep  # None: keep everything (global layer)
-        self.k: Tensor | None = None  # (B, K, L, H)
-        self.v: Tensor | None = None
+        self._k: Tensor | None = None  # (B, K, capacity, H)
+        self._v: Tensor | None = None
+        self._start = 0  # first kept slot in the buffer
+        self._end = 0  # one past the last written slot
+
+    @property
+    def k(self) -> Tensor | None:
+        """(B, K, L, H) the kept keys, oldest first (a view of the buffer)."""
+        return None if self._k is None else self._k[:, :, self._start : self._end]
+
+    @property
+    def v(self) -> Tensor | None:
+        return None if self._v is None else self._v[:, :, self._start : self._end]
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append this step's keys/values; return everything this step attends over."""
-        if self.k is not None:
-            k = torch.cat((self.k, k), dim=2)
-            v = torch.cat((self.v, v), dim=2)
-        if self.keep is None:
-            self.k, self.v = k, v
-        else:
-            self.k, self.v = k[:, :, -self.keep :], v[:, :, -self.keep :]
-        return k, v
+        S = k.shape[2]
+        self._make_room(k, S)
+        a, b = self._start, self._end + S
+        self._k[:, :, self._end : b] = k
+        self._v[:, :, self._end : b] = v
+        self._end = b
+        if self.keep is not None:
+            self._start = max(a, b - self.keep)
+        return self._k[:, :, a:b], self._v[:, :, a:b]
+
+    def repeat_rows(self, n: int) -> None:
+        """One row's keys become n identical rows, each in its own part of a new buffer."""
+        if self._k is not None:
+            kept = (self.k.expand(n, -1, -1, -1), self.v.expand(n, -1, -1, -1))
+            self._allocate(kept[0], kept[0].shape[2], kept)
+
+    def _make_room(self, k: Tensor, S: int) -> None:
+        if self._k is None:
+            self._allocate(k, S, None)
+        elif self._end + S > self._k.shape[2]:  # full: a bigger buffer, or the kept keys moved up front
+            kept = (self._k[:, :, self._start : self._end], self._v[:, :, self._start : self._end])
+            self._allocate(k, self._end - self._start + S, kept)
+
+    def _allocate(self, like: Tensor, need: int, old: tuple[Tensor, Tensor] | None) -> None:
+        """A new buffer with room for `need` slots and as many again; `old` copied to its front."""
+        B, K, _, H = like.shape
+        cap = max(2 * need, 64 if self.keep is None else 2 * self.keep)
+        self._k = like.new_empty(B, K, cap, H)
+        self._v = like.new_empty(B, K, cap, H)
+        n = 0 if old is None else old[0].shape[2]
+        if old is not None:
+            self._k[:, :, :n], self._v[:, :, :n] = old
+        self._start, self._end = 0, n
 
 
 class KVCache:
@@ -61,8 +104,7 @@ class KVCache:
     def repeat_rows(self, n: int) -> None:
         """A one-row cache becomes n identical rows (one prompt forward shared by n generations)."""
         for c in self.layers:
-            if c.k is not None:
-                c.k, c.v = c.k.expand(n, -1, -1, -1), c.v.expand(n, -1, -1, -1)
+            c.repeat_rows(n)
         self.key_valid = None if self.key_valid is None else self.key_valid.expand(n, -1)
         self.block_ids = None if self.block_ids is None else self.block_ids.expand(n, -1)
         self.next_position = None if self.next_position is None else self.next_position.expand(n)

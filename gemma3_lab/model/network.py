@@ -40,6 +40,9 @@ class Gemma3Network(nn.Module):
         # Gemma 3 ties the head to the unscaled embedding; an untied config gets its own
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.vision, self.projector = _vision_parts(config)
+        # generate's decode steps take `fast_decode.decode_step` (fewer ops, packed kernels)
+        # whenever nothing is hooked; False: always the plain, instrumented forward
+        self.fast_decode = True
         self.init_buffers()
         self.hook_embed = HookPoint()  # (B, S, D) embedding rows, before the sqrt(D) scale
         self.hook_embed_scaled = HookPoint()  # (B, S, D) after the scale
@@ -136,11 +139,15 @@ class Gemma3Network(nn.Module):
     def _unembed(self, h: Tensor, vocab: slice | None = None) -> Tensor:
         """Logits of h; `vocab` computes a slice of the vocabulary only (top-k in one pass over
         the head, whatever the number of positions)."""
-        cfg = self.config.text
         if vocab is None:
             logits = self.lm_head(h) if self.lm_head is not None else h @ self.embed.weight.T
         else:
             logits = h @ (self.lm_head.weight if self.lm_head is not None else self.embed.weight)[vocab].T
+        return self.softcap(logits)
+
+    def softcap(self, logits: Tensor) -> Tensor:
+        """The final logit softcapping, where the config asks for it."""
+        cfg = self.config.text
         # transformers applies final softcapping in Gemma3ForCausalLM only, never in the
         # multimodal model; no released Gemma 3 sets it
         if cfg.final_logit_softcapping is not None and self.vision is None:

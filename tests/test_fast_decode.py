@@ -1,0 +1,151 @@
+"""The lean decode step and its kernels compute what the plain instrumented forward computes:
+bit-for-bit in float32, within bfloat16 rounding in bfloat16; any hook sends a step back
+to the plain path; the preallocated KV cache returns what concatenation would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gemma3_lab.config import Gemma3Config, TextConfig, pattern_layer_types
+from gemma3_lab.explorer import Gemma3
+from gemma3_lab.generate import decode_one, prefill
+from gemma3_lab.model import kernels
+from gemma3_lab.model.fast_decode import decode_step
+from gemma3_lab.model.kv_cache import KVCache, LayerCache
+
+PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    text = TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                      num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                      layer_types=pattern_layer_types(3, 2))
+    torch.manual_seed(0)
+    model = Gemma3(Gemma3Config(text, name="tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("keep", [None, 3, 7])
+def test_layer_cache_returns_what_concatenation_would(keep):
+    """Growth (global) and sliding back to the front (local) over prompts and single steps."""
+    cache, ref_k = LayerCache(keep), None
+    g = torch.Generator().manual_seed(0)
+    for S in [5, 1, 1, 9, *[1] * 150, 2, 1]:
+        k = torch.randn(1, 2, S, 4, generator=g)
+        got_k, got_v = cache.update(k, -k)
+        full = k if ref_k is None else torch.cat((ref_k, k), dim=2)
+        ref_k = full if keep is None else full[:, :, -keep:]
+        assert torch.equal(got_k, full) and torch.equal(got_v, -full)
+        assert torch.equal(cache.k, ref_k) and torch.equal(cache.v, -ref_k)
+
+
+def _steps(model, ids, n, fast):
+    cache = KVCache(model.config.text)
+    with torch.no_grad():
+        logits = [prefill(model, model.to_inputs(ids), cache)]
+        for i in range(n):
+            logits.append(decode_one(model, int(logits[-1].argmax()), cache, fast))
+    return torch.stack(logits)
+
+
+def test_tiny_fast_steps_equal_plain_ones_past_the_window(tiny):
+    ids = torch.tensor([[2, 17, 33, 5, 80]])
+    assert torch.equal(_steps(tiny, ids, 12, fast=True), _steps(tiny, ids, 12, fast=False))
+
+
+def test_a_hook_anywhere_sends_the_step_to_the_plain_forward(tiny):
+    cache = KVCache(tiny.config.text)
+    with torch.no_grad():
+        prefill(tiny, tiny.to_inputs(torch.tensor([[2, 17, 33]])), cache)
+        assert decode_step(tiny, 5, cache) is not None
+        calls = []
+        handle = tiny.blocks[1].mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            assert decode_step(tiny, 6, cache) is None  # nothing done: the cache did not move
+            assert cache.length == 4
+            decode_one(tiny, 6, cache, fast=True)
+        finally:
+            handle.remove()
+    assert calls == [1] and cache.length == 5
+    tiny.blocks[0].attn.explicit = True
+    try:
+        assert decode_step(tiny, 7, cache) is None
+    finally:
+        tiny.blocks[0].attn.explicit = False
+
+
+def test_generate_with_capture_sees_every_step(tiny):
+    res = tiny.generate(torch.tensor([[2, 17, 33]]), max_new_tokens=5, stop_ids=(), capture="blocks.2.hook_resid_post")
+    cap = res.captures["blocks.2.hook_resid_post"]
+    assert cap.tensor().shape[:2] == (1, 3 + 4)  # the prompt and every decoded token but the last
+
+
+@pytest.mark.real
+def test_float32_fast_greedy_is_the_plain_greedy(real_model):
+    for prompt in PROMPTS:
+        fast = real_model.generate(prompt, max_new_tokens=16, stop_ids=(), fast=True)
+        plain = real_model.generate(prompt, max_new_tokens=16, stop_ids=(), fast=False)
+        assert fast.token_ids == plain.token_ids, prompt
+    ids = real_model.to_inputs(PROMPTS[0]).input_ids
+    assert torch.equal(_steps(real_model, ids, 4, fast=True), _steps(real_model, ids, 4, fast=False))
+
+
+@pytest.fixture(scope="module")
+def bf16_model(real_folder):
+    import gemma3_lab as gl
+
+    return gl.load(dtype="bfloat16", progress=False)
+
+
+@pytest.mark.real
+def test_bfloat16_fast_steps_stay_within_rounding_of_plain_ones(bf16_model):
+    """The packed oneDNN kernels and float32 attention products round differently from
+    torch's bfloat16 matmuls: logits agree within bfloat16 noise and greedy stays the same."""
+    ids = bf16_model.to_inputs(PROMPTS[0]).input_ids
+    cache = KVCache(bf16_model.config.text)
+    with torch.no_grad():
+        prefill(bf16_model, bf16_model.to_inputs(ids), cache)
+        assert decode_step(bf16_model, 5, cache) is not None  # the lean step is what runs
+    fast, plain = _steps(bf16_model, ids, 6, fast=True), _steps(bf16_model, ids, 6, fast=False)
+    rel = (fast - plain).norm(dim=-1) / plain.norm(dim=-1)
+    print(f"bf16 native kernels: {kernels.bf16_native()}, fast vs plain logits rel. error max {rel.max():.2e}")
+    assert float(rel.max()) <= 2e-2
+    assert torch.equal(fast.argmax(-1), plain.argmax(-1))
+
+
+FALLBACK = """
+import torch, gemma3_lab as gl
+from gemma3_lab.model import kernels
+m = gl.load(dtype="bfloat16", progress=False)
+ids = m.to_inputs("The capital of France is").input_ids
+a = m.generate(ids, max_new_tokens=4, stop_ids=(), fast=True).token_ids
+b = m.generate(ids, max_new_tokens=4, stop_ids=(), fast=False).token_ids
+print(kernels.bf16_native(), torch.backends.cpu.get_cpu_capability(), a == b)
+"""
+
+
+def test_plain_kernels_can_be_forced(monkeypatch):
+    monkeypatch.setenv(kernels.FORCE_PLAIN, "1")
+    assert not kernels.bf16_native()
+    x, lin = torch.randn(1, 1, 64).bfloat16(), torch.nn.Linear(64, 32, bias=False).bfloat16()
+    assert torch.equal(kernels.linear(x, lin), torch.nn.functional.linear(x, lin.weight))
+
+
+@pytest.mark.real
+def test_bfloat16_fallback_without_native_kernels(real_folder):
+    """Where the CPU has no AVX-512 (forced here), bfloat16 projections take F.linear and
+    the lean step still gives the plain greedy."""
+    out = subprocess.run([sys.executable, "-c", FALLBACK], capture_output=True, text=True, check=True,
+                         env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2"},
+                         cwd=os.path.dirname(os.path.dirname(__file__)))
+    native, _, same = out.stdout.split()
+    assert native == "False" and same == "True"
