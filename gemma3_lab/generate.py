@@ -164,6 +164,21 @@ def record_step(tok, ids: list[int], index: int, position: int, logits: Tensor, 
 
 
 @torch.no_grad()
+def check_length(config, n_prompt: int, max_new_tokens: int, max_prompt: int | None = None,
+                 max_prompt_name: str = "the limit", note: str = "") -> None:
+    """The one rule for how long a generation may be: the prompt and every new token fit the
+    model's context (RoPE positions past it were never trained), and the prompt fits a caller's
+    own `max_prompt` if given (the app's, named `max_prompt_name`, `note` appended)."""
+    limit = config.text.max_position_embeddings
+    need = n_prompt + max_new_tokens
+    if need > limit:
+        raise Gemma3LabError(f"the prompt is {n_prompt} tokens; with {max_new_tokens} new tokens that is {need}, "
+                             f"past {config.name}'s context of {limit} tokens")
+    if max_prompt is not None and n_prompt > max_prompt:
+        raise Gemma3LabError(f"the prompt is {n_prompt} tokens, past {max_prompt_name} of {max_prompt} prompt "
+                             f"tokens{note}")
+
+
 def generate(
     model,
     prompt,
@@ -207,9 +222,7 @@ def generate(
     if inputs.input_ids.shape[0] != 1:
         raise ValueError("generate takes one prompt at a time")
     n_prompt = inputs.input_ids.shape[1]
-    limit = model.config.text.max_position_embeddings
-    if n_prompt + max_new_tokens > limit:
-        raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context of {limit}")
+    check_length(model.config, n_prompt, max_new_tokens)
     stop_ids = default_stop_ids(model, stop_at_end_of_turn) if stop_ids is None else tuple(stop_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = KVCache(model.config.text)

@@ -15,11 +15,13 @@ from typing import Callable
 
 import torch
 
+from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.generate import (
     PREFILL_CHUNK,
     GenerationResult,
     Step,
     _prompt_inputs,
+    check_length,
     decode_rows,
     prefill_rows,
     record_step,
@@ -80,13 +82,13 @@ def generate_batch(
     if inputs.input_ids.shape[0] != 1:
         raise ValueError("generate_batch takes one prompt (its rows differ in decoding and hooks)")
     n_prompt, R = inputs.input_ids.shape[1], len(rows)
-    limit = model.config.text.max_position_embeddings
     for r, s in enumerate(rows):
         if s.max_new_tokens < 0:
             raise ValueError(f"row {r}: max_new_tokens must be >= 0, got {s.max_new_tokens}")
-        if n_prompt + s.max_new_tokens > limit:
-            raise ValueError(f"row {r}: prompt ({n_prompt} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds "
-                             f"the context of {limit}")
+        try:
+            check_length(model.config, n_prompt, s.max_new_tokens)
+        except Gemma3LabError as e:
+            raise Gemma3LabError(f"row {r}: {e}") from None
     stop_ids = tuple(stop_ids if stop_ids is not None else model.config.text.eos_token_ids)
     state = [_Row(s, torch.Generator().manual_seed(s.seed) if s.seed is not None else None, [], []) for s in rows]
     hooks = [pair for r, s in enumerate(rows) for pair in for_row(list(s.hooks), r)]

@@ -256,7 +256,9 @@ def test_compare_tab_is_gemma3_lab_compare(client, app, model):
 
     generate(client, b_precision="int4", a_max_new_tokens=1, b_max_new_tokens=1)
     summary, layers, positions = client.predict(api_name="/compare")
-    want = compare(model, app.registry.get(ModelKey(BUNDLED, "int4")).model, PROMPT)
+    want = compare(model, app.registry.get(ModelKey(BUNDLED, "int4")).model, PROMPT,
+                   labels=(f"A: {BUNDLED}", f"B: {BUNDLED} (int4)"))
+    assert summary == want.summary(by_layer=False) + "."  # the library's line, not a copy of it
     assert [row[1] for row in layers["data"]] == want.resid_rel_error.tolist()
     assert [row[2] for row in positions["data"]] == want.kl.tolist()
     assert f"{want.last_kl:.4g} nats" in summary and "(int4)" in summary
