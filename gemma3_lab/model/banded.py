@@ -26,14 +26,6 @@ def skew(x: Tensor, width: int) -> Tensor:
     return x.as_strided((*lead, C, width), (*x.stride()[:-2], L + 1, 1))
 
 
-def unskew(band: Tensor) -> Tensor:
-    """(..., C, width) -> (..., C, C+width-1) zeros with row r's band placed at columns r..r+width-1."""
-    *lead, C, W = band.shape
-    out = band.new_zeros(*lead, C, C + W - 1)
-    skew(out, W).copy_(band)
-    return out
-
-
 class PatternView:
     """What both compact layouts offer: the dense view, its shape, selection and moves."""
 

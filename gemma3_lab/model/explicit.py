@@ -3,8 +3,17 @@ needs to exist unless a hook asks for one.
 
 Numerics are transformers' eager path (spec §2.3): scores · scale, an additive finfo.min
 mask, a float32 softmax cast back, then pattern @ v. Global layers (and any layer whose
-mask a hook replaced) use `DenseRows`; local layers use `BandRows`, which only ever
-touches the keys a query's window (or its own image) can reach.
+mask a hook replaced) use `DenseRows`; local layers use `BandRows`, whose scores and
+softmax only touch the keys a query's window (or its own image) can reach.
+
+Each product is laid out as eager lays it out, so every float sum runs in eager's order
+and the logits equal eager's bit for bit (on one machine, with one BLAS): per query head
+(keys and values repeated, a view when there is one kv head), at least `MIN_ROWS` query
+rows, and pattern @ v over all T keys. A score q·k sums over the head dimension only, so
+computing fewer keys changes nothing; a softmax row comes out the same without its masked
+entries (their exp is exactly 0). pattern @ v sums over keys, and BLAS blocks that sum by
+its length: the zeros a band or a row block leaves out are put back, so the sum is as long
+as eager's. That costs S·T multiply-adds per head where a band needs S·window.
 """
 
 from __future__ import annotations
@@ -13,9 +22,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gemma3_lab.model.banded import BandedPattern, BlockRows, skew, unskew
+from gemma3_lab.model.banded import BandedPattern, BlockRows, skew
 
 CHUNK_BYTES = 16 * 2**20  # float32 scores of one chunk of query rows (prompts up to ~1k: one chunk)
+MIN_ROWS = 16  # BLAS multiplies fewer rows with small-matrix kernels, which sum in another order
+
+
+def row_spans(S: int, rows: int) -> list[tuple[int, int]]:
+    """Chunks of `rows` query rows (at least MIN_ROWS) over 0..S-1. A short last chunk joins
+    the one before: a product that thin would not round as eager's whole-prompt one does."""
+    rows = max(rows, MIN_ROWS)
+    spans = [(a, min(a + rows, S)) for a in range(0, S, rows)]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] < min(rows, MIN_ROWS):
+        spans[-2:] = [(spans[-2][0], S)]
+    return spans
+
+
+def repeat_kv(x: Tensor, rep: int) -> Tensor:
+    """(B, K, T, H) -> (B, K*rep, T, H): each query head's own keys or values, as eager
+    builds them (expand, then reshape: a view for one kv head, a copy otherwise)."""
+    B, K, T, H = x.shape
+    return x if rep == 1 else x[:, :, None].expand(B, K, rep, T, H).reshape(B, K * rep, T, H)
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -26,7 +53,8 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
 def grouped_matmul(x: Tensor, y: Tensor) -> Tensor:
     """(B, N, C, X) @ (B, K, X, Y) -> (B, N, C, Y) for N query heads over K kv heads: kv head j
     serves query heads j*rep .. j*rep+rep-1, so each group is one matmul and keys/values are
-    never repeated in memory. Used for q·kᵀ (y = kᵀ) and pattern·v (y = v)."""
+    never repeated in memory. The fast path's decode step uses it for q·kᵀ (y = kᵀ) and
+    pattern·v (y = v); the explicit path repeats keys and values instead, to round as eager."""
     B, N, C, X = x.shape
     K = y.shape[1]
     if N == K:
@@ -48,11 +76,11 @@ class DenseRows:
     up to the chunk's last query (or its image's end), so a causal pattern keeps ~T²/2."""
 
     def __init__(self, q: Tensor, k: Tensor, v: Tensor, plan, mask: Tensor | None, scale: float) -> None:
-        self.q, self.k, self.v, self.plan, self.mask, self.scale = q, k, v, plan, mask, scale
+        self.q, self.k, self.plan, self.mask, self.scale = q, k, plan, mask, scale
         B, N, S, _ = q.shape
         T = k.shape[2]
-        self.rows_per_chunk = max(1, CHUNK_BYTES // (B * N * T * 4))
-        self.chunks = [(a, min(a + self.rows_per_chunk, S)) for a in range(0, S, self.rows_per_chunk)]
+        self.kr, self.vr = repeat_kv(k, N // k.shape[1]), repeat_kv(v, N // k.shape[1])  # (B, N, T, H)
+        self.chunks = row_spans(S, max(1, CHUNK_BYTES // (B * N * T * 4)))
         self.keys = {c: T if mask is not None else plan.reach(*c) for c in self.chunks}
 
     def wrap(self, x: Tensor, fill: float):
@@ -70,12 +98,15 @@ class DenseRows:
 
     def scores(self, a: int, b: int) -> Tensor:
         keys = self.keys[(a, b)]
-        s = grouped_matmul(self.q[:, :, a:b], self.k[:, :, :keys].transpose(2, 3)) * self.scale  # (B, N, C, keys)
+        s = torch.matmul(self.q[:, :, a:b], self.kr[:, :, :keys].transpose(2, 3)) * self.scale  # (B, N, C, keys)
         m = self.mask[:, :, a:b] if self.mask is not None else self.plan.rows(a, b, keys)
         return s.add_(_additive(m, s.dtype))
 
     def apply(self, p: Tensor, a: int, b: int) -> Tensor:
-        return grouped_matmul(p, self.v[:, :, : p.shape[-1]])  # (B, N, C, H)
+        # the keys a block left out are zeros of the full row: the sum runs over all T
+        T = self.kr.shape[2]
+        p = p if p.shape[-1] == T else F.pad(p, (0, T - p.shape[-1]))
+        return torch.matmul(p, self.vr)  # (B, N, C, H)
 
 
 class BandRows:
@@ -87,14 +118,15 @@ class BandRows:
         self.back, fwd = plan.band_extent()
         self.width = self.back + 1 + fwd
         # padded key index of slot s is s - k0 + back, so row a's band starts at q_a - k0
-        self.kp = F.pad(k, (0, 0, self.back, fwd))  # (B, K, back + T + fwd, H)
-        self.vp = F.pad(v, (0, 0, self.back, fwd))
-        self.k0, self.kv_len = int(plan.kv_slots[0]), k.shape[2]
         B, N, S, _ = q.shape
+        self.kp = repeat_kv(F.pad(k, (0, 0, self.back, fwd)), N // k.shape[1])  # (B, N, back + T + fwd, H)
+        self.vr = repeat_kv(v, N // k.shape[1])  # (B, N, T, H)
+        self.k0, self.kv_len = int(plan.kv_slots[0]), k.shape[2]
         self.shape = (B, N, S, self.width)
         # a chunk of C rows multiplies C + width - 1 keys: half a window keeps that waste at 1.5x
-        self.rows_per_chunk = max(16, (plan.window or self.width) // 2)
-        self.chunks = [(a, min(a + self.rows_per_chunk, S)) for a in range(0, S, self.rows_per_chunk)]
+        self.chunks = row_spans(S, max(16, (plan.window or self.width) // 2))
+        # pattern @ v takes full rows of T keys: as many rows at a time as fit in a chunk
+        self.pv_rows = max(1, CHUNK_BYTES // (B * N * (self.kv_len + self.width) * 4))
 
     def _keys(self, a: int, b: int) -> slice:
         start = int(self.plan.q_slots[a]) - self.k0
@@ -107,12 +139,23 @@ class BandRows:
         return self.wrap(torch.empty(self.shape, dtype=dtype, device=self.q.device), fill)
 
     def scores(self, a: int, b: int) -> Tensor:
-        s = grouped_matmul(self.q[:, :, a:b], self.kp[:, :, self._keys(a, b)].transpose(2, 3)) * self.scale
+        s = torch.matmul(self.q[:, :, a:b], self.kp[:, :, self._keys(a, b)].transpose(2, 3)) * self.scale
         s = skew(s, self.width)  # (B, N, C, width), a view
         return s + _additive(self.plan.band_rows(a, b, self.back, self.width), s.dtype)
 
     def apply(self, p: Tensor, a: int, b: int) -> Tensor:
-        return grouped_matmul(unskew(p), self.vp[:, :, self._keys(a, b)])  # (B, N, C, H)
+        spans = row_spans(b - a, self.pv_rows)
+        return _cat([torch.matmul(self._full_rows(p[:, :, i:j], a + i), self.vr) for i, j in spans])  # (B, N, C, H)
+
+    def _full_rows(self, band: Tensor, a: int) -> Tensor:
+        """(B, N, C, width) band rows from query row a on -> (B, N, C, T): each row's band at
+        its keys, zeros elsewhere (band entries for keys outside the cache are dropped)."""
+        B, N, C, W = band.shape
+        L = self.kv_len + W - 1  # a row in padded key coordinates (back + T + fwd)
+        rows = band.new_zeros(B, N, C, L)
+        start = self._keys(a, a + 1).start  # row r's band starts at padded key start + r
+        rows.as_strided((B, N, C, W), (N * C * L, C * L, L + 1, 1), start).copy_(band)
+        return rows[..., self.back : self.back + self.kv_len].contiguous()
 
 
 def explicit_attention(q, k, v, plan, mask, scale, hook_scores, hook_pattern, store_dtype=None) -> Tensor:
