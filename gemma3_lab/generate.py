@@ -177,6 +177,18 @@ def record_step(tok, ids: list[int], index: int, position: int, logits: Tensor, 
 
 
 @torch.no_grad()
+def check_length(config, n_prompt: int, max_new_tokens: int, max_prompt: int | None = None,
+                 max_prompt_name: str = "the limit", note: str = "") -> None:
+    """How long a generation may be: the prompt and every new token fit the model's context
+    (`check_context`, the one context rule), and the prompt fits a caller's own `max_prompt` if
+    given (the app's, named `max_prompt_name`, `note` appended)."""
+    check_context(config, n_prompt + max_new_tokens,
+                  f"the prompt ({n_prompt:,} tokens) + max_new_tokens ({max_new_tokens:,})")
+    if max_prompt is not None and n_prompt > max_prompt:
+        raise Gemma3LabError(f"the prompt is {n_prompt} tokens, past {max_prompt_name} of {max_prompt} prompt "
+                             f"tokens{note}")
+
+
 def generate(
     model,
     prompt,
@@ -225,8 +237,7 @@ def generate(
     if inputs.input_ids.shape[0] != 1:
         raise Gemma3LabError("generate takes one prompt at a time")
     n_prompt = inputs.input_ids.shape[1]
-    check_context(model.config, n_prompt + max_new_tokens,
-                  f"the prompt ({n_prompt:,} tokens) + max_new_tokens ({max_new_tokens:,})")
+    check_length(model.config, n_prompt, max_new_tokens)
     stop_ids = default_stop_ids(model, stop_at_end_of_turn) if stop_ids is None else tuple(stop_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = KVCache(model.config.text)

@@ -15,11 +15,13 @@ from typing import Callable
 
 import torch
 
+from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.generate import (
     PREFILL_CHUNK,
     GenerationResult,
     Step,
     _prompt_inputs,
+    check_length,
     decode_rows,
     prefill_rows,
     record_step,
@@ -27,7 +29,6 @@ from gemma3_lab.generate import (
 )
 from gemma3_lab.instrument.capture import Capture, capture_hooks, row_captures
 from gemma3_lab.instrument.interventions import for_row
-from gemma3_lab.model.checks import check_context
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.prompt.inputs import Inputs
 
@@ -84,8 +85,10 @@ def generate_batch(
     for r, s in enumerate(rows):
         if s.max_new_tokens < 0:
             raise ValueError(f"row {r}: max_new_tokens must be >= 0, got {s.max_new_tokens}")
-        check_context(model.config, n_prompt + s.max_new_tokens,
-                      f"row {r}: the prompt ({n_prompt:,} tokens) + max_new_tokens ({s.max_new_tokens:,})")
+        try:
+            check_length(model.config, n_prompt, s.max_new_tokens)
+        except Gemma3LabError as e:
+            raise Gemma3LabError(f"row {r}: {e}") from None
     stop_ids = tuple(stop_ids if stop_ids is not None else model.config.text.eos_token_ids)
     state = [_Row(s, torch.Generator().manual_seed(s.seed) if s.seed is not None else None, [], []) for s in rows]
     hooks = [pair for r, s in enumerate(rows) for pair in for_row(list(s.hooks), r)]

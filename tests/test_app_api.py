@@ -87,7 +87,7 @@ def generate(client, **changes) -> dict:
 
 def test_endpoints_are_named(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/generate", "/stop", "/inspect", "/mask_atlas", "/image_attention", "/compare"} <= names
+    assert {"/generate", "/stop", "/inspect", "/mask_atlas", "/image_attention", "/compare", "/explain"} <= names
 
 
 def test_both_columns_generate_and_equal_the_library(client, model):
@@ -256,7 +256,9 @@ def test_compare_tab_is_gemma3_lab_compare(client, app, model):
 
     generate(client, b_precision="int4", a_max_new_tokens=1, b_max_new_tokens=1)
     summary, layers, positions = client.predict(api_name="/compare")
-    want = compare(model, app.registry.get(ModelKey(BUNDLED, "int4")).model, PROMPT)
+    want = compare(model, app.registry.get(ModelKey(BUNDLED, "int4")).model, PROMPT,
+                   labels=(f"A: {BUNDLED}", f"B: {BUNDLED} (int4)"))
+    assert summary == want.summary(by_layer=False) + "."  # the library's line, not a copy of it
     assert [row[1] for row in layers["data"]] == want.resid_rel_error.tolist()
     assert [row[2] for row in positions["data"]] == want.kl.tolist()
     assert f"{want.last_kl:.4g} nats" in summary and "(int4)" in summary
@@ -317,9 +319,9 @@ def _png(path: Path) -> Path:
 
 BAD = {
     "empty prompt": (dict(prompt="  "), "the prompt is empty"),
-    "past the context": (dict(prompt="hello " * 33_000), "past gemma-3-270m's context of 32768"),
+    "past the context": (dict(prompt="hello " * 33_000), "more than gemma-3-270m's context of 32,768"),
     "prompt-token limit": (dict(prompt="hello " * 5000), "past this app's limit of 4096 prompt tokens"),
-    "past a small context": (dict(a_model="tiny", prompt="hello " * 70), "past tiny's context of 64"),
+    "past a small context": (dict(a_model="tiny", prompt="hello " * 70), "more than tiny's context of 64"),
     "non-image upload": (dict(images="text"), "is not an image"),
     "image for text-only": (dict(images="png"), "text-only model"),
     "folder outside the root": (dict(b_model="/etc"), "outside the allowed root"),
@@ -392,3 +394,34 @@ def test_image_tab_endpoint(client, app, tmp_path):
     assert all(Path(p).stat().st_size > 5_000 for p in (strip, grid, attention))
     with pytest.raises(Exception, match="image 1 does not exist"):
         client.predict(column="A", index=0, image=1, layers="global layers", head=-1, api_name="/image_attention")
+
+
+def test_explain_is_who_wrote_at_that_token(client, model):
+    """/explain returns gemma3_lab.analysis.who_wrote's numbers as they are, for a generated
+    step and for a prompt slot; the direct logit attributions sum to the model's logit."""
+    from gemma3_lab.analysis.who_wrote import who_wrote
+
+    with pytest.raises(Exception, match="has not generated anything"):
+        Client(client.src, verbose=False).predict(column="A", index=0, api_name="/explain")
+    out = generate(client, a_max_new_tokens=3, b_max_new_tokens=3)
+    prompt_ids = model.to_inputs(PROMPT).input_ids[0].tolist()
+    seq = torch.tensor([prompt_ids + out["A"]["token_ids"][:-1]])
+    header, dla, attr, table, data = client.predict(column="A", index=1, steps=8, api_name="/explain")
+    pos = len(prompt_ids)  # step 1 was chosen at the slot of step 0's token
+    want = who_wrote(model, seq, pos, token=out["A"]["token_ids"][1], steps=8)
+    assert (data["position"], data["token"]) == (want.position, want.token)
+    assert (data["logit"], data["embed"], data["dla_error"]) == (want.logit, want.embed, want.dla_error)
+    assert data["attn"] == want.attn.tolist() and data["mlp"] == want.mlp.tolist()
+    assert data["heads"] == want.heads.tolist() and data["input_attr"] == want.input_attr.tolist()
+    assert data["completeness_error"] == want.completeness_error
+    assert [row[1:3] for row in table["data"][1:]] == [[a, m] for a, m in zip(data["attn"], data["mlp"])]
+    assert table["data"][0][1] == data["embed"] and [row[3:] for row in table["data"][1:]] == data["heads"]
+    logit = float(model(seq).logits[0, pos, want.token])
+    assert data["embed"] + sum(data["attn"]) + sum(data["mlp"]) == pytest.approx(logit, rel=1e-4)
+    assert f"{want.logit:.4f}" in header and Path(dla).stat().st_size > 5_000 and Path(attr).stat().st_size > 2_000
+    # a prompt slot, without the integrated gradients: the prediction of the prompt's next token
+    *_, data = client.predict(column="B", index=None, position=2, input_attribution=False, api_name="/explain")
+    want = who_wrote(model, seq, 2, input_attribution=False)
+    assert data["token"] == prompt_ids[3] and data["input_attr"] is None and data["heads"] == want.heads.tolist()
+    with pytest.raises(Exception, match="there is no token 7"):
+        client.predict(column="A", index=7, api_name="/explain")

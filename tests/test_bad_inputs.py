@@ -287,7 +287,7 @@ def test_stale_conversion_temporaries_are_removed_at_the_next_conversion(tmp_pat
     (torch.tensor([[2, -1]]), "token id -1 is outside the vocabulary"),
     (torch.tensor([[2.0, 5.0]]), "token ids must be integers, got a float32 tensor"),
     (torch.zeros(1, 0, dtype=torch.long), r"at least one token, got shape \(1, 0\)"),
-    (torch.zeros(1, 65, dtype=torch.long), "the sequence: 65 tokens, more than the context of 64 tokens"),
+    (torch.zeros(1, 65, dtype=torch.long), "the sequence: 65 tokens, more than tiny's context of 64 tokens"),
 ])
 def test_bad_token_ids(tiny, ids, named):
     for run in (lambda: tiny(ids), lambda: tiny.run_with_cache(ids), lambda: tiny.run_with_hooks(ids)):
@@ -308,7 +308,7 @@ def test_empty_id_list_and_soft_token_without_image(tiny, tiny_mm):
 
 def test_generate_checks_context_sampling_and_top_k_up_front(tiny):
     prompt = torch.tensor([2, 5, 6])
-    with pytest.raises(Gemma3LabError, match=r"the prompt \(3 tokens\) \+ max_new_tokens \(62\): 65 tokens, more than the context of 64"):
+    with pytest.raises(Gemma3LabError, match=r"the prompt \(3 tokens\) \+ max_new_tokens \(62\): 65 tokens, more than tiny's context of 64"):
         tiny.generate(prompt, max_new_tokens=62)
     for kw, named in [({"temperature": math.nan}, "temperature = nan"), ({"temperature": math.inf}, "temperature = inf"),
                       ({"top_p": math.nan}, "top_p = nan"), ({"record_top_k": 10**6}, "record_top_k = 1000000 must be"),
@@ -317,7 +317,7 @@ def test_generate_checks_context_sampling_and_top_k_up_front(tiny):
             tiny.generate(prompt, **kw)
     assert len(tiny.generate(prompt, max_new_tokens=61, stop_ids=()).token_ids) == 61  # the edge itself is fine
     check_context(tiny.config, 64)
-    with pytest.raises(Gemma3LabError, match="the app's prompt: 65 tokens, more than the context of 64"):
+    with pytest.raises(Gemma3LabError, match="the app's prompt: 65 tokens, more than tiny's context of 64"):
         check_context(tiny.config, 65, "the app's prompt")
 
 

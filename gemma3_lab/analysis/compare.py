@@ -51,12 +51,16 @@ class Comparison:
         """KL of what each variant would generate next."""
         return float(self.kl[-1])
 
-    def summary(self) -> str:
+    def summary(self, by_layer: bool = True) -> str:
+        """One line (B against A: next-token KL and top-1 agreement), then, `by_layer`, the
+        residual stream's relative error after each layer. The app's Compare tab shows the line."""
         a, b = self.labels
-        lines = [f"{b} vs {a} on {len(self.token_ids)} tokens: next-token KL last {self.last_kl:.4g} nats, "
-                 f"mean {float(self.kl.mean()):.4g}, max {float(self.kl.max()):.4g}; "
-                 f"top-1 agreement {self.top1_agreement:.0%}",
-                 "residual stream relative error by layer:"]
+        lines = [f"{b} vs {a} on {len(self.token_ids)} tokens: next-token KL(A ‖ B) at the last position "
+                 f"{self.last_kl:.4g} nats (mean {float(self.kl.mean()):.4g}, max {float(self.kl.max()):.4g}); "
+                 f"top-1 agreement {self.top1_agreement:.1%}"]
+        if not by_layer:
+            return lines[0]
+        lines.append("residual stream relative error by layer:")
         lines += [f"  {s:>9}  {float(e):.3e}" for s, e in zip(self.sites, self.resid_rel_error)]
         return "\n".join(lines)
 

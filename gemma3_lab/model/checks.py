@@ -16,7 +16,7 @@ def check_context(config: Gemma3Config, n_tokens: int, what: str = "the sequence
     """Refuse `n_tokens` positions beyond the model's context (max_position_embeddings)."""
     limit = config.text.max_position_embeddings
     if n_tokens > limit:
-        raise Gemma3LabError(f"{what}: {n_tokens:,} tokens, more than the context of {limit:,} tokens")
+        raise Gemma3LabError(f"{what}: {n_tokens:,} tokens, more than {config.name or 'the model'}'s context of {limit:,} tokens")
 
 
 def check_input_ids(config: Gemma3Config, input_ids: Tensor, past: int = 0, image_slots_given: bool = False) -> None:

@@ -45,9 +45,7 @@ def make_compare(registry: ModelRegistry):
         except ValueError as e:
             raise gr.Error(f"cannot compare {a.spec.model} with {b.spec.model}: {e}") from None
         tok = ea.model.tokenizer
-        summary = (f"**B ({b.spec.model}) against A ({a.spec.model})** on {len(c.token_ids)} prompt tokens: "
-                   f"next-token KL(A ‖ B) at the last position {c.last_kl:.4g} nats (mean {float(c.kl.mean()):.4g}, "
-                   f"max {float(c.kl.max()):.4g}); top-1 agreement {c.top1_agreement:.1%}.")
+        summary = c.summary(by_layer=False) + "."
         layers = [[s, float(e)] for s, e in zip(c.sites, c.resid_rel_error)]
         positions = [[i, t, float(k), tok.id_to_token(int(x)), tok.id_to_token(int(y))]
                      for i, (t, k, x, y) in enumerate(zip(c.tokens, c.kl, c.top1_a, c.top1_b))]

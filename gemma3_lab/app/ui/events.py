@@ -11,6 +11,7 @@ import inspect as pyinspect
 import gradio as gr
 
 from gemma3_lab.app.ui.compare_tab import wire_compare_tab
+from gemma3_lab.app.ui.explain import make_explain
 from gemma3_lab.app.ui.figures import heatmap_image, layer_mask_image, lens_image, to_image
 from gemma3_lab.app.ui.images_tab import wire_images_tab
 from gemma3_lab.app.ui.inspector import inspect_token, lens_at, lens_rows, sequence_inputs
@@ -134,7 +135,7 @@ def make_inspect(registry: ModelRegistry):
             run = session.run(column)
             model = registry.get(run.spec.model).model
             lens = lens_at(model, run.capture, ins.query)
-        except LookupError as e:
+        except (LookupError, SettingsError) as e:
             raise gr.Error(str(e.args[0] if e.args else e)) from None
         config = model.config
         data = {
@@ -166,6 +167,13 @@ def wire_inspector(page: Page, registry: ModelRegistry, session: gr.State) -> No
 
         page.columns[col].tokens.select(clicked, inputs=[w["layer"], w["head"], session], api_visibility="private",
                                         **common)
+    explain = named(make_explain(registry), ("column", "index", "session"),
+                    optional=("position", "steps", "input_attribution"))
+    w["explain"].click(explain, inputs=[w["column"], w["index"], session, w["position"], w["explain_steps"],
+                                        w["explain_ig"]],
+                       outputs=[w[k] for k in ("explain_header", "explain_dla", "explain_inputs", "explain_table",
+                                               "explain_json")],
+                       api_name="explain", concurrency_id="model", show_progress="minimal")
 
 
 def make_atlas(registry: ModelRegistry):

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import gradio as gr
 
+from gemma3_lab.app.ui.checks import ALL_HEADS, SettingsError, check_head, check_layer, whole
 from gemma3_lab.app.ui.figures import to_image
-from gemma3_lab.app.ui.inspector import captured, sequence_inputs, whole
+from gemma3_lab.app.ui.inspector import captured, sequence_inputs
 from gemma3_lab.app.ui.registry import ModelRegistry
 from gemma3_lab.app.ui.session import Session
 from gemma3_lab.app.ui.widgets import figure_slot, head_choices
@@ -54,10 +55,7 @@ def parse_layers(choice, config) -> list[int]:
         return list(t.global_layers)
     if choice == "all layers":
         return list(range(t.num_layers))
-    layer = whole("layer", choice.removeprefix("L"))
-    if not 0 <= layer < t.num_layers:
-        raise LookupError(f"layer {layer} does not exist: {config.name} has layers 0–{t.num_layers - 1}")
-    return [layer]
+    return [check_layer(config, choice.removeprefix("L"))]
 
 
 def make_image_attention(registry: ModelRegistry):
@@ -85,14 +83,12 @@ def make_image_attention(registry: ModelRegistry):
             if not 0 <= image < n_images:
                 raise LookupError(f"image {image} does not exist: the prompt holds {n_images} image(s)")
             chosen = parse_layers(layers, cfg)
-            head = whole("head", head if head is not None else -1)
-            if not (head == -1 or 0 <= head < cfg.text.num_heads):
-                raise LookupError(f"head {head} does not exist: the model has heads 0–{cfg.text.num_heads - 1}")
+            head = check_head(cfg, head, allow_all=True)
             cache = captured(run, column).cache(model, chosen)  # the generation's patterns: no forward
-        except LookupError as e:
+        except (LookupError, SettingsError) as e:
             raise gr.Error(str(e.args[0] if e.args else e)) from None
         labels = token_labels(model.tokenizer, x.input_ids, cfg, x.image_spans)
-        heads = None if head == -1 else [head]
+        heads = None if head == ALL_HEADS else [head]
         note = (f"Column {column}: {len(x.image_spans)} image block(s) in {x.input_ids.shape[1]} slots. Attention "
                 f"from slot {query} ({labels[query]!r}) — the query that produced "
                 + ("the first generated token" if index == -1 else f"step {index}") + f", layers {chosen}, "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from gemma3_lab.app.ui.capture_store import ColumnCapture
+from gemma3_lab.app.ui.checks import ALL_HEADS, check_head, check_layer, whole
 from gemma3_lab.app.ui.registry import ModelRegistry
 from gemma3_lab.app.ui.session import ColumnRun, Session
 from gemma3_lab.generate import Step
@@ -21,7 +22,6 @@ from gemma3_lab.prompt.inputs import Inputs
 from gemma3_lab.viz.common import token_labels
 
 LENS_SPAN = 4  # positions the logit-lens picture shows, ending at the inspected one (one head pass each)
-ALL_HEADS = -1  # head choice: the heatmap shows every head, the table their mean
 
 
 @dataclass
@@ -119,12 +119,8 @@ def inspect_token(registry: ModelRegistry, session: Session, col: str, index, la
     cap = captured(run, col)
     model = registry.get(run.spec.model).model
     cfg = model.config.text
-    layer = whole("layer", layer)
-    if not 0 <= layer < cfg.num_layers:
-        raise LookupError(f"layer {layer} does not exist: {model.config.name} has layers 0–{cfg.num_layers - 1}")
-    head = ALL_HEADS if head is None else whole("head", head)
-    if not (head == ALL_HEADS or 0 <= head < cfg.num_heads):
-        raise LookupError(f"head {head} does not exist: layer {layer} has heads 0–{cfg.num_heads - 1}")
+    layer = check_layer(model.config, layer)
+    head = check_head(model.config, head, allow_all=True)  # ALL_HEADS: the heatmap shows every head, the table their mean
     query, index, step = query_of(run, col, cap, model, index, position)
     x = sequence_inputs(run)
     labels = token_labels(model.tokenizer, x.input_ids, model.config, x.image_spans)
@@ -143,13 +139,3 @@ def inspect_token(registry: ModelRegistry, session: Session, col: str, index, la
               + (f", all {cfg.num_heads} heads (the table: their mean)." if head == ALL_HEADS else f", head {head}."))
     return Inspection(col, index, layer, head, header, step, topk_rows(step), cap.cache(model, [layer]), x,
                       cap.mask(layer), labels, query, attended, kind, cfg.window_for(cfg.layer_types[layer]))
-
-
-def whole(what: str, value) -> int:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise LookupError(f"{what} must be a whole number, not {value!r}") from None
-    if x != int(x):
-        raise LookupError(f"{what} must be a whole number, not {value!r}")
-    return int(x)

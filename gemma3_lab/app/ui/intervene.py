@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gemma3_lab.analysis.tour import steering_vector
-from gemma3_lab.app.ui.settings import SettingsError
+from gemma3_lab.app.ui.checks import SettingsError, check_head, check_layer, number, whole_list
 from gemma3_lab.instrument import interventions as iv
 from gemma3_lab.instrument.activation_cache import act_name
 
@@ -15,17 +15,6 @@ PATCH_SITES = ("resid_post", "resid_pre", "attn_out", "mlp_out", "z")
 # the order of a column's intervention settings in the `generate` endpoint (after COLUMN_FIELDS)
 FIELDS = ("intervention", "layer", "heads", "steer_positive", "steer_negative", "steer_scale", "patch_site",
           "patch_positions")
-
-
-def _ints(what: str, text) -> list[int] | None:
-    """"0, 2 3" -> [0, 2, 3]; empty -> None."""
-    parts = ("" if text is None else str(text)).replace(",", " ").split()
-    if not parts:
-        return None
-    try:
-        return [int(p) for p in parts]
-    except ValueError:
-        raise SettingsError(f"{what}: {text!r} is not a list of whole numbers (e.g. 0, 2)") from None
 
 
 @dataclass(frozen=True)
@@ -52,12 +41,9 @@ class InterventionSpec:
     # ------------------------------------------------------------------ hooks
     def hooks(self, model, session, col: str, registry) -> list:
         """The hook pairs for `model`; a patch reads the other column's run (already prepared)."""
-        cfg = model.config.text
-        if not 0 <= self.layer < cfg.num_layers:
-            raise ValueError(f"layer {self.layer} does not exist: {model.config.name} has layers 0–{cfg.num_layers - 1}")
+        check_layer(model.config, self.layer)
         for h in self.heads or ():
-            if not 0 <= h < cfg.num_heads:
-                raise ValueError(f"head {h} does not exist: layer {self.layer} has heads 0–{cfg.num_heads - 1}")
+            check_head(model.config, h)
         if self.kind == "ablate heads":
             return iv.ablate_heads(self.layer, list(self.heads), mode="zero")
         if self.kind == "steer":
@@ -101,10 +87,10 @@ def parse_intervention(col: str, v: dict) -> InterventionSpec | None:
     if kind == "none":
         return None
     where = f"column {col}: {kind}"
-    layer = _ints(f"{where}: layer", v.get("layer"))
+    layer = whole_list(f"{where}: layer", v.get("layer"))
     if layer is None or len(layer) != 1 or layer[0] < 0:
         raise SettingsError(f"{where}: give one layer number (e.g. 5)")
-    heads = _ints(f"{where}: heads", v.get("heads"))
+    heads = whole_list(f"{where}: heads", v.get("heads"))
     if kind == "ablate heads":
         if not heads:
             raise SettingsError(f"{where}: list the heads to ablate (e.g. 0, 2)")
@@ -113,16 +99,13 @@ def parse_intervention(col: str, v: dict) -> InterventionSpec | None:
         pos, neg = (v.get("steer_positive") or "").strip(), (v.get("steer_negative") or "").strip()
         if not pos or not neg:
             raise SettingsError(f"{where}: give both texts of the contrast pair (e.g. 'Love' and 'Hate')")
-        try:
-            scale = float(v.get("steer_scale"))
-        except (TypeError, ValueError):
-            raise SettingsError(f"{where}: scale {v.get('steer_scale')!r} is not a number") from None
+        scale = number(f"{where}: scale", v.get("steer_scale"))
         return InterventionSpec(kind, layer[0], None, pos, neg, scale)
     site = v.get("patch_site") or "resid_post"
     if site not in PATCH_SITES:
         raise SettingsError(f"{where}: site must be one of {', '.join(PATCH_SITES)}, not {site!r}")
     if heads and site != "z":
         raise SettingsError(f"{where}: heads only apply to the per-head site 'z'")
-    positions = _ints(f"{where}: positions", v.get("patch_positions"))
+    positions = whole_list(f"{where}: positions", v.get("patch_positions"))
     return InterventionSpec(kind, layer[0], tuple(heads) if heads else None, site=site,
                             positions=tuple(positions) if positions else None)

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import gradio as gr
 
 from gemma3_lab.app.ui.compare_tab import build_compare_tab
+from gemma3_lab.app.ui.explain import BUTTON as EXPLAIN_BUTTON
+from gemma3_lab.app.ui.explain import DEFAULT_STEPS, explain_headers
+from gemma3_lab.app.ui.explain import TOOLTIP as EXPLAIN_NOTE
 from gemma3_lab.app.ui.images_tab import build_images_tab
 from gemma3_lab.app.ui.intervene import FIELDS as INTERVENTION_FIELDS
 from gemma3_lab.app.ui.intervene import KINDS, PATCH_SITES
@@ -181,7 +184,30 @@ def build_inspector(config=None) -> dict:
                 label="logit lens at the producing position (exact probabilities)", elem_id="insp-lens-table")
     with gr.Accordion("inspection as JSON (what the `inspect` endpoint returns)", open=False):
         w["json"] = gr.JSON(elem_id="insp-json")
+    build_explain(w)
     return w
+
+
+def build_explain(w: dict) -> None:
+    """"Who wrote this token?": an explicit action, since unlike the views above it runs the model."""
+    gr.Markdown("### Who wrote this token?")
+    with gr.Row():
+        w["explain"] = gr.Button(EXPLAIN_BUTTON, elem_id="insp-explain", scale=3)
+        w["explain_steps"] = gr.Number(DEFAULT_STEPS, precision=0, label="integrated-gradient steps", min_width=120,
+                                       elem_id="insp-explain-steps", scale=1)
+        w["explain_ig"] = gr.Checkbox(True, label="input attribution (integrated gradients)", min_width=120,
+                                      elem_id="insp-explain-ig", scale=1)
+    gr.Markdown(EXPLAIN_NOTE, elem_classes=["g3-caption"])
+    w["explain_header"] = gr.Markdown(elem_id="explain-header")
+    w["explain_dla"] = figure_slot("explain-dla", "Direct logit attribution: embedding, each layer's attention and "
+                                   "MLP, and the heads that wrote most", 420)
+    w["explain_inputs"] = figure_slot("explain-inputs", "The prompt coloured by input attribution (red: raised the "
+                                      "logit, blue: lowered it)")
+    w["explain_table"] = gr.Dataframe(headers=explain_headers(PRESETS[BUNDLED].text.num_heads), interactive=False,
+                                      label="direct logit attribution, as gemma3_lab.analysis.who_wrote returns it",
+                                      elem_id="explain-table", max_height=520)
+    with gr.Accordion("explanation as JSON (what the `explain` endpoint returns)", open=False):
+        w["explain_json"] = gr.JSON(elem_id="explain-json")
 
 
 def build_atlas_tab() -> dict:

@@ -20,6 +20,8 @@ from gemma3_lab.app.ui.capture_store import BUDGET_ENV, NAMES, estimate_bytes, f
 from gemma3_lab.app.ui.registry import ModelRegistry
 from gemma3_lab.app.ui.session import COLUMNS, ColumnRun, Session
 from gemma3_lab.app.ui.settings import LIMIT_ENV, ColumnSpec, SettingsError, prompt_token_limit
+from gemma3_lab.errors import Gemma3LabError
+from gemma3_lab.generate import check_length
 from gemma3_lab.generate_batch import RowSettings, generate_batch
 from gemma3_lab.prompt.inputs import Inputs
 
@@ -54,18 +56,11 @@ def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], 
             run.inputs = model.processor(prompt, images=images or None, pan_and_scan=spec.pan_and_scan)
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise ColumnError(f"column {spec.name}: {e}") from None
-        limit = model.config.text.max_position_embeddings
-        need = run.n_prompt + spec.decoding.max_new_tokens
-        if need > limit:
-            raise ColumnError(
-                f"column {spec.name}: the prompt is {run.n_prompt} tokens; with {spec.decoding.max_new_tokens} new "
-                f"tokens that is {need}, past {model.config.name}'s context of {limit} tokens"
-            )
-        if run.n_prompt > max_prompt:
-            raise ColumnError(
-                f"column {spec.name}: the prompt is {run.n_prompt} tokens, past this app's limit of {max_prompt} "
-                f"prompt tokens (set by the server: {LIMIT_ENV}); shorten it"
-            )
+        try:
+            check_length(model.config, run.n_prompt, spec.decoding.max_new_tokens, max_prompt, "this app's limit",
+                         f" (set by the server: {LIMIT_ENV}); shorten it")
+        except Gemma3LabError as e:
+            raise ColumnError(f"column {spec.name}: {e}") from None
         run.status = f"ready: {run.n_prompt} prompt tokens"
     # a patch reads the other column's activations, so that column's hooks come first
     for spec in sorted(specs, key=lambda s: s.intervention is not None and s.intervention.kind.startswith("patch")):

@@ -3,12 +3,11 @@ prompt, checked before anything runs so a bad setting comes back as one clear me
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gemma3_lab.errors import Gemma3LabError
+from gemma3_lab.app.ui.checks import SettingsError, number
 from gemma3_lab.prompt.images import load_image
 from gemma3_lab.prompt.processor import START_OF_IMAGE
 
@@ -16,10 +15,6 @@ MAX_NEW_TOKENS = 512  # the app's cap per column, to keep one request from holdi
 DECODING = ("greedy", "sample")
 LIMIT_ENV = "GEMMA3_LAB_MAX_PROMPT_TOKENS"
 DEFAULT_PROMPT_TOKENS = 4096  # a prefill of this many tokens takes tens of seconds on a laptop CPU
-
-
-class SettingsError(Gemma3LabError):
-    """A setting the user can fix; shown in the page as it is."""
 
 
 @dataclass(frozen=True)
@@ -63,44 +58,20 @@ def prompt_token_limit() -> int:
     value = os.environ.get(LIMIT_ENV)
     if not value:
         return DEFAULT_PROMPT_TOKENS
-    return _number(LIMIT_ENV, value, int, lo=1)
-
-
-def _number(what: str, value, kind=float, *, lo=None, hi=None, lo_open=False, allow_none=False):
-    """`value` as a checked number; `what` names the setting in the message."""
-    col = what
-    if value is None or (isinstance(value, str) and not value.strip()):
-        if allow_none:
-            return None
-        raise SettingsError(f"{col}: a value is needed")
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise SettingsError(f"{col}: {value!r} is not a number") from None
-    if not math.isfinite(x):
-        raise SettingsError(f"{col}: {value!r} is not a finite number")
-    if kind is int:
-        if x != int(x):
-            raise SettingsError(f"{col}: {value!r} must be a whole number")
-        x = int(x)
-    if lo is not None and (x <= lo if lo_open else x < lo):
-        raise SettingsError(f"{col}: {value!r} must be {'>' if lo_open else '≥'} {lo}")
-    if hi is not None and x > hi:
-        raise SettingsError(f"{col}: {value!r} must be ≤ {hi}")
-    return x
+    return number(LIMIT_ENV, value, int, lo=1)
 
 
 def parse_decoding(col: str, mode, temperature, top_k, top_p, seed, max_new_tokens) -> Decoding:
     """Checked decoding settings; top-k 0 and top-p 1 mean "off", an empty seed "unseeded"."""
     if mode not in DECODING:
         raise SettingsError(f"column {col}: decoding must be one of {', '.join(DECODING)}, not {mode!r}")
-    n = _number(f"column {col}: max new tokens", max_new_tokens, int, lo=1, hi=MAX_NEW_TOKENS)
+    n = number(f"column {col}: max new tokens", max_new_tokens, int, lo=1, hi=MAX_NEW_TOKENS)
     if mode == "greedy":
         return Decoding(max_new_tokens=n)
-    t = _number(f"column {col}: temperature", temperature, lo=0, lo_open=True, hi=100)
-    k = _number(f"column {col}: top-k", top_k, int, lo=0, allow_none=True)
-    p = _number(f"column {col}: top-p", top_p, lo=0, lo_open=True, hi=1, allow_none=True)
-    s = _number(f"column {col}: seed", seed, int, lo=0, hi=2**63 - 1, allow_none=True)
+    t = number(f"column {col}: temperature", temperature, lo=0, lo_open=True, hi=100)
+    k = number(f"column {col}: top-k", top_k, int, lo=0, allow_none=True)
+    p = number(f"column {col}: top-p", top_p, lo=0, lo_open=True, hi=1, allow_none=True)
+    s = number(f"column {col}: seed", seed, int, lo=0, hi=2**63 - 1, allow_none=True)
     return Decoding(True, t, k or None, None if p in (None, 1.0) else p, s, n)
 
 
