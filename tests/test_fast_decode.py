@@ -81,6 +81,11 @@ def test_a_hook_anywhere_sends_the_step_to_the_plain_forward(tiny):
         assert decode_step(tiny, 7, cache) is None
     finally:
         tiny.blocks[0].attn.explicit = False
+    seen = []  # hooks scoped to this call by model.hooks() live in a context variable, not on modules
+    with tiny.hooks([("blocks.1.hook_resid_post", lambda t, hook: seen.append(1))]):
+        assert decode_step(tiny, 7, cache) is None
+        decode_one(tiny, 7, cache, fast=True)
+    assert seen == [1]
 
 
 def test_generate_with_capture_sees_every_step(tiny):

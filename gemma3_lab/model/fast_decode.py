@@ -19,7 +19,7 @@ from torch import Tensor
 
 from gemma3_lab.model import kernels
 from gemma3_lab.model.explicit import grouped_matmul
-from gemma3_lab.model.hook_point import _global_hooks_present
+from gemma3_lab.model.hook_point import LOCAL_HOOKS, _global_hooks_present
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.model.norm import RMSNorm
 from gemma3_lab.model.rope import apply_rope, rope_tables
@@ -29,7 +29,8 @@ def applies(net, cache: KVCache) -> bool:
     """Can this step take the lean path and still compute exactly what the plain one would?"""
     if cache.next_position is None or cache.key_valid is not None or cache.block_ids is not None:
         return False
-    if cache.next_position.shape[0] != 1 or _global_hooks_present():
+    # hooks attached with `model.hooks()` live in this context, not on the modules
+    if cache.next_position.shape[0] != 1 or _global_hooks_present() or LOCAL_HOOKS.get():
         return False
     return not any(b.attn.explicit for b in net.blocks) and not _hooked(net)
 
