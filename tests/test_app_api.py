@@ -96,7 +96,9 @@ def test_both_columns_generate_and_equal_the_library(client, model):
     sampled = model.generate(PROMPT, max_new_tokens=N, do_sample=True, temperature=0.8, top_k=40, seed=7)
     a, b = out["A"], out["B"]
     assert a["token_ids"] == greedy.token_ids and a["text"] == greedy.text
-    assert a["probs"] == [round(s.prob, 6) for s in greedy.steps]
+    # A and B share a model, so the app decodes them as one batch of two: its float32 rounding
+    # differs from a one-row run's in the 6th decimal
+    assert a["probs"] == pytest.approx([s.prob for s in greedy.steps], abs=1e-5)
     assert b["token_ids"] == sampled.token_ids and b["stop_reason"] == sampled.stop_reason
     assert out["first_divergence"] == greedy.first_divergence(sampled)
     assert a["done"] and b["done"] and a["prompt_tokens"] == len(greedy.prompt_ids)
