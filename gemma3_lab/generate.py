@@ -230,58 +230,71 @@ def generate(
     `fast` (default: the model's `fast_decode`, True) lets decode steps with nothing hooked
     take the lean step and packed kernels; False runs the plain forward at every step.
     """
-    number("max_new_tokens", max_new_tokens, integer=True, low=0)
     number("record_top_k", record_top_k, integer=True, low=0, high=model.config.text.vocab_size)
     check_sampling(temperature, top_k, top_p)  # even when greedy: a NaN setting is a mistake either way
-    inputs = _prompt_inputs(model, prompt, images, pan_and_scan)
-    if inputs.input_ids.shape[0] != 1:
-        raise Gemma3LabError("generate takes one prompt at a time")
+    inputs = _one_prompt(model, prompt, images, pan_and_scan, max_new_tokens)
     n_prompt = inputs.input_ids.shape[1]
-    check_length(model.config, n_prompt, max_new_tokens)
     stop_ids = default_stop_ids(model, stop_at_end_of_turn) if stop_ids is None else tuple(stop_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     cache = KVCache(model.config.text)
     captures: dict[str, Capture] = {}
 
-    ids: list[int] = []
-    steps: list[Step] = []
-    text = ""
-    reason = "max_new_tokens"
     t0 = time.perf_counter()
     with model.hooks(capture_hooks(model, capture, captures)):
         logits = prefill(model, inputs, cache, prefill_chunk, should_stop)
         t_first = time.perf_counter()
+        run = _Run(n_prompt, record_top_k, stop_ids, on_token, should_stop)
         if logits is None:
-            reason, max_new_tokens = "stopped", 0
-        for i in range(max_new_tokens):
-            ids.append(sample_next(logits, do_sample, temperature, top_k, top_p, gen))
-            # decode the whole sequence: a byte-fallback piece may complete an earlier character
-            new_text = model.tokenizer.decode(ids) if model.tokenizer is not None else ""
-            step = record_step(model.tokenizer, ids, i, n_prompt + i, logits, record_top_k, new_text[len(text):])
-            text = new_text
-            steps.append(step)
-            if on_token is not None:
-                on_token(step)
-            if ids[-1] in stop_ids:
-                reason = "eos"
-                break
-            if should_stop is not None and should_stop():
-                reason = "stopped"
-                break
-            if i + 1 < max_new_tokens:
-                logits = decode_one(model, ids[-1], cache, fast)
-    t_end = time.perf_counter()
-    return GenerationResult(
-        text=text,
-        token_ids=ids,
-        steps=steps,
-        prompt_ids=inputs.input_ids[0].tolist(),
-        stop_reason=reason,
-        inputs=inputs,
-        prefill_seconds=t_first - t0,
-        decode_seconds=t_end - t_first,
-        captures=captures,
-    )
+            run.reason = "stopped"
+        while run.reason is None and len(run.ids) < max_new_tokens:
+            if run.choose(model.tokenizer, sample_next(logits, do_sample, temperature, top_k, top_p, gen), logits) \
+                    and len(run.ids) < max_new_tokens:
+                logits = decode_one(model, run.ids[-1], cache, fast)
+    return GenerationResult(text=run.text, token_ids=run.ids, steps=run.steps, prompt_ids=inputs.input_ids[0].tolist(),
+                            stop_reason=run.reason or "max_new_tokens", inputs=inputs, prefill_seconds=t_first - t0,
+                            decode_seconds=time.perf_counter() - t_first, captures=captures)
+
+
+def _one_prompt(model, prompt, images, pan_and_scan: bool, max_new_tokens: int) -> Inputs:
+    """The prompt as one row of Inputs that leaves room for `max_new_tokens` in the context."""
+    number("max_new_tokens", max_new_tokens, integer=True, low=0)
+    inputs = _prompt_inputs(model, prompt, images, pan_and_scan)
+    if inputs.input_ids.shape[0] != 1:
+        raise Gemma3LabError("generate takes one prompt at a time")
+    check_length(model.config, inputs.input_ids.shape[1], max_new_tokens)
+    return inputs
+
+
+@dataclass
+class _Run:
+    """One generation's growing record: each chosen token becomes a `Step`, then the stop rules."""
+
+    n_prompt: int
+    record_top_k: int
+    stop_ids: tuple[int, ...]
+    on_token: Callable[[Step], None] | None
+    should_stop: Callable[[], bool] | None
+    ids: list[int] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    text: str = ""
+    reason: str | None = None  # set once the run ends early: "eos" | "stopped"
+
+    def choose(self, tok, token_id: int, logits: Tensor) -> bool:
+        """Record `token_id`, chosen from `logits`; False once the run has stopped."""
+        self.ids.append(token_id)
+        i = len(self.ids) - 1
+        # decode the whole sequence: a byte-fallback piece may complete an earlier character
+        new_text = tok.decode(self.ids) if tok is not None else ""
+        step = record_step(tok, self.ids, i, self.n_prompt + i, logits, self.record_top_k, new_text[len(self.text):])
+        self.text = new_text
+        self.steps.append(step)
+        if self.on_token is not None:
+            self.on_token(step)
+        if token_id in self.stop_ids:
+            self.reason = "eos"
+        elif self.should_stop is not None and self.should_stop():
+            self.reason = "stopped"
+        return self.reason is None
 
 
 def default_stop_ids(model, stop_at_end_of_turn: bool = True) -> tuple[int, ...]:

@@ -76,19 +76,8 @@ def generate_batch(
     `on_token(row, step)` streams each row's steps; `should_stop()` ends every row (polled
     between steps and prefill chunks); `capture` is `generate`'s, split per row.
     """
-    if not rows:
-        raise ValueError("generate_batch needs at least one row")
-    inputs = _prompt_inputs(model, prompt, images, pan_and_scan)
-    if inputs.input_ids.shape[0] != 1:
-        raise ValueError("generate_batch takes one prompt (its rows differ in decoding and hooks)")
+    inputs = _checked(model, prompt, rows, images, pan_and_scan)
     n_prompt, R = inputs.input_ids.shape[1], len(rows)
-    for r, s in enumerate(rows):
-        if s.max_new_tokens < 0:
-            raise ValueError(f"row {r}: max_new_tokens must be >= 0, got {s.max_new_tokens}")
-        try:
-            check_length(model.config, n_prompt, s.max_new_tokens)
-        except Gemma3LabError as e:
-            raise Gemma3LabError(f"row {r}: {e}") from None
     stop_ids = tuple(stop_ids if stop_ids is not None else model.config.text.eos_token_ids)
     state = [_Row(s, torch.Generator().manual_seed(s.seed) if s.seed is not None else None, [], []) for s in rows]
     hooks = [pair for r, s in enumerate(rows) for pair in for_row(list(s.hooks), r)]
@@ -127,6 +116,23 @@ def generate_batch(
         )
         for r, row in enumerate(state)
     ]
+
+
+def _checked(model, prompt, rows: list[RowSettings], images, pan_and_scan: bool):
+    """The prompt as one row of Inputs, with room in the context for every row's new tokens."""
+    if not rows:
+        raise Gemma3LabError("generate_batch needs at least one row")
+    inputs = _prompt_inputs(model, prompt, images, pan_and_scan)
+    if inputs.input_ids.shape[0] != 1:
+        raise Gemma3LabError("generate_batch takes one prompt (its rows differ in decoding and hooks)")
+    for r, s in enumerate(rows):
+        if s.max_new_tokens < 0:
+            raise Gemma3LabError(f"row {r}: max_new_tokens must be >= 0, got {s.max_new_tokens}")
+        try:
+            check_length(model.config, inputs.input_ids.shape[1], s.max_new_tokens)
+        except Gemma3LabError as e:
+            raise Gemma3LabError(f"row {r}: {e}") from None
+    return inputs
 
 
 def _choose(model, row: _Row, r: int, logits, i: int, n_prompt: int, record_top_k: int, stop_ids, on_token) -> None:

@@ -181,7 +181,15 @@ def load_hf_state_dict(
     num_labels = _num_labels(json.loads((folder / "config.json").read_text(encoding="utf-8")))
     files = _checkpoint_files(folder)
 
-    # Pass 1: names and shapes from the headers only, so a bad checkpoint fails fast.
+    plan, found, unknown = _plan(files, config)
+    validate(config, found, num_labels, unknown, where=str(folder))
+    state = _read(plan, files, dtype, device, (label or folder.name) if progress else None)
+    return config, {n: state[n] for n in expected_shapes(config, num_labels)}
+
+
+def _plan(files: list[Path], config: Gemma3Config):
+    """Pass 1: names and shapes from the headers only, so a bad checkpoint fails fast.
+    Returns (file -> [(checkpoint name, internal name)], internal name -> (shape, where), unknown)."""
     plan: dict[Path, list[tuple[str, str]]] = {}  # file -> [(checkpoint name, internal name)]
     found: dict[str, tuple[tuple[int, ...], str]] = {}
     unknown: list[str] = []
@@ -204,15 +212,18 @@ def load_hf_state_dict(
                                          f"({', '.join(sorted(FLOAT_STORAGE))}) are read, nothing is cast from it")
                 found[name] = (tuple(f.get_slice(key).get_shape()), f"{key} in {path.name}")
                 plan.setdefault(path, []).append((key, name))
-    validate(config, found, num_labels, unknown, where=str(folder))
+    return plan, found, unknown
 
-    # Pass 2: the tensors. `.to` returns the mmapped tensor itself when nothing changes.
+
+def _read(plan: dict, files: list[Path], dtype: torch.dtype, device, label: str | None) -> dict[str, torch.Tensor]:
+    """Pass 2: the tensors, each checked finite; `.to` returns the mmapped tensor itself when
+    nothing changes. `label` names the progress bar (None: no bar)."""
     total = sum(p.stat().st_size for p in files)
     bar = None
-    if progress and (len(files) > 1 or total > _PROGRESS_BYTES):
+    if label is not None and (len(files) > 1 or total > _PROGRESS_BYTES):
         from tqdm import tqdm
 
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {label or folder.name}", file=sys.stderr)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {label}", file=sys.stderr)
     state: dict[str, torch.Tensor] = {}
     try:
         for path, pairs in plan.items():
@@ -230,7 +241,7 @@ def load_hf_state_dict(
     finally:
         if bar is not None:
             bar.close()
-    return config, {n: state[n] for n in expected_shapes(config, num_labels)}
+    return state
 
 
 def _shard_bytes(size: int | str | None) -> int | None:
