@@ -10,6 +10,7 @@ import base64
 import numpy as np
 import pytest
 import torch
+from helpers import random_gemma
 
 from gemma3_lab.app.ui.attention_view import attention_payload, logit_lens_payload
 from gemma3_lab.config import Gemma3Config, TextConfig, pattern_layer_types
@@ -25,12 +26,7 @@ def tiny_model() -> Gemma3:
     text = TextConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4,
                       num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=3,
                       layer_types=pattern_layer_types(4, 2))
-    torch.manual_seed(0)
-    model = Gemma3(Gemma3Config(text, name="tiny")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model
+    return random_gemma(Gemma3Config(text, name="tiny"))
 
 
 @pytest.fixture(scope="module")

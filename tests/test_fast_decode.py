@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
+from helpers import random_gemma
 
 from gemma3_lab.config import Gemma3Config, TextConfig, pattern_layer_types
-from gemma3_lab.explorer import Gemma3
 from gemma3_lab.generate import decode_one, prefill
 from gemma3_lab.model import kernels
 from gemma3_lab.model.fast_decode import decode_step
@@ -26,12 +26,7 @@ def tiny():
     text = TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                       num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
                       layer_types=pattern_layer_types(3, 2))
-    torch.manual_seed(0)
-    model = Gemma3(Gemma3Config(text, name="tiny")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model
+    return random_gemma(Gemma3Config(text, name="tiny"))
 
 
 @pytest.mark.parametrize("keep", [None, 3, 7])

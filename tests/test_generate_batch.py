@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import random_gemma
 
 from gemma3_lab.config import Gemma3Config, TextConfig, VisionConfig, pattern_layer_types
-from gemma3_lab.explorer import Gemma3
 from gemma3_lab.generate import prefill, prefill_chunks
 from gemma3_lab.generate_batch import RowSettings, generate_batch
 from gemma3_lab.instrument.interventions import ablate_heads, for_row, steer
@@ -28,12 +28,7 @@ def tiny():
     vision = VisionConfig(hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4, image_size=28, patch_size=7)
     config = Gemma3Config(text, vision, name="tiny-mm", mm_tokens_per_image=4, boi_token_id=BOI, eoi_token_id=EOI,
                           image_token_id=IMG)
-    torch.manual_seed(0)
-    model = Gemma3(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model
+    return random_gemma(config)
 
 
 def _inputs() -> Inputs:

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import random_gemma
 
 import gemma3_lab as gl
 from gemma3_lab.analysis.compare import PRECISIONS, compare, load_precision
 from gemma3_lab.config import Gemma3Config, TextConfig, pattern_layer_types
-from gemma3_lab.explorer import Gemma3
 from gemma3_lab.loading import quantize as Q
 
 PROMPT = "The capital of France is"
@@ -25,12 +25,7 @@ def tiny():
     text = TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
                       num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
                       layer_types=pattern_layer_types(3, 2))
-    torch.manual_seed(0)
-    model = Gemma3(Gemma3Config(text, name="tiny")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model
+    return random_gemma(Gemma3Config(text, name="tiny"))
 
 
 def _copy(model):
