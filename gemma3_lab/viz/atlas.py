@@ -56,18 +56,24 @@ def draw_mask(ax, classes, labels: list[str], window: int | None = None, spans=(
     return im
 
 
-def _legend(fig, ms: MaskSet, y: float = 0.995) -> None:
+def class_legend(fig, grids, window_cuts: bool, **where) -> None:
+    """The figure's legend of the cell classes present in `grids` (and the window edge, if a
+    window cuts any of them): every mask picture carries one."""
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     present = set()
-    for p in ms.panels:
-        present |= set(p.classes.unique().tolist())
+    for g in grids:
+        present |= set(g.unique().tolist())
     handles = [Patch(facecolor=COLORS[c], edgecolor="#999", label=CLASS_NAMES[c]) for c in sorted(present)]
-    if any(p.window_cuts for p in ms.panels):
+    if window_cuts:
         handles.append(Line2D([], [], color=EDGE_COLOR, linewidth=2, label="window edge"))
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 6), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, y))
+    fig.legend(handles=handles, ncol=min(len(handles), 6), fontsize=8, frameon=False, **where)
+
+
+def _legend(fig, ms: MaskSet, y: float = 0.995) -> None:
+    class_legend(fig, [p.classes for p in ms.panels], any(p.window_cuts for p in ms.panels), loc="upper center",
+                 bbox_to_anchor=(0.5, y))
 
 
 def mask_figure(ms: MaskSet):

@@ -30,7 +30,7 @@ def build_app(registry: ModelRegistry | None = None, concurrency: int = CONCURRE
     with gr.Blocks(title="gemma3_lab") as demo:
         session = gr.State(Session())  # deep-copied per tab into a fresh Session
         page = build_page(registry.choices())
-        wire(page, registry, session, max_prompt_tokens)
+        wire(page, registry, session, max_prompt_tokens, demo)
     demo.registry = registry
     demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     return demo

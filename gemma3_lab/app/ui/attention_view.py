@@ -61,13 +61,12 @@ def _rows(pattern, layer: int, want: list[int] | None) -> tuple[np.ndarray, list
         dense = dense[0]
     if dense.dim() != 3:
         raise Gemma3LabError(f"layer {layer}: a pattern is (N, S, T) or (B, N, S, T), got shape {tuple(dense.shape)}")
-    d = dense.detach().to("cpu", torch.float64).numpy()
     if want is not None and not isinstance(pattern, PatternView):
-        bad = [p for p in want if not 0 <= p < d.shape[1]]
+        bad = [p for p in want if not 0 <= p < dense.shape[1]]
         if bad:
-            raise Gemma3LabError(f"layer {layer}: position(s) {bad[:5]} outside the {d.shape[1]} rows captured")
-        d, slots = d[:, want], list(want)
-    return d, slots
+            raise Gemma3LabError(f"layer {layer}: position(s) {bad[:5]} outside the {dense.shape[1]} rows captured")
+        dense, slots = dense[:, want], list(want)  # the rows first: a long sequence's full square stays compact
+    return dense.detach().to("cpu", torch.float64).numpy(), slots
 
 
 def _pack_layer(d: np.ndarray, scale: int) -> dict:
@@ -86,7 +85,8 @@ def _pack_layer(d: np.ndarray, scale: int) -> dict:
 
 def attention_payload(tokens: list[str], patterns: dict, layer_types, window: int | None,
                       query_positions: list[int] | None = None, decimals: int = 3,
-                      max_values: int = MAX_VALUES) -> dict:
+                      max_values: int = MAX_VALUES, query: int | None = None, layer: int | None = None,
+                      head: int | str | None = None) -> dict:
     """The attention view's JSON-able numbers.
 
     `tokens`: one piece per slot of the sequence (keys; a slot without an attention row, such
@@ -95,30 +95,39 @@ def attention_payload(tokens: list[str], patterns: dict, layer_types, window: in
     query slots (a PatternView's own `q_slots`, else 0..S-1). `layer_types`: the model's
     `config.text.layer_types` (or "local"/"global" per layer); `window`: its sliding window.
     `query_positions`: the absolute slots to ship rows for (default: every row captured).
+    `query`, `layer`, `head`: where the view opens (that slot pinned, that layer, a head or
+    "all"); by default nothing is pinned, the first layer and all heads are shown.
     """
     scale = _scale(decimals)
     if not patterns:
         raise Gemma3LabError("attention_payload needs at least one layer's pattern")
     types = list(layer_types)
     layers, n_heads, positions, total = [], None, None, 0
-    for layer in sorted(patterns):
-        if not 0 <= layer < len(types):
-            raise Gemma3LabError(f"layer {layer} is not one of the model's {len(types)} layers")
-        d, slots = _rows(patterns[layer], layer, query_positions)
+    for i in sorted(patterns):
+        if not 0 <= i < len(types):
+            raise Gemma3LabError(f"layer {i} is not one of the model's {len(types)} layers")
+        d, slots = _rows(patterns[i], i, query_positions)
         if d.shape[2] > len(tokens):
-            raise Gemma3LabError(f"layer {layer}: {d.shape[2]} key slots but only {len(tokens)} tokens given")
+            raise Gemma3LabError(f"layer {i}: {d.shape[2]} key slots but only {len(tokens)} tokens given")
         if positions is not None and (slots != positions or d.shape[0] != n_heads):
-            raise Gemma3LabError(f"layer {layer}: its rows or heads differ from layer {layers[0]['layer']}'s")
+            raise Gemma3LabError(f"layer {i}: its rows or heads differ from layer {layers[0]['layer']}'s")
         positions, n_heads = slots, d.shape[0]
-        total += int(d.size)
+        packed = _pack_layer(d, scale)
+        total += n_heads * sum(packed["len"])  # what travels: each row from its first to last non-zero key
         if total > max_values:
             raise Gemma3LabError(f"the attention view would ship over {max_values:,} weights: pass fewer "
                                  "query_positions or layers")
-        kind = _type_name(types[layer])
-        layers.append({"layer": layer, "type": kind, "window": window if kind == "local" else None,
-                       **_pack_layer(d, scale)})
+        kind = _type_name(types[i])
+        layers.append({"layer": i, "type": kind, "window": window if kind == "local" else None, **packed})
+    if query is not None and query not in positions:
+        raise Gemma3LabError(f"the view cannot open at slot {query}: no attention row shipped for it")
+    if layer is not None and layer not in patterns:
+        raise Gemma3LabError(f"the view cannot open at layer {layer}: its pattern was not given")
+    if head is not None and head != "all" and not (isinstance(head, int) and 0 <= head < n_heads):
+        raise Gemma3LabError(f"head must be \"all\" or 0..{n_heads - 1}, got {head!r}")
     return {"kind": "attention", "version": 1, "tokens": [printable(t) for t in tokens], "decimals": decimals,
-            "scale": scale, "n_heads": n_heads, "positions": positions, "layers": layers}
+            "scale": scale, "n_heads": n_heads, "positions": positions, "layers": layers,
+            "query": query, "layer": layer, "head": head}
 
 
 def logit_lens_payload(lens, decimals: int = 3) -> dict:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from gemma3_lab.instrument.activation_cache import ActivationCache, act_name
+from gemma3_lab.instrument.capture import Capture
 from gemma3_lab.instrument.lens import LogitLens, lens, top_logits
 from gemma3_lab.model.banded import BandedPattern
 from gemma3_lab.model.masks import image_block_ids, layer_mask
@@ -131,6 +132,25 @@ class ColumnCapture:
             else:
                 out[f"pattern{i}"] = p.numpy()
         return out
+
+
+def to_captures(cap: ColumnCapture) -> dict[str, Capture]:
+    """The capture as `from_result` reads it back (hook name -> one-piece Capture over every
+    slot): how a saved session carries it."""
+    slots = torch.arange(cap.length)
+    out = {}
+
+    def put(name: str, t) -> None:
+        c = Capture(name)
+        c.add(t, slots)
+        out[name] = c
+
+    for i, p in enumerate(cap.patterns):
+        put(act_name("pattern", i), p)
+    put("blocks.0.hook_resid_pre", cap.resid[0][None])
+    for i in range(len(cap.patterns)):
+        put(f"blocks.{i}.hook_resid_post", cap.resid[i + 1][None])
+    return out
 
 
 def from_result(res, config) -> ColumnCapture:

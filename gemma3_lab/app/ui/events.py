@@ -10,19 +10,24 @@ import inspect as pyinspect
 
 import gradio as gr
 
+from gemma3_lab.app.ui import session_io
+from gemma3_lab.app.ui.columns import parse_columns
 from gemma3_lab.app.ui.compare_tab import wire_compare_tab
 from gemma3_lab.app.ui.explain import make_explain
-from gemma3_lab.app.ui.figures import heatmap_image, layer_mask_image, lens_image, to_image
+from gemma3_lab.app.ui.figures import to_image
 from gemma3_lab.app.ui.images_tab import wire_images_tab
-from gemma3_lab.app.ui.inspector import inspect_token, lens_at, lens_rows, sequence_inputs
-from gemma3_lab.app.ui.intervene import parse_intervention
+from gemma3_lab.app.ui.inspect_figures import make_figures
+from gemma3_lab.app.ui.inspect_views import attention_view_value, lens_view_value
+from gemma3_lab.app.ui.inspector import all_labels, inspect_token, lens_at, lens_rows, sequence_inputs
 from gemma3_lab.app.ui.layout import COLUMN_FIELDS, Page, layer_choices
-from gemma3_lab.app.ui.registry import PRECISIONS, ModelKey, ModelRegistry
+from gemma3_lab.app.ui.prefill import make_prefill
+from gemma3_lab.app.ui.registry import ModelRegistry
 from gemma3_lab.app.ui.render import divergence_md, results_json, status_md, tokens_html, topk_html
 from gemma3_lab.app.ui.runner import prepare, run_all
 from gemma3_lab.app.ui.session import COLUMNS, Session
-from gemma3_lab.app.ui.settings import ColumnSpec, SettingsError, build_prompt, parse_decoding, uploaded_images
+from gemma3_lab.app.ui.settings import SettingsError, build_prompt, uploaded_images
 from gemma3_lab.app.ui.widgets import head_choices
+from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.viz.atlas import mask_atlas as draw
 
 GENERATE_PARAMS = ("prompt", "chat", "images") + tuple(f"{c.lower()}_{f}" for c in COLUMNS for f in COLUMN_FIELDS)
@@ -36,22 +41,6 @@ def named(fn, params: tuple[str, ...], extra: tuple[str, ...] = (), optional: tu
     fn.__signature__ = pyinspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in params + extra]
                                            + [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in optional])
     return fn
-
-
-def parse_columns(registry: ModelRegistry, values: dict) -> list[ColumnSpec]:
-    specs = []
-    for col in COLUMNS:
-        v = {f: values[f"{col.lower()}_{f}"] for f in COLUMN_FIELDS}
-        try:
-            key = ModelKey(registry.resolve(v["model"]), v["precision"] or "float32")
-        except ValueError as e:
-            raise SettingsError(f"column {col}: {e}") from None
-        if key.precision not in PRECISIONS:
-            raise SettingsError(f"column {col}: precision must be one of {', '.join(PRECISIONS)}")
-        decoding = parse_decoding(col, v["decoding"], v["temperature"], v["top_k"], v["top_p"], v["seed"],
-                                  v["max_new_tokens"])
-        specs.append(ColumnSpec(col, key, decoding, bool(v["pan_and_scan"]), parse_intervention(col, v)))
-    return specs
 
 
 def outputs_of(session: Session) -> tuple:
@@ -81,6 +70,7 @@ def make_generate(registry: ModelRegistry, max_prompt: int | None = None):
                 images = uploaded_images(values["images"])
                 prompt = build_prompt(values["prompt"], bool(values["chat"]), len(images))
                 specs = parse_columns(registry, values)
+                session.settings = {k: v for k, v in values.items() if k != "images"}
                 for _ in prepare(registry, session, specs, prompt, images, max_prompt):
                     yield outputs_of(session)
             except SettingsError as e:
@@ -102,7 +92,7 @@ def stop(session: Session) -> str:
     return "stop requested: the generation ends after the current token (or prompt chunk)"
 
 
-def wire(page: Page, registry: ModelRegistry, session: gr.State, max_prompt: int | None = None) -> None:
+def wire(page: Page, registry: ModelRegistry, session: gr.State, max_prompt: int | None = None, demo=None) -> None:
     inputs = [page.prompt, page.chat, page.images]
     for col in COLUMNS:
         inputs += page.columns[col].inputs()
@@ -118,16 +108,49 @@ def wire(page: Page, registry: ModelRegistry, session: gr.State, max_prompt: int
     wire_inspector(page, registry, session)
     wire_images_tab(page.images_tab, registry, session)
     wire_compare_tab(page.compare_tab, registry, session)
+    wire_session_files(page, registry, session, inputs, outputs)
+    fields = {name: c for name, c in zip(GENERATE_PARAMS, inputs) if name != "images"}
+    if demo is not None:  # a link's query parameters fill the page as it opens
+        demo.load(make_prefill(fields), inputs=None, outputs=list(fields.values()), api_visibility="private",
+                  queue=False)
     a = page.atlas
     a["draw"].click(make_atlas(registry), inputs=[a["column"], session], outputs=[a["image"]], api_name="mask_atlas",
                     concurrency_id="inspect")
+
+
+def wire_session_files(page: Page, registry: ModelRegistry, session: gr.State, inputs: list, outputs: list) -> None:
+    """Save: the session as a file to download. Load: the file's settings back on the page and
+    its columns shown as they were (statuses, tokens, results)."""
+    f = page.files
+
+    def save_session(session: Session):
+        """The session (prompt, settings, both generations and their captures) as a .zip."""
+        try:
+            return str(session_io.save(session))
+        except SettingsError as e:
+            raise gr.Error(str(e)) from None
+
+    def load_session(path, session: Session):
+        """Load a saved session: its settings on the page, its columns as they were."""
+        try:
+            fields = session_io.load(registry, session, path)
+        except (SettingsError, Gemma3LabError) as e:
+            raise gr.Error(str(e.args[0] if e.args else e)) from None
+        values = [gr.skip() if name == "images" else fields.get(name, gr.skip()) for name in GENERATE_PARAMS]
+        return (*values, *outputs_of(session))
+
+    f["save"].click(save_session, inputs=[session], outputs=[f["file"]], api_name="save_session",
+                    concurrency_id="inspect")
+    f["load"].upload(load_session, inputs=[f["load"], session], outputs=inputs + outputs, api_name="load_session",
+                     concurrency_id="model")
 
 
 def make_inspect(registry: ModelRegistry):
     def inspect(column, index, layer, head, session: Session, position=None):
         """Inspect column "A" or "B" at generated step `index` (0 = first generated) or at slot
         `position` (absolute, prompt included), at a layer and head (-1 = all heads); read
-        from the generation's capture."""
+        from the generation's capture. The attention view and the lens table come back as the
+        numbers the page draws (figures to download: `inspect_figures`)."""
         if column not in COLUMNS:
             raise gr.Error(f"column must be A or B, not {column!r}")
         try:
@@ -135,7 +158,9 @@ def make_inspect(registry: ModelRegistry):
             run = session.run(column)
             model = registry.get(run.spec.model).model
             lens = lens_at(model, run.capture, ins.query)
-        except (LookupError, SettingsError) as e:
+            view = attention_view_value(run.capture, model.config, all_labels(model, run), ins.query, run.n_prompt,
+                                        ins.layer, ins.head)
+        except (LookupError, SettingsError, Gemma3LabError) as e:
             raise gr.Error(str(e.args[0] if e.args else e)) from None
         config = model.config
         data = {
@@ -147,7 +172,7 @@ def make_inspect(registry: ModelRegistry):
             column, ins.index, data["position"], ins.header, topk_html(ins.step), ins.attended,
             gr.Dropdown(choices=layer_choices(config), value=ins.layer),
             gr.Dropdown(choices=head_choices(config), value=ins.head),
-            heatmap_image(ins), layer_mask_image(ins), lens_image(lens, config), data["logit_lens"], data,
+            view, lens_view_value(lens), data["logit_lens"], data,
         )
 
     return named(inspect, ("column", "index", "layer", "head", "session"), optional=("position",))
@@ -156,17 +181,23 @@ def make_inspect(registry: ModelRegistry):
 def wire_inspector(page: Page, registry: ModelRegistry, session: gr.State) -> None:
     w = page.inspector
     inspect = make_inspect(registry)
-    outputs = [w[k] for k in ("column", "index", "position", "header", "top_k", "attended", "layer", "head", "heatmap", "mask",
-                              "lens", "lens_table", "json")]
+    outputs = [w[k] for k in ("column", "index", "position", "header", "top_k", "attended", "layer", "head",
+                              "attention", "lens_view", "lens_table", "json")]
     common = dict(outputs=outputs, concurrency_id="inspect", show_progress="minimal")
-    gr.on([w["layer"].input, w["head"].input], inspect,
-          inputs=[w["column"], w["index"], w["layer"], w["head"], session, w["position"]], api_name="inspect", **common)
+    where = [w["column"], w["index"], w["layer"], w["head"], session, w["position"]]
+    gr.on([w["layer"].input, w["head"].input], inspect, inputs=where, api_name="inspect", **common)
     for col in COLUMNS:
         def clicked(layer, head, session, evt: gr.SelectData, col=col):
+            # a generated token sends its step index; a prompt token (value "A:12") its slot
+            if isinstance(evt.value, str) and ":" in evt.value:
+                return inspect(col, None, layer, head, session, int(evt.value.split(":")[1]))
             return inspect(col, evt.index, layer, head, session)
 
         page.columns[col].tokens.select(clicked, inputs=[w["layer"], w["head"], session], api_visibility="private",
                                         **common)
+    w["draw_figures"].click(make_figures(registry), inputs=where,
+                            outputs=[w[k] for k in ("heatmap", "mask", "lens", "downloads")],
+                            api_name="inspect_figures", concurrency_id="inspect", show_progress="minimal")
     explain = named(make_explain(registry), ("column", "index", "session"),
                     optional=("position", "steps", "input_attribution"))
     w["explain"].click(explain, inputs=[w["column"], w["index"], session, w["position"], w["explain_steps"],

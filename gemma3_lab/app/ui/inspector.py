@@ -60,6 +60,12 @@ def sequence_inputs(run: ColumnRun, upto: int | None = None) -> Inputs:
     )
 
 
+def all_labels(model, run: ColumnRun) -> list[str]:
+    """One label per slot of the sequence, the last generated token (never fed back) included."""
+    x = sequence_inputs(run, upto=len(run.steps))
+    return token_labels(model.tokenizer, x.input_ids, model.config, x.image_spans)
+
+
 def captured(run: ColumnRun, col: str) -> ColumnCapture:
     """The column's capture, or a LookupError saying why there is none."""
     if run.result is None:

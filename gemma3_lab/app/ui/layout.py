@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from gemma3_lab.app.ui.attention_view import attention_view, logit_lens_view
 from gemma3_lab.app.ui.compare_tab import build_compare_tab
 from gemma3_lab.app.ui.explain import BUTTON as EXPLAIN_BUTTON
 from gemma3_lab.app.ui.explain import DEFAULT_STEPS, explain_headers
@@ -15,7 +16,7 @@ from gemma3_lab.app.ui.images_tab import build_images_tab
 from gemma3_lab.app.ui.intervene import FIELDS as INTERVENTION_FIELDS
 from gemma3_lab.app.ui.intervene import KINDS, PATCH_SITES
 from gemma3_lab.app.ui.registry import PRECISIONS
-from gemma3_lab.app.ui.render import CLICK_JS, CSS, LEGEND, TOPK_CSS, tokens_html, topk_html
+from gemma3_lab.app.ui.render import CLICK_JS, CSS, KEYS_HTML, KEYS_JS, LEGEND, TOPK_CSS, tokens_html, topk_html
 from gemma3_lab.app.ui.settings import DECODING, MAX_NEW_TOKENS
 from gemma3_lab.app.ui.widgets import figure_slot, head_choices
 from gemma3_lab.config import BUNDLED, PRESETS
@@ -99,48 +100,69 @@ class Page:
     atlas: dict
     images_tab: dict
     compare_tab: dict
+    files: dict  # the session's save / load widgets
 
 
 def build_page(model_choices: list[str]) -> Page:
-    gr.Markdown(
-        "# gemma3_lab · side by side\n"
-        "One prompt, two generations. Set each column's model, decoding and intervention, press "
-        "**Generate**, then click any generated token to see why it came out."
-    )
-    with gr.Row():
-        with gr.Column(scale=3):
-            prompt = gr.Textbox(label="prompt", lines=3, placeholder="The capital of France is", elem_id="prompt")
-        with gr.Column(scale=1, min_width=200):
-            chat = gr.Checkbox(False, label="chat mode (one user turn in Gemma's chat format)", elem_id="chat")
-            images = gr.File([], label="images (optional)", file_count="multiple", type="filepath", elem_id="images",
-                             height=110)
-    with gr.Row():
-        generate = gr.Button("Generate both", variant="primary", elem_id="generate")
-        stop = gr.Button("Stop", variant="stop", elem_id="stop")
+    """Results first: the prompt and Generate on one line, then A's and B's tokens side by side
+    on aligned rows, their settings folded below them, then the inspector."""
+    gr.HTML(KEYS_HTML, js_on_load=KEYS_JS, apply_default_css=False, elem_id="g3-keys")
+    with gr.Row(equal_height=True):
+        with gr.Column(scale=5, min_width=300):
+            prompt = gr.Textbox(show_label=False, lines=2, max_lines=8, elem_id="prompt",
+                                placeholder="prompt, e.g. The capital of France is   (Ctrl+Enter generates)")
+        with gr.Column(scale=1, min_width=160):
+            generate = gr.Button("Generate both", variant="primary", elem_id="generate", size="md")
+            stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm")
     with gr.Tabs():
-        with gr.Tab("Generate & inspect", id="main"):
+        with gr.Tab("Inspect", id="main"):
             columns = {}
-            with gr.Row(equal_height=False):
+            cells = {}
+            with gr.Row(equal_height=True, elem_id="strips"):
                 for name in ("A", "B"):
-                    with gr.Column(min_width=320):
-                        with gr.Accordion(f"column {name} settings", open=True):
-                            settings = column_settings(name, model_choices)
-                        status = gr.Markdown(elem_id=f"status-{name}")
-                        tokens = token_strip(name)
-                        columns[name] = ColumnWidgets(name, settings, status, tokens)
+                    with gr.Column(min_width=300):
+                        status = gr.Markdown(elem_id=f"status-{name}", elem_classes=["g3-status"])
+                        cells[name] = (status, token_strip(name))
             gr.HTML(LEGEND, css_template=CSS, js_on_load=None)
             divergence = gr.Markdown(elem_id="divergence")
+            with gr.Row(equal_height=False):
+                for name in ("A", "B"):
+                    with gr.Column(min_width=300):
+                        with gr.Accordion(f"{name} settings", open=False, elem_id=f"settings-{name}"):
+                            settings = column_settings(name, model_choices)
+                        columns[name] = ColumnWidgets(name, settings, *cells[name])
+            with gr.Accordion("prompt options: chat mode, images", open=False, elem_id="prompt-options"):
+                with gr.Row():
+                    chat = gr.Checkbox(False, label="chat mode (one user turn in Gemma's chat format)",
+                                       elem_id="chat")
+                    images = gr.File([], label="images (optional)", file_count="multiple", type="filepath",
+                                     elem_id="images", height=110)
             inspector = build_inspector()
+            files = build_session_files()
             with gr.Accordion("results as JSON (what the `generate` endpoint returns)", open=False):
                 results = gr.JSON(elem_id="results")
-        with gr.Tab("Mask atlas", id="atlas"):
+        with gr.Tab("Masks", id="atlas"):
             atlas = build_atlas_tab()
         with gr.Tab("Images", id="images"):
             images_tab = build_images_tab()
-        with gr.Tab("Compare A and B", id="compare"):
+        with gr.Tab("Compare", id="compare"):
             compare_tab = build_compare_tab()
     return Page(prompt, chat, images, columns, generate, stop, divergence, results, inspector, atlas, images_tab,
-                compare_tab)
+                compare_tab, files)
+
+
+def build_session_files() -> dict:
+    """Save the session (prompt, settings, both generations, their captures) and load one back."""
+    w = {}
+    with gr.Accordion("save or load this session", open=False, elem_id="session-files"):
+        gr.Markdown("A session file is a .zip: the prompt, both columns' settings, their step records and "
+                    "everything the views read (captured arrays as .npz). Loading one shows the same page; "
+                    "in Python, `gemma3_lab.analysis.session_file.load_session(path)` reads it.")
+        with gr.Row():
+            w["save"] = gr.Button("Save session", elem_id="session-save", scale=1)
+            w["file"] = gr.File(label="session file", interactive=False, elem_id="session-file", scale=2, height=80)
+            w["load"] = gr.UploadButton("Load session…", file_types=[".zip"], elem_id="session-load", scale=1)
+    return w
 
 
 def layer_choices(config) -> list[tuple[str, int]]:
@@ -149,12 +171,13 @@ def layer_choices(config) -> list[tuple[str, int]]:
 
 
 def build_inspector(config=None) -> dict:
-    """The inspector panel; its layer/head choices follow the model of the clicked column."""
+    """The inspector panel; its layer/head choices follow the model of the clicked column.
+    The attention view and the lens table are drawn in the browser from the look's numbers;
+    the figures below them are drawn on request, to download."""
     config = config or PRESETS[BUNDLED]
     w = {}
-    gr.Markdown("## Inspector")
-    w["header"] = gr.Markdown("Click a generated token to see its candidates and where it attended.",
-                              elem_id="insp-header")
+    w["header"] = gr.Markdown("Click a token (grey: the prompt) to see its candidates and where it attended; "
+                              "arrow keys move along the tokens.", elem_id="insp-header")
     w["column"] = gr.Textbox(visible=False, label="column")
     w["index"] = gr.Number(visible=False, label="index", precision=0)
     w["position"] = gr.Number(None, visible=False, label="position", precision=0)
@@ -165,23 +188,29 @@ def build_inspector(config=None) -> dict:
             w["attended"] = gr.Dataframe(
                 headers=["position", "token", "attention weight"], interactive=False, elem_id="insp-attended",
                 label="attended most by that query (the chosen head, or the mean over heads)")
-        with gr.Column(scale=3, min_width=360):
             with gr.Row():
                 w["layer"] = gr.Dropdown(layer_choices(config), value=config.text.global_layers[0], label="layer",
                                          allow_custom_value=True, elem_id="insp-layer")
                 w["head"] = gr.Dropdown(head_choices(config), value=-1, label="head", allow_custom_value=True,
                                         elem_id="insp-head")
-            w["mask"] = figure_slot("insp-mask", "The mask this layer used (its hook_mask)", 340)
-    w["heatmap"] = figure_slot("insp-heatmap", "Where it attended: the layer's attention, the producing query's row "
-                               "marked", 440)
-    with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=360):
-            w["lens"] = figure_slot("insp-lens", "Logit lens: the top next token read off the residual after each "
-                                    "layer (last column: the producing position)", 600)
-        with gr.Column(scale=2, min_width=280):
-            w["lens_table"] = gr.Dataframe(
-                headers=["after", "top-1", "p", "top-2", "p", "top-3", "p"], interactive=False, max_height=620,
-                label="logit lens at the producing position (exact probabilities)", elem_id="insp-lens-table")
+            gr.Markdown("**Where each token attended**: hover or focus a token, click to pin; switch layer and "
+                        "head above the strips (drawn in your browser)", elem_classes=["g3-caption"])
+            w["attention"] = attention_view(elem_id="insp-attention")
+    gr.Markdown("**Logit lens**: the top next token read off the residual after each layer, at the inspected "
+                "slot and the ones before it (hover a cell for its top 3)", elem_classes=["g3-caption"])
+    w["lens_view"] = logit_lens_view(elem_id="insp-lens-view")
+    with gr.Accordion("logit lens at the inspected slot as a table (exact probabilities)", open=False):
+        w["lens_table"] = gr.Dataframe(
+            headers=["after", "top-1", "p", "top-2", "p", "top-3", "p"], interactive=False, max_height=620,
+            show_label=False, elem_id="insp-lens-table")
+    with gr.Accordion("figures to download (PNG, SVG) and tables (CSV)", open=False, elem_id="insp-figures"):
+        w["draw_figures"] = gr.Button("Draw this look's figures", elem_id="insp-draw-figures")
+        w["downloads"] = gr.File(label="downloads: each figure as PNG and SVG, each table as CSV",
+                                 file_count="multiple", interactive=False, elem_id="insp-downloads")
+        w["mask"] = figure_slot("insp-mask", "The mask this layer used (its hook_mask)", 340)
+        w["heatmap"] = figure_slot("insp-heatmap", "The layer's attention, the inspected query's row marked", 440)
+        w["lens"] = figure_slot("insp-lens", "Logit lens (last column: the inspected slot)", 600)
     with gr.Accordion("inspection as JSON (what the `inspect` endpoint returns)", open=False):
         w["json"] = gr.JSON(elem_id="insp-json")
     build_explain(w)

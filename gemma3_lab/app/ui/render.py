@@ -7,28 +7,66 @@ import html
 
 from gemma3_lab.app.ui.session import ColumnRun, Session
 
-# JavaScript for the token strips: a click on a token sends its column and index to Python
-# as a `select` event (gr.SelectData.value / .index).
+# JavaScript for the token strips: a click (or Enter) on a token sends its column and step
+# index to Python as a `select` event (gr.SelectData.index / .value); a prompt token sends
+# value "A:<slot>". Tokens are focusable; arrow keys, Home and End move the inspected token.
 CLICK_JS = """
-element.addEventListener('click', (e) => {
-  const t = e.target.closest('[data-i]');
-  if (!t) return;
-  element.querySelectorAll('.tok.sel').forEach((s) => s.classList.remove('sel'));
+const pick = (t) => {
+  element.querySelectorAll('.sel').forEach((s) => s.classList.remove('sel'));
   t.classList.add('sel');
-  trigger('select', {index: parseInt(t.dataset.i), value: t.dataset.col});
+  if (t.dataset.p !== undefined) trigger('select', {index: null, value: t.dataset.col + ':' + t.dataset.p});
+  else trigger('select', {index: parseInt(t.dataset.i), value: t.dataset.col});
+};
+element.addEventListener('click', (e) => {
+  const t = e.target.closest('[data-i], [data-p]');
+  if (t) pick(t);
+});
+element.addEventListener('keydown', (e) => {
+  const t = e.target.closest('[data-i], [data-p]');
+  if (!t) return;
+  const all = [...element.querySelectorAll('[data-i], [data-p]')];
+  const k = all.indexOf(t);
+  const to = {ArrowRight: k + 1, ArrowDown: k + 1, ArrowLeft: k - 1, ArrowUp: k - 1, Home: 0,
+              End: all.length - 1}[e.key];
+  if (to !== undefined) {
+    e.preventDefault();
+    const n = all[Math.max(0, Math.min(all.length - 1, to))];
+    n.focus();
+    pick(n);
+  } else if (e.key === 'Enter' || e.key === ' ') {
+    e.preventDefault();
+    pick(t);
+  }
 });
 """
 
+# Ctrl+Enter (Cmd+Enter on a Mac) anywhere on the page presses Generate; installed once.
+KEYS_HTML = "<span hidden></span>"
+KEYS_JS = """
+if (!window.__g3Keys) {
+  window.__g3Keys = true;
+  document.addEventListener('keydown', (e) => {
+    if (e.key === 'Enter' && (e.ctrlKey || e.metaKey) && !e.repeat) {
+      const b = document.querySelector('#generate');
+      if (b) { e.preventDefault(); b.click(); }
+    }
+  });
+}
+"""
+
+PROMPT_SHOWN = 256  # prompt tokens a strip shows (the last ones); the rest are counted
+
 CSS = """
 .g3-tokens { font-family: ui-monospace, monospace; font-size: 15px; line-height: 2.1; white-space: pre-wrap;
-             word-break: break-word; min-height: 3em; }
-.g3-tokens .tok { border-radius: 4px; padding: 2px 1px; cursor: pointer; color: #111; }
-.g3-tokens .tok:hover { outline: 2px solid #333; }
-.g3-tokens .tok.sel { outline: 3px solid #1f4fd1; }
+             word-break: break-word; min-height: 3em; max-height: 320px; overflow-y: auto; }
+.g3-tokens .tok, .g3-tokens .ptok { border-radius: 4px; padding: 2px 1px; cursor: pointer; color: #111; }
+.g3-tokens .ptok { color: #555; background: #eceff3; }
+.g3-tokens .tok:hover, .g3-tokens .ptok:hover, .g3-tokens [tabindex]:focus-visible { outline: 2px solid #333; }
+.g3-tokens .sel { outline: 3px solid #1f4fd1; }
 .g3-tokens .tok.div { outline: 3px dashed #c00; outline-offset: 1px; }
 .g3-tokens .divmark { color: #c00; font-weight: bold; font-family: sans-serif; font-size: 12px; }
-.g3-tokens .empty { color: #888; font-family: sans-serif; }
-.g3-legend { font-family: sans-serif; font-size: 12px; display: flex; gap: 6px; align-items: center; }
+.g3-tokens .empty, .g3-tokens .more { color: #888; font-family: sans-serif; font-size: 12px; }
+.g3-legend { font-family: sans-serif; font-size: 12px; display: flex; gap: 6px; align-items: center; flex-wrap: wrap; }
 .g3-legend .bar { width: 160px; height: 10px; border-radius: 3px;
                   background: linear-gradient(to right, hsl(0,75%,78%), hsl(60,75%,78%), hsl(120,75%,78%)); }
 """
@@ -50,7 +88,7 @@ def tokens_html(run: ColumnRun | None, col: str, divergence: int | None = None, 
         return f"<div class='g3-tokens'><span class='empty'>{html.escape(run.error)}</span></div>"
     if not run.steps:
         return f"<div class='g3-tokens'><span class='empty'>{html.escape(run.status)}</span></div>"
-    parts = []
+    parts = prompt_parts(run, col)
     for i, s in enumerate(run.steps):
         text = s.text or s.token
         cls = "tok" + (" div" if i == divergence else "") + (" sel" if i == selected else "")
@@ -58,16 +96,30 @@ def tokens_html(run: ColumnRun | None, col: str, divergence: int | None = None, 
                  f"p = {s.prob:.4f} (log p = {s.logprob:.3f})")
         mark = "<span class='divmark' title='A and B first differ here'>▼</span>" if i == divergence else ""
         parts.append(
-            f"{mark}<span class='{cls}' data-col='{col}' data-i='{i}' style='background:{prob_color(s.prob)}' "
+            f"{mark}<span class='{cls}' tabindex='0' data-col='{col}' data-i='{i}' "
+            f"style='background:{prob_color(s.prob)}' "
             f"title='{html.escape(title, quote=True)}'>{html.escape(shown(text))}</span>"
         )
     return f"<div class='g3-tokens' id='g3-tokens-{col}'>{''.join(parts)}</div>"
 
 
+def prompt_parts(run: ColumnRun, col: str) -> list[str]:
+    """The prompt's tokens in grey (the last PROMPT_SHOWN of them), each inspectable by slot."""
+    pieces = run.prompt_pieces or []
+    first = max(0, len(pieces) - PROMPT_SHOWN)
+    parts = [f"<span class='more'>… {first:,} earlier prompt tokens · </span>"] if first else []
+    for p in range(first, len(pieces)):
+        title = f"prompt slot {p} · {pieces[p]!r} · click: the next-token distribution here"
+        parts.append(f"<span class='ptok' tabindex='0' data-col='{col}' data-p='{p}' "
+                     f"title='{html.escape(title, quote=True)}'>{html.escape(shown(pieces[p].replace('▁', ' ')))}</span>")
+    return parts
+
+
 LEGEND = (
     "<div class='g3-legend'>token colour = probability the model gave the chosen token: 0 "
     "<span class='bar'></span> 1 · <span style='outline:2px dashed #c00'>&nbsp;▼&nbsp;</span> first step where "
-    "A and B differ · click a token to inspect it</div>"
+    "A and B differ · grey: the prompt · click a token (or focus it and use the arrow keys) to inspect it · "
+    "Ctrl+Enter: Generate</div>"
 )
 
 

@@ -24,6 +24,7 @@ from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.generate import check_length
 from gemma3_lab.generate_batch import RowSettings, generate_batch
 from gemma3_lab.prompt.inputs import Inputs
+from gemma3_lab.viz.common import token_labels
 
 POLL_S = 0.1
 THUMBNAIL = 1024  # longest side of a picture the Images tab keeps after the request
@@ -61,6 +62,7 @@ def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], 
                          f" (set by the server: {LIMIT_ENV}); shorten it")
         except Gemma3LabError as e:
             raise ColumnError(f"column {spec.name}: {e}") from None
+        run.prompt_pieces = token_labels(model.tokenizer, run.inputs.input_ids, model.config, run.inputs.image_spans)
         run.status = f"ready: {run.n_prompt} prompt tokens"
     # a patch reads the other column's activations, so that column's hooks come first
     for spec in sorted(specs, key=lambda s: s.intervention is not None and s.intervention.kind.startswith("patch")):
@@ -148,7 +150,7 @@ def _apply(run: ColumnRun, kind: str, value, seconds: float) -> None:
         run.inputs, run.hooks = lighten(run.inputs), []
     else:
         res, run.capture = value
-        run.result = res
+        run.result = res = replace(res, captures={})  # the compact capture replaces the raw one
         run.steps = list(res.steps)
         # the views read the capture: the pixels and the hooks (a patch's source) go with the request
         run.inputs, run.hooks = lighten(run.inputs), []

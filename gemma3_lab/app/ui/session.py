@@ -26,6 +26,7 @@ class ColumnRun:
     hooks: list = field(default_factory=list)  # (name, fn) pairs the generation ran with
     capture: ColumnCapture | None = None  # what every view reads, set when the generation ends
     capture_note: str = ""  # why there is no capture (the session's budget), if so
+    prompt_pieces: list[str] | None = None  # one label per prompt slot, for the token strip
 
     @property
     def n_prompt(self) -> int:
@@ -42,6 +43,8 @@ class Session:
         self.prompt = None
         self.busy = threading.Lock()  # held by the generation running now
         self.generation = 0  # counts Generate presses: a newer one replaces the running one
+        self.settings: dict | None = None  # the generate fields of the runs shown (what a saved session holds)
+        self.downloads = None  # this tab's folder of figure and table downloads, made on first use
 
     def __deepcopy__(self, memo) -> "Session":
         return Session()

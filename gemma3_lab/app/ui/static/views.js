@@ -271,5 +271,19 @@ function render() {
   else if (p.kind === "lens") buildLens(p, box);
 }
 
+// a payload may say where to start: the inspected slot pinned, its layer and head chosen
+function start() {
+  const p = props.value;
+  state.query = null;
+  state.pinned = false;
+  if (p && p.kind === "attention") {
+    if (Number.isInteger(p.query)) { state.query = p.query; state.pinned = true; }
+    const i = Number.isInteger(p.layer) ? p.layers.findIndex((L) => L.layer === p.layer) : -1;
+    if (i >= 0) state.layer = i;
+    if (p.head === "all" || (Number.isInteger(p.head) && p.head >= 0 && p.head < p.n_heads)) state.head = String(p.head);
+  }
+}
+
+start();
 render();
-watch("value", () => { state.query = null; state.pinned = false; render(); });
+watch("value", () => { start(); render(); });
