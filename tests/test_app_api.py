@@ -4,11 +4,13 @@ answering. The app runs in a thread of this process on a free port."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,7 +108,7 @@ def test_both_columns_generate_and_equal_the_library(client, model):
 
 def test_inspector_numbers_come_from_the_library(client, model):
     generate(client)
-    column, index, position, header, topk, attended, layer, head, heatmap, mask, lens, lens_table, data = client.predict(
+    column, index, position, header, topk, attended, layer, head, view, lens_view, lens_table, data = client.predict(
         column="A", index=2, layer=5, head=-1, api_name="/inspect")
     res = model.generate(PROMPT, max_new_tokens=N)
     step = res.steps[2]
@@ -119,7 +121,26 @@ def test_inspector_numbers_come_from_the_library(client, model):
     row = cache["pattern", 5][0, :, step.position - 1].float().mean(0)
     for pos, _, w in data["attended"]:  # the capture keeps patterns in float16
         assert w == pytest.approx(float(row[pos]), abs=1e-3)
-    assert f"p = {step.prob:.4f}" in header and Path(mask).exists()
+    assert f"p = {step.prob:.4f}" in header
+    # the browser's attention view opens pinned at that query, layer and head, with its numbers
+    q = step.position - 1
+    assert (view["query"], view["layer"], view["head"]) == (q, 5, "all") and q in view["positions"]
+    heads = view_row(view, 5, q)  # (N, T) in the view's units
+    exact = cache["pattern", 5][0, :, q].double().numpy() * view["scale"]
+    T = exact.shape[1]  # keys computed; the view also shows the last generated token, never attended to
+    assert np.abs(heads[:, :T] - exact).max() <= 0.5 + 1e-3 * view["scale"] and not heads[:, T:].any()
+    assert lens_view["kind"] == "lens" and lens_view["positions"][-1] == q
+
+
+def view_row(view: dict, layer: int, query: int) -> np.ndarray:
+    """(N, T) weights (in units of 10**-decimals) of slot `query` at `layer`, decoded as views.js does."""
+    L = next(x for x in view["layers"] if x["layer"] == layer)
+    w = np.frombuffer(base64.b64decode(L["data"]), "<u2").reshape(view["n_heads"], -1)
+    r = view["positions"].index(query)
+    start, lo, n = sum(L["len"][:r]), L["lo"][r], L["len"][r]
+    out = np.zeros((view["n_heads"], len(view["tokens"])))
+    out[:, lo: lo + n] = w[:, start: start + n]
+    return out
 
 
 class Forwards:
@@ -188,8 +209,9 @@ def test_dollar_tokens_do_not_blank_the_inspector(client, model):
     set_token_ticks(ax, ["$$\\", "$x$", "a $ b $"])  # each alone used to stop the figure (math text)
     assert to_image(fig).size[0] > 100
     for pos in dollars:
-        *_, heatmap, mask, lens, lens_table, data = client.predict(column="A", index=None, position=pos, layer=0,
-                                                                   head=-1, api_name="/inspect")
+        client.predict(column="A", index=None, position=pos, layer=0, head=-1, api_name="/inspect")
+        heatmap, mask, lens, files = client.predict(column="A", index=None, position=pos, layer=0, head=-1,
+                                                    api_name="/inspect_figures")
         assert all(Path(p).stat().st_size > 5_000 for p in (heatmap, mask, lens))
 
 
