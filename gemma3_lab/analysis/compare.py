@@ -103,21 +103,47 @@ def compare(a, b, inputs, labels: tuple[str, str] = ("A", "B")) -> Comparison:
         raise ValueError("compare takes one prompt at a time")
     ra, la = run_residuals(a, ids)
     rb, lb = run_residuals(b, ids)
+    return compare_residuals(ra, rb, *next_token_kl(la, lb), ids[0].tolist(), a.tokenizer, labels)
+
+
+def next_token_kl(la: Tensor, lb: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(KL(P_A || P_B) (S,), A's top-1 (S,), B's top-1 (S,)) from two (S, V) logits."""
+    lpa, lpb = la.float().log_softmax(-1), lb.float().log_softmax(-1)
+    return (lpa.exp() * (lpa - lpb)).sum(-1), la.argmax(-1), lb.argmax(-1)
+
+
+@torch.no_grad()
+def next_token_kl_from_residuals(a, b, last_a: Tensor, last_b: Tensor, chunk: int = 128):
+    """`next_token_kl` of A's and B's heads read off their residuals after the last block
+    ((S, D) each: final norm, head), a chunk of positions at a time: a long prompt never holds
+    its whole (S, V) logits."""
+    parts = []
+    for i in range(0, last_a.shape[0], chunk):
+        la, lb = (m._unembed(m.final_norm(r[i: i + chunk].to(device=m.device, dtype=m.dtype))[None])[0].float().cpu()
+                  for m, r in ((a, last_a), (b, last_b)))
+        parts.append(next_token_kl(la, lb))
+    return tuple(torch.cat(x) for x in zip(*parts))
+
+
+def compare_residuals(ra: Tensor, rb: Tensor, kl: Tensor, top1_a: Tensor, top1_b: Tensor, token_ids: list[int],
+                      tokenizer=None, labels: tuple[str, str] = ("A", "B")) -> Comparison:
+    """B against A from residuals already computed ((L+1, S, D) each: what enters block 0, then
+    every block's output) and `next_token_kl`'s three tensors: what `compare` measures, for
+    runs that were captured rather than run again (the app's two columns)."""
+    if ra.shape != rb.shape or ra.shape[1] != len(token_ids) or kl.shape != (len(token_ids),):
+        raise ValueError(f"A and B must cover the same positions: residuals {tuple(ra.shape)} vs {tuple(rb.shape)}, "
+                         f"KL {tuple(kl.shape)}, {len(token_ids)} tokens")
     diff = rb - ra  # (L+1, S, D)
     by_pos = diff.norm(dim=-1) / ra.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
     overall = diff.flatten(1).norm(dim=-1) / ra.flatten(1).norm(dim=-1)
-    lpa, lpb = la.log_softmax(-1), lb.log_softmax(-1)
-    kl = (lpa.exp() * (lpa - lpb)).sum(-1)  # (S,)
-    tok = a.tokenizer
-    id_list = ids[0].tolist()
     return Comparison(
         labels=tuple(labels),
-        token_ids=id_list,
-        tokens=[tok.id_to_token(i) for i in id_list] if tok is not None else [str(i) for i in id_list],
-        sites=["embed"] + [f"layer {i}" for i in range(a.config.text.num_layers)],
+        token_ids=list(token_ids),
+        tokens=[tokenizer.id_to_token(i) for i in token_ids] if tokenizer is not None else [str(i) for i in token_ids],
+        sites=["embed"] + [f"layer {i}" for i in range(ra.shape[0] - 1)],
         resid_rel_error=overall,
         resid_rel_error_by_position=by_pos,
         kl=kl,
-        top1_a=la.argmax(-1),
-        top1_b=lb.argmax(-1),
+        top1_a=top1_a,
+        top1_b=top1_b,
     )

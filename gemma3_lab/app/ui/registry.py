@@ -12,7 +12,6 @@ running are dropped, and loaded again if asked for later.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -152,15 +151,6 @@ class ModelRegistry:
             return self._loader(key)
 
         return load_precision(key.source, key.precision, progress=False)
-
-
-@contextlib.contextmanager
-def holding(*entries: Entry):
-    """Hold several models' locks, always taken in one order so two requests cannot deadlock."""
-    with contextlib.ExitStack() as stack:
-        for e in sorted({id(e): e for e in entries}.values(), key=id):
-            stack.enter_context(e.lock)
-        yield
 
 
 def _default_budget() -> int:
