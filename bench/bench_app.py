@@ -4,8 +4,9 @@ the same run on the real bundled Gemma 3 270M:
   * Generate both columns (same model, 24 tokens) against one column alone (the library's
     `generate` with the app's capture): target ≤ 1.3×; and when B's first token arrives
     after A's, in decode steps: target ≤ 1;
-  * the latency of /inspect, /mask_atlas and /image_attention at ~20 and ~1,000 tokens, each
-    as a multiple of one plain forward of that sequence: target for /inspect ≤ 0.1× at 1,000;
+  * the latency of /inspect, /mask_atlas, /inspect_figures, /compare and /image_attention at
+    ~20 and ~1,000 tokens, each as a multiple of one plain forward of that sequence: target for
+    /inspect ≤ 0.1× at 1,000;
   * a long prompt (--long tokens, default 8,192): the server's memory before, at the peak and
     after, and the time from /stop to the end of the request (the prefill runs in chunks).
 
@@ -17,6 +18,7 @@ Timings on a shared CPU are noisy: the load average is printed with the numbers.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -102,9 +104,16 @@ def looks(client, model, multimodal, png: str) -> None:
         t_l = timed(lambda: client.predict(column="A", index=None, position=T - 2, layer=next(layers), head=0,
                                            api_name="/inspect"))
         t_a = timed(lambda: client.predict(column="A", api_name="/mask_atlas"), 2)
+        t_f = timed(lambda: client.predict(column="A", index=None, position=T - 2, layer=5, head=0,
+                                           api_name="/inspect_figures"), 2)
+        look = client.predict(column="A", index=None, position=T - 2, layer=5, head=-1, api_name="/inspect")
+        kb = len(json.dumps(look[8])) / 1024
+        t_c = timed(lambda: client.predict(api_name="/compare"), 2)
         print(f"{T} tokens: one forward {fwd:.2f} s; /inspect a new position {t_i:.2f} s = {t_i / fwd:.3f}x, "
-              f"another layer {t_l:.2f} s = {t_l / fwd:.3f}x (target <= 0.1x at 1,000); "
-              f"/mask_atlas {t_a:.2f} s = {t_a / fwd:.3f}x")
+              f"another layer {t_l:.2f} s = {t_l / fwd:.3f}x (target <= 0.1x at 1,000; the attention view's "
+              f"numbers {kb:.0f} KB, {len(look[8]['positions'])} query rows); /mask_atlas {t_a:.2f} s = "
+              f"{t_a / fwd:.3f}x; figures to download (on request) {t_f:.2f} s = {t_f / fwd:.3f}x; "
+              f"/compare {t_c:.2f} s = {t_c / fwd:.3f}x")
     for n in (20, 1000):  # an image prompt is 256 soft tokens and more
         prompt = "Describe:" + " word" * max(n - 270, 0)
         out = client.predict(**settings(prompt, 1, model="demo-multimodal", images=[handle_file(png)]),
