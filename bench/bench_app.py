@@ -7,10 +7,11 @@ the same run on the real bundled Gemma 3 270M:
   * the latency of /inspect, /mask_atlas, /inspect_figures, /compare and /image_attention at
     ~20 and ~1,000 tokens, each as a multiple of one plain forward of that sequence: target for
     /inspect ≤ 0.1× at 1,000;
+  * image uploads (one past the decode budget, four sessions under it): the server's memory;
   * a long prompt (--long tokens, default 8,192): the server's memory before, at the peak and
     after, and the time from /stop to the end of the request (the prefill runs in chunks).
 
-    .venv/bin/python bench/bench_app.py [--long 8192] [--skip-long]
+    .venv/bin/python bench/bench_app.py [--long 8192] [--skip-long] [--skip-uploads] [--only uploads]
 
 Timings on a shared CPU are noisy: the load average is printed with the numbers.
 """
@@ -136,6 +137,64 @@ def anon_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+class Watch:
+    """Samples the server's private memory every 50 ms while in the `with` block."""
+
+    def __enter__(self):
+        self.samples, self.done = [anon_rss()], threading.Event()
+        self.before = self.samples[0]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.done.is_set():
+            self.samples.append(anon_rss())
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+    def line(self, after: int) -> str:
+        gib = 2**30
+        return (f"server private RSS before {self.before / gib:.2f} GiB, peak {max(self.samples) / gib:.2f} GiB, "
+                f"after {after / gib:.2f} GiB")
+
+
+def uploads(url: str) -> None:
+    """Image uploads: a 13000×13000 palette PNG (a few hundred KB, past the decode budget) and four
+    sessions each sending a 5000×5000 PNG (under it): the server's memory before, peak, after."""
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    big, mid = "/tmp/bench_app_13000.png", "/tmp/bench_app_5000.png"
+    Image.new("P", (13000, 13000), 0).save(big, optimize=True)
+    Image.new("RGB", (5000, 5000), (40, 90, 160)).save(mid, optimize=True)
+    mm = settings("Describe:", 1, model="demo-multimodal")
+    client = Client(url, verbose=False)
+    with Watch() as w:
+        t = time.perf_counter()
+        try:
+            client.predict(**{**mm, "images": [handle_file(big)]}, api_name="/generate")
+            said = "accepted"
+        except Exception as e:  # the app's message
+            said = f"refused: {str(e)[:90]}"
+        t = time.perf_counter() - t
+        time.sleep(2)
+    print(f"upload 13000x13000 palette PNG ({os.path.getsize(big) / 1024:.0f} KB): {said} in {t:.2f} s; "
+          f"{w.line(anon_rss())}")
+    with Watch() as w:
+        clients = [Client(url, verbose=False) for _ in range(4)]
+        jobs = [c.submit(**{**mm, "images": [handle_file(mid)]}, api_name="/generate") for c in clients]
+        for j in jobs:
+            j.result()
+        for c in clients:  # then back to text, as the issue's four sessions did
+            c.predict(**settings(PROMPT, 1), api_name="/generate")
+        time.sleep(2)
+    print(f"4 sessions x 5000x5000 PNG ({os.path.getsize(mid) / 1024:.0f} KB), then text: {w.line(anon_rss())}")
+
+
 def long_prompt(client, n: int) -> None:
     """n prompt tokens ("hello " repeated, <bos> first), stopped 20 s into the prefill."""
     client.predict(**settings(PROMPT, 1), api_name="/generate")  # every weight page touched once
@@ -171,6 +230,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--long", type=int, default=8192)
     ap.add_argument("--skip-long", action="store_true")
+    ap.add_argument("--skip-uploads", action="store_true")
+    ap.add_argument("--only", choices=["uploads"], default=None, help="run one part alone")
     args = ap.parse_args()
     from gradio_client import Client
     from PIL import Image
@@ -187,8 +248,15 @@ def main() -> None:
     png = "/tmp/bench_app_red.png"
     Image.new("RGB", (64, 48), (200, 30, 30)).save(png)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}")
+    if args.only == "uploads":
+        client.predict(**settings(PROMPT, 1), api_name="/generate")  # every weight page touched once
+        uploads(f"http://127.0.0.1:{port}/")
+        demo.close()
+        return
     both_against_one(client, model)
     looks(client, model, multimodal, png)
+    if not args.skip_uploads:
+        uploads(f"http://127.0.0.1:{port}/")
     if not args.skip_long:
         long_prompt(client, args.long)
     print(f"load average {os.getloadavg()[0]:.1f}")
