@@ -7,6 +7,7 @@ from __future__ import annotations
 import gradio as gr
 
 from gemma3_lab.analysis.compare import compare
+from gemma3_lab.app.ui.checks import TOAST_SECONDS
 from gemma3_lab.app.ui.registry import ModelRegistry, holding
 from gemma3_lab.app.ui.session import Session
 
@@ -35,15 +36,17 @@ def make_compare(registry: ModelRegistry):
         try:
             a, b = session.run("A"), session.run("B")
         except LookupError as e:
-            raise gr.Error(str(e.args[0])) from None
+            raise gr.Error(str(e.args[0]), duration=TOAST_SECONDS) from None
         if a.inputs is None or b.inputs is None:
-            raise gr.Error("press Generate first: the comparison runs on the processed prompt")
+            raise gr.Error("press Generate first: the comparison runs on the processed prompt",
+                           duration=TOAST_SECONDS)
         ea, eb = registry.get(a.spec.model), registry.get(b.spec.model)
         try:
             with holding(ea, eb):
                 c = compare(ea.model, eb.model, a.inputs.input_ids, labels=(f"A: {a.spec.model}", f"B: {b.spec.model}"))
         except ValueError as e:
-            raise gr.Error(f"cannot compare {a.spec.model} with {b.spec.model}: {e}") from None
+            raise gr.Error(f"cannot compare {a.spec.model} with {b.spec.model}: {e}",
+                           duration=TOAST_SECONDS) from None
         tok = ea.model.tokenizer
         summary = c.summary(by_layer=False) + "."
         layers = [[s, float(e)] for s, e in zip(c.sites, c.resid_rel_error)]

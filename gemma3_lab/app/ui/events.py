@@ -10,6 +10,7 @@ import inspect as pyinspect
 
 import gradio as gr
 
+from gemma3_lab.app.ui.checks import TOAST_SECONDS
 from gemma3_lab.app.ui.compare_tab import wire_compare_tab
 from gemma3_lab.app.ui.explain import make_explain
 from gemma3_lab.app.ui.figures import heatmap_image, layer_mask_image, lens_image, to_image
@@ -85,7 +86,7 @@ def make_generate(registry: ModelRegistry, max_prompt: int | None = None):
                     yield outputs_of(session)
             except SettingsError as e:
                 session.runs = {}
-                raise gr.Error(str(e), duration=None) from None
+                raise gr.Error(str(e), duration=TOAST_SECONDS) from None
             del images  # the decoded uploads go with this request; the runs keep thumbnails
             for _ in run_all(registry, session):
                 yield outputs_of(session)
