@@ -9,6 +9,9 @@ import math
 from gemma3_lab.errors import Gemma3LabError
 
 ALL_HEADS = -1  # a head choice meaning "every head of the layer" (their mean)
+# how long an error message stays on the page (gr.Error's duration): long enough to read one
+# line, finite so messages close by themselves instead of piling up
+TOAST_SECONDS = 8.0
 
 
 class SettingsError(Gemma3LabError):

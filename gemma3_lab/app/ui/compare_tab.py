@@ -8,6 +8,7 @@ from __future__ import annotations
 import gradio as gr
 
 from gemma3_lab.analysis.compare import Comparison, compare_residuals, next_token_kl_from_residuals
+from gemma3_lab.app.ui.checks import TOAST_SECONDS
 from gemma3_lab.app.ui.inspector import captured
 from gemma3_lab.app.ui.registry import ModelRegistry
 from gemma3_lab.app.ui.session import Session
@@ -55,7 +56,7 @@ def make_compare(registry: ModelRegistry):
         try:
             c = compare_runs(registry, session)
         except LookupError as e:
-            raise gr.Error(str(e.args[0])) from None
+            raise gr.Error(str(e.args[0]), duration=TOAST_SECONDS) from None
         tok = registry.get(session.run("A").spec.model).model.tokenizer
         summary = c.summary(by_layer=False) + "."
         layers = [[s, float(e)] for s, e in zip(c.sites, c.resid_rel_error)]

@@ -11,6 +11,7 @@ import inspect as pyinspect
 import gradio as gr
 
 from gemma3_lab.app.ui import session_io
+from gemma3_lab.app.ui.checks import TOAST_SECONDS
 from gemma3_lab.app.ui.columns import parse_columns
 from gemma3_lab.app.ui.compare_tab import wire_compare_tab
 from gemma3_lab.app.ui.explain import make_explain
@@ -75,7 +76,7 @@ def make_generate(registry: ModelRegistry, max_prompt: int | None = None):
                     yield outputs_of(session)
             except SettingsError as e:
                 session.runs = {}
-                raise gr.Error(str(e), duration=None) from None
+                raise gr.Error(str(e), duration=TOAST_SECONDS) from None
             del images  # the decoded uploads go with this request; the runs keep thumbnails
             for _ in run_all(registry, session):
                 yield outputs_of(session)
@@ -128,14 +129,14 @@ def wire_session_files(page: Page, registry: ModelRegistry, session: gr.State, i
         try:
             return str(session_io.save(session))
         except SettingsError as e:
-            raise gr.Error(str(e)) from None
+            raise gr.Error(str(e), duration=TOAST_SECONDS) from None
 
     def load_session(path, session: Session):
         """Load a saved session: its settings on the page, its columns as they were."""
         try:
             fields = session_io.load(registry, session, path)
         except (SettingsError, Gemma3LabError) as e:
-            raise gr.Error(str(e.args[0] if e.args else e)) from None
+            raise gr.Error(str(e.args[0] if e.args else e), duration=TOAST_SECONDS) from None
         values = [gr.skip() if name == "images" else fields.get(name, gr.skip()) for name in GENERATE_PARAMS]
         return (*values, *outputs_of(session))
 
@@ -152,7 +153,7 @@ def make_inspect(registry: ModelRegistry):
         from the generation's capture. The attention view and the lens table come back as the
         numbers the page draws (figures to download: `inspect_figures`)."""
         if column not in COLUMNS:
-            raise gr.Error(f"column must be A or B, not {column!r}")
+            raise gr.Error(f"column must be A or B, not {column!r}", duration=TOAST_SECONDS)
         try:
             ins = inspect_token(registry, session, column, index, layer if layer is not None else 0, head, position)
             run = session.run(column)
@@ -161,7 +162,7 @@ def make_inspect(registry: ModelRegistry):
             view = attention_view_value(run.capture, model.config, all_labels(model, run), ins.query, run.n_prompt,
                                         ins.layer, ins.head)
         except (LookupError, SettingsError, Gemma3LabError) as e:
-            raise gr.Error(str(e.args[0] if e.args else e)) from None
+            raise gr.Error(str(e.args[0] if e.args else e), duration=TOAST_SECONDS) from None
         config = model.config
         data = {
             "column": column, "index": ins.index, "position": ins.query if ins.index is None else None,
@@ -183,7 +184,10 @@ def wire_inspector(page: Page, registry: ModelRegistry, session: gr.State) -> No
     inspect = make_inspect(registry)
     outputs = [w[k] for k in ("column", "index", "position", "header", "top_k", "attended", "layer", "head",
                               "attention", "lens_view", "lens_table", "json")]
-    common = dict(outputs=outputs, concurrency_id="inspect", show_progress="minimal")
+    # the selectors are outputs too (their choices follow the column's model), but an error's
+    # badge must not cover them: progress and errors show on the panels only
+    panels = [w[k] for k in ("header", "top_k", "attention", "lens_view")]
+    common = dict(outputs=outputs, concurrency_id="inspect", show_progress="minimal", show_progress_on=panels)
     where = [w["column"], w["index"], w["layer"], w["head"], session, w["position"]]
     gr.on([w["layer"].input, w["head"].input], inspect, inputs=where, api_name="inspect", **common)
     for col in COLUMNS:
@@ -213,9 +217,9 @@ def make_atlas(registry: ModelRegistry):
         try:
             run = session.run(column)
         except LookupError as e:
-            raise gr.Error(str(e.args[0])) from None
+            raise gr.Error(str(e.args[0]), duration=TOAST_SECONDS) from None
         if run.inputs is None:
-            raise gr.Error(f"column {column} has no processed prompt yet: press Generate first")
+            raise gr.Error(f"column {column} has no processed prompt yet: press Generate first", duration=TOAST_SECONDS)
         model = registry.get(run.spec.model).model
         return to_image(draw(model, sequence_inputs(run, upto=len(run.steps))))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gradio as gr
 
 from gemma3_lab.analysis.who_wrote import WhoWrote, who_wrote
-from gemma3_lab.app.ui.checks import number
+from gemma3_lab.app.ui.checks import TOAST_SECONDS, number
 from gemma3_lab.app.ui.figures import to_image
 from gemma3_lab.app.ui.inspector import captured, query_of, sequence_inputs
 from gemma3_lab.app.ui.registry import ModelRegistry
@@ -71,12 +71,12 @@ def make_explain(registry: ModelRegistry):
         `position`): DLA per layer / head and integrated gradients with `steps` nodes (default
         64). Runs the model."""
         if column not in COLUMNS:
-            raise gr.Error(f"column must be A or B, not {column!r}")
+            raise gr.Error(f"column must be A or B, not {column!r}", duration=TOAST_SECONDS)
         try:
             w, model = explain_token(registry, session, column, index, position, steps,
                                      True if input_attribution is None else input_attribution)
         except (LookupError, Gemma3LabError) as e:
-            raise gr.Error(str(e.args[0] if e.args else e)) from None
+            raise gr.Error(str(e.args[0] if e.args else e), duration=TOAST_SECONDS) from None
         ig = ("" if w.input_attr is None else
               f"; integrated gradients sum to f(x) − f(baseline) within {w.completeness_error:.2%}")
         header = (f"**Who wrote {w.token_str!r} (id {w.token}) at position {w.position}**: logit {w.logit:.4f} = "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from gemma3_lab.app.ui.checks import ALL_HEADS, SettingsError, check_head, check_layer, whole
+from gemma3_lab.app.ui.checks import ALL_HEADS, TOAST_SECONDS, SettingsError, check_head, check_layer, whole
 from gemma3_lab.app.ui.figures import to_image
 from gemma3_lab.app.ui.inspector import captured, sequence_inputs
 from gemma3_lab.app.ui.registry import ModelRegistry
@@ -86,7 +86,7 @@ def make_image_attention(registry: ModelRegistry):
             head = check_head(cfg, head, allow_all=True)
             cache = captured(run, column).cache(model, chosen)  # the generation's patterns: no forward
         except (LookupError, SettingsError) as e:
-            raise gr.Error(str(e.args[0] if e.args else e)) from None
+            raise gr.Error(str(e.args[0] if e.args else e), duration=TOAST_SECONDS) from None
         labels = token_labels(model.tokenizer, x.input_ids, cfg, x.image_spans)
         heads = None if head == ALL_HEADS else [head]
         note = (f"Column {column}: {len(x.image_spans)} image block(s) in {x.input_ids.shape[1]} slots. Attention "
@@ -107,8 +107,11 @@ def make_image_attention(registry: ModelRegistry):
 
 
 def wire_images_tab(w: dict, registry: ModelRegistry, session) -> None:
+    # progress and an error's "Error" badge only on the figures: on the selectors (outputs too, to
+    # follow the column's model) the badge sits over the dropdown and takes its clicks
     w["show"].click(make_image_attention(registry),
                     inputs=[w["column"], w["index"], w["image"], w["layers"], w["head"], session],
                     outputs=[w["note"], w["strip"], w["grid"], w["attention"], w["layers"], w["head"]],
+                    show_progress_on=[w["note"], w["strip"], w["grid"], w["attention"]],
                     api_name="image_attention",
                     concurrency_id="inspect")

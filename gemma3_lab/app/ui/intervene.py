@@ -90,8 +90,10 @@ def parse_intervention(col: str, v: dict) -> InterventionSpec | None:
     layer = whole_list(f"{where}: layer", v.get("layer"))
     if layer is None or len(layer) != 1 or layer[0] < 0:
         raise SettingsError(f"{where}: give one layer number (e.g. 5)")
-    heads = whole_list(f"{where}: heads", v.get("heads"))
+    # each kind reads only its own fields: the page keeps the others' values when the kind
+    # changes, and a leftover (heads typed for an ablation) must not fail a steer or a patch
     if kind == "ablate heads":
+        heads = whole_list(f"{where}: heads", v.get("heads"))
         if not heads:
             raise SettingsError(f"{where}: list the heads to ablate (e.g. 0, 2)")
         return InterventionSpec(kind, layer[0], tuple(heads))
@@ -104,8 +106,8 @@ def parse_intervention(col: str, v: dict) -> InterventionSpec | None:
     site = v.get("patch_site") or "resid_post"
     if site not in PATCH_SITES:
         raise SettingsError(f"{where}: site must be one of {', '.join(PATCH_SITES)}, not {site!r}")
-    if heads and site != "z":
-        raise SettingsError(f"{where}: heads only apply to the per-head site 'z'")
+    # heads pick slices of the per-head site z only; at any other site the field is not this patch's
+    heads = whole_list(f"{where}: heads", v.get("heads")) if site == "z" else None
     positions = whole_list(f"{where}: positions", v.get("patch_positions"))
     return InterventionSpec(kind, layer[0], tuple(heads) if heads else None, site=site,
                             positions=tuple(positions) if positions else None)

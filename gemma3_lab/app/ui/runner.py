@@ -31,17 +31,47 @@ THUMBNAIL = 1024  # longest side of a picture the Images tab keeps after the req
 
 
 class ColumnError(SettingsError):
-    """A column's setting that does not fit its model (context, images, heads...)."""
+    """A column's setting that does not fit its model (context, images, heads...); `column` names it."""
+
+    def __init__(self, column: str, problem: str) -> None:
+        super().__init__(f"column {column}: {problem}")
+        self.column = column
+        self.problem = problem
+
+
+def text_only(column: str, model_name: str, folders: bool) -> str:
+    """What to do in the page when images meet a text-only model (the library's own message
+    speaks to Python users: it suggests `gl.load`)."""
+    other = " (or a multimodal model folder)" if folders else ""
+    return (f"{model_name} is a text-only model and cannot read the uploaded image(s): choose "
+            f"\"demo-multimodal\"{other} in column {column}'s model box, or remove the images")
 
 
 def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], prompt, images,
             max_prompt: int | None = None) -> Iterator[str]:
     """Load both models and process the prompt for each, yielding progress lines; any
-    problem raises ColumnError before a single token is generated."""
+    problem raises ColumnError before a single token is generated. Before it does, every
+    column's status says what happened (the failed one why, the other that it was not run)
+    and one more line is yielded, so the page never keeps an earlier "loading…"."""
     max_prompt = max_prompt or prompt_token_limit()
     session.stop.clear()
     session.prompt = prompt  # the pictures stay in the runs' inputs only, as thumbnails once done
     session.runs = {s.name: ColumnRun(s) for s in specs}
+    try:
+        yield from _prepare(registry, session, specs, prompt, images, max_prompt)
+    except ColumnError as e:
+        for col, run in session.runs.items():
+            if col == e.column:
+                run.error = e.problem
+                run.status = f"not run: {e.problem}"
+            else:
+                run.status = f"not run: column {e.column} could not start (see its status)"
+        yield f"column {e.column}: {e.problem}"
+        raise
+
+
+def _prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], prompt, images,
+             max_prompt: int) -> Iterator[str]:
     for spec in specs:
         run = session.runs[spec.name]
         if not registry.is_loaded(spec.model):
@@ -50,18 +80,20 @@ def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], 
         try:
             entry = registry.get(spec.model)
         except Exception as e:  # a broken folder must not take the app down
-            raise ColumnError(f"column {spec.name}: could not load {spec.model}: {e}") from e
+            raise ColumnError(spec.name, f"could not load {spec.model}: {e}") from e
         model = entry.model
         run.describe = model.describe()  # names the quantization, if any
+        if images and not model.config.is_multimodal:
+            raise ColumnError(spec.name, text_only(spec.name, model.config.name, registry.root is not None))
         try:
             run.inputs = model.processor(prompt, images=images or None, pan_and_scan=spec.pan_and_scan)
         except (ValueError, TypeError, FileNotFoundError) as e:
-            raise ColumnError(f"column {spec.name}: {e}") from None
+            raise ColumnError(spec.name, str(e)) from None
         try:
             check_length(model.config, run.n_prompt, spec.decoding.max_new_tokens, max_prompt, "this app's limit",
                          f" (set by the server: {LIMIT_ENV}); shorten it")
         except Gemma3LabError as e:
-            raise ColumnError(f"column {spec.name}: {e}") from None
+            raise ColumnError(spec.name, str(e)) from None
         run.prompt_pieces = token_labels(model.tokenizer, run.inputs.input_ids, model.config, run.inputs.image_spans)
         run.status = f"ready: {run.n_prompt} prompt tokens"
     # a patch reads the other column's activations, so that column's hooks come first
@@ -74,7 +106,7 @@ def prepare(registry: ModelRegistry, session: Session, specs: list[ColumnSpec], 
         try:
             run.hooks = spec.intervention.hooks(registry.get(spec.model).model, session, spec.name, registry)
         except (ValueError, KeyError, LookupError) as e:
-            raise ColumnError(f"column {spec.name}: {e}") from None
+            raise ColumnError(spec.name, str(e)) from None
         run.status = f"ready: {run.n_prompt} prompt tokens"
     yield "ready"
 
