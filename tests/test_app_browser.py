@@ -75,9 +75,17 @@ def open_page(browser, url):
     return page
 
 
+def open_settings(page, col: str) -> None:
+    """Unfold a column's settings (folded under its tokens so results come first)."""
+    if not page.locator(f"#max-{col} input").is_visible():
+        page.locator(f"#settings-{col}").get_by_text(f"{col} settings").click()
+    expect(page.locator(f"#max-{col} input")).to_be_visible(timeout=WAIT_MS)
+
+
 def start(page, prompt: str, n: int, b_ablation: str | None = None) -> None:
     page.locator("#prompt textarea").fill(prompt)
     for col in "AB":
+        open_settings(page, col)
         page.locator(f"#max-{col} input").fill(str(n))
     if b_ablation:
         page.locator("#intervention-B").get_by_text("B: intervention").click()
@@ -137,12 +145,19 @@ def test_generate_click_a_token_and_inspect(app, browser, tmp_path):
 
     step = greedy.steps[2]
     page.locator("#tokens-A .tok").nth(2).click()
+    expect(page.locator("#insp-header")).to_contain_text("column A, step 2", timeout=WAIT_MS)
+    # the attention view (drawn by the page's script in a shadow root) opens pinned at that query
+    expect(page.locator("#insp-attention .tok.pinned").first).to_be_visible(timeout=WAIT_MS)
+    assert page.locator("#insp-attention .tok.pinned").first.get_attribute("data-pos") == str(step.position - 1)
+    expect(page.locator("#insp-lens-view td.cell").first).to_be_visible(timeout=WAIT_MS)
+    # the figures to download are drawn on request
+    page.locator("#insp-figures").get_by_text("figures to download").click()
+    page.locator("#insp-draw-figures").click()
     wait_for(page, "['heatmap', 'lens', 'mask'].every(w => document.querySelector(`#insp-${w} img`)?.src)",
-             "inspecting a token")
+             "drawing the look's figures")
     for w in ("heatmap", "lens", "mask"):  # images load lazily: bring each into view, then it must decode
         page.locator(f"#insp-{w} img").scroll_into_view_if_needed()
         wait_for(page, f"document.querySelector('#insp-{w} img').naturalWidth > 200", f"showing the {w} image")
-    expect(page.locator("#insp-header")).to_contain_text("column A, step 2", timeout=WAIT_MS)
     expect_count(page, "#insp-topk tr", 1 + len(step.top_k))  # the header row, then one per candidate
     rows = page.locator("#insp-topk tr").all_inner_texts()[1:]
     for row, ((piece, p), i) in zip(rows, zip(step.top_k, step.top_k_ids)):
@@ -175,7 +190,7 @@ def test_two_sessions_do_not_see_each_other(app, browser):
              "inspecting in the second tab")
     first = model.generate(prompts[1], max_new_tokens=1).steps[0]
     assert f"id {first.token_id}" in pages[1].locator("#insp-header").inner_text()
-    assert "Click a generated token" in pages[0].locator("#insp-header").inner_text()
+    assert "Click a token" in pages[0].locator("#insp-header").inner_text()  # still the first tab's prompt to click
 
 
 def test_an_error_is_shown_and_the_page_keeps_working(app, browser):

@@ -22,7 +22,9 @@ def test_error_messages_close_by_themselves(app, browser):  # noqa: F811
     page = open_page(browser, app.url)
     page.locator("#generate").click()  # empty prompt: an error
     expect(page.locator(TOAST).first).to_contain_text("the prompt is empty", timeout=30_000)
-    page.locator("#generate").click()  # a second error while the first is still shown
+    # a second error while the first is still shown (the message must not cover Generate, or this
+    # click would wait until the first one has gone)
+    page.locator("#generate").click()
     expect(page.locator(MESSAGE)).to_have_count(2, timeout=30_000)
     shown = time.monotonic()
     # both go by themselves (nobody clicks a close button), none stays behind

@@ -108,12 +108,13 @@ def build_page(model_choices: list[str]) -> Page:
     on aligned rows, their settings folded below them, then the inspector."""
     gr.HTML(KEYS_HTML, js_on_load=KEYS_JS, apply_default_css=False, elem_id="g3-keys")
     with gr.Row(equal_height=True):
-        with gr.Column(scale=5, min_width=300):
-            prompt = gr.Textbox(show_label=False, lines=2, max_lines=8, elem_id="prompt",
-                                placeholder="prompt, e.g. The capital of France is   (Ctrl+Enter generates)")
+        # the buttons on the left: messages appear top right and must not cover Generate
         with gr.Column(scale=1, min_width=160):
             generate = gr.Button("Generate both", variant="primary", elem_id="generate", size="md")
             stop = gr.Button("Stop", variant="stop", elem_id="stop", size="sm")
+        with gr.Column(scale=5, min_width=300):
+            prompt = gr.Textbox(show_label=False, lines=2, max_lines=8, elem_id="prompt",
+                                placeholder="prompt, e.g. The capital of France is   (Ctrl+Enter generates)")
     with gr.Tabs():
         with gr.Tab("Inspect", id="main"):
             columns = {}
