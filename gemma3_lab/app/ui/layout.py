@@ -119,11 +119,14 @@ def build_page(model_choices: list[str]) -> Page:
         with gr.Tab("Inspect", id="main"):
             columns = {}
             cells = {}
+            # status lines on one row, token strips on the next: the strips start level whatever
+            # the length of each status
+            with gr.Row(equal_height=True, elem_id="statuses"):
+                status = {name: gr.Markdown(elem_id=f"status-{name}", elem_classes=["g3-status"], min_height=0)
+                          for name in ("A", "B")}
             with gr.Row(equal_height=True, elem_id="strips"):
                 for name in ("A", "B"):
-                    with gr.Column(min_width=300):
-                        status = gr.Markdown(elem_id=f"status-{name}", elem_classes=["g3-status"])
-                        cells[name] = (status, token_strip(name))
+                    cells[name] = (status[name], token_strip(name))
             gr.HTML(LEGEND, css_template=CSS, js_on_load=None)
             divergence = gr.Markdown(elem_id="divergence")
             with gr.Row(equal_height=False):
