@@ -112,8 +112,8 @@ def wire(page: Page, registry: ModelRegistry, session: gr.State, max_prompt: int
     wire_session_files(page, registry, session, inputs, outputs)
     fields = {name: c for name, c in zip(GENERATE_PARAMS, inputs) if name != "images"}
     if demo is not None:  # a link's query parameters fill the page as it opens
-        demo.load(make_prefill(fields), inputs=None, outputs=list(fields.values()), api_visibility="private",
-                  queue=False)
+        # queued: only a queued event can send the page its warning about a bad link value
+        demo.load(make_prefill(fields), inputs=None, outputs=list(fields.values()), api_visibility="private")
     a = page.atlas
     a["draw"].click(make_atlas(registry), inputs=[a["column"], session], outputs=[a["image"]], api_name="mask_atlas",
                     concurrency_id="inspect")
