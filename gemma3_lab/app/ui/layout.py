@@ -185,8 +185,8 @@ def build_inspector(config=None) -> dict:
     w["column"] = gr.Textbox(visible=False, label="column")
     w["index"] = gr.Number(visible=False, label="index", precision=0)
     w["position"] = gr.Number(None, visible=False, label="position", precision=0)
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=2, min_width=280):
+    with gr.Row(equal_height=False):  # side by side from ~1000 px; stacked below (the tables need the width)
+        with gr.Column(scale=2, min_width=380):
             gr.Markdown("**Top candidates** (the probability the model gave each; chosen token highlighted)")
             w["top_k"] = gr.HTML(topk_html(None), css_template=TOPK_CSS, js_on_load=None, elem_id="insp-topk")
             w["attended"] = gr.Dataframe(
@@ -197,7 +197,7 @@ def build_inspector(config=None) -> dict:
                                          allow_custom_value=True, elem_id="insp-layer")
                 w["head"] = gr.Dropdown(head_choices(config), value=-1, label="head", allow_custom_value=True,
                                         elem_id="insp-head")
-        with gr.Column(scale=3, min_width=360):
+        with gr.Column(scale=3, min_width=440):
             gr.Markdown("**Where each token attended**: hover or focus a token, click to pin; switch layer and "
                         "head above the strips (drawn in your browser)", elem_classes=["g3-caption"])
             w["attention"] = attention_view(elem_id="insp-attention")
