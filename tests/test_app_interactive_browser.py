@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import expect
-from test_app_browser import ARGS, chromium_path
+from test_app_browser import app, browser  # noqa: F401  (the app and browser fixtures, one per module)
 
 from gemma3_lab.load import BUNDLED
 
@@ -27,32 +27,6 @@ STEER = "b_intervention=steer&b_steer_positive=Love&b_steer_negative=Hate&b_laye
 LINK = f"?prompt={PROMPT.replace(' ', '+')}&a_max_new_tokens={N}&b_max_new_tokens={N}&{STEER}"
 PNG = b"\x89PNG\r\n\x1a\n"
 SHADOW = "document.querySelector('#insp-attention .g3v-host').shadowRoot"
-
-
-@pytest.fixture(scope="module")
-def app():
-    import socket
-
-    from gemma3_lab.app.ui import ModelRegistry, build_app
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo = build_app(ModelRegistry(root=None))
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    demo.url = f"http://127.0.0.1:{port}/"
-    yield demo
-    demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium_path(), args=ARGS)
-        yield b
-        b.close()
 
 
 def open_page(browser, url: str, query: str = "", width: int = 1440, height: int = 900):
@@ -139,7 +113,7 @@ def inspect_token(page, col: str, i: int) -> int:
     page.locator(f"#tokens-{col} .tok").nth(i).click()
     expect(page.locator("#insp-header")).to_contain_text(f"column {col}, step {i}:", timeout=WAIT_MS)
     q = query_of(page, col, i)
-    expect(page.locator(f"#insp-attention .strip").first.locator(f".tok.pinned[data-pos='{q}']")).to_be_visible(
+    expect(page.locator("#insp-attention .strip").first.locator(f".tok.pinned[data-pos='{q}']")).to_be_visible(
         timeout=WAIT_MS)
     return q
 

@@ -19,7 +19,7 @@ from gemma3_lab.app.ui.figures import to_image
 from gemma3_lab.app.ui.images_tab import wire_images_tab
 from gemma3_lab.app.ui.inspect_figures import make_figures
 from gemma3_lab.app.ui.inspect_views import attention_view_value, lens_view_value
-from gemma3_lab.app.ui.inspector import all_labels, inspect_token, lens_at, lens_rows, sequence_inputs
+from gemma3_lab.app.ui.inspector import all_labels, lens_rows, look, sequence_inputs
 from gemma3_lab.app.ui.layout import COLUMN_FIELDS, Page, layer_choices
 from gemma3_lab.app.ui.prefill import make_prefill
 from gemma3_lab.app.ui.registry import ModelRegistry
@@ -152,13 +152,8 @@ def make_inspect(registry: ModelRegistry):
         `position` (absolute, prompt included), at a layer and head (-1 = all heads); read
         from the generation's capture. The attention view and the lens table come back as the
         numbers the page draws (figures to download: `inspect_figures`)."""
-        if column not in COLUMNS:
-            raise gr.Error(f"column must be A or B, not {column!r}", duration=TOAST_SECONDS)
         try:
-            ins = inspect_token(registry, session, column, index, layer if layer is not None else 0, head, position)
-            run = session.run(column)
-            model = registry.get(run.spec.model).model
-            lens = lens_at(model, run.capture, ins.query)
+            ins, run, model, lens = look(registry, session, column, index, layer, head, position)
             view = attention_view_value(run.capture, model.config, all_labels(model, run), ins.query, run.n_prompt,
                                         ins.layer, ins.head)
         except (LookupError, SettingsError, Gemma3LabError) as e:

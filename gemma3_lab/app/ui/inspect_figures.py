@@ -8,9 +8,9 @@ import gradio as gr
 
 from gemma3_lab.app.ui.checks import TOAST_SECONDS, SettingsError
 from gemma3_lab.app.ui.figures import download_folder, heatmap_figure, layer_mask_figure, lens_figure, to_files
-from gemma3_lab.app.ui.inspector import inspect_token, lens_at, lens_rows, topk_rows
+from gemma3_lab.app.ui.inspector import lens_rows, look, topk_rows
 from gemma3_lab.app.ui.registry import ModelRegistry
-from gemma3_lab.app.ui.session import COLUMNS, Session
+from gemma3_lab.app.ui.session import Session
 from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.viz.downloads import table_csv
 
@@ -21,13 +21,8 @@ def make_figures(registry: ModelRegistry):
     def inspect_figures(column, index, layer, head, session: Session, position=None):
         """The inspected look's figures (attention, mask, logit lens) and every file to download:
         PNG and SVG of each figure, CSV of the candidates, attended keys and lens table."""
-        if column not in COLUMNS:
-            raise gr.Error(f"column must be A or B, not {column!r}", duration=TOAST_SECONDS)
         try:
-            ins = inspect_token(registry, session, column, index, layer if layer is not None else 0, head, position)
-            run = session.run(column)
-            model = registry.get(run.spec.model).model
-            lens = lens_at(model, run.capture, ins.query)
+            ins, _, model, lens = look(registry, session, column, index, layer, head, position)
         except (LookupError, SettingsError, Gemma3LabError) as e:
             raise gr.Error(str(e.args[0] if e.args else e), duration=TOAST_SECONDS) from None
         folder = download_folder(session)

@@ -145,3 +145,14 @@ def inspect_token(registry: ModelRegistry, session: Session, col: str, index, la
               + (f", all {cfg.num_heads} heads (the table: their mean)." if head == ALL_HEADS else f", head {head}."))
     return Inspection(col, index, layer, head, header, step, topk_rows(step), cap.cache(model, [layer]), x,
                       cap.mask(layer), labels, query, attended, kind, cfg.window_for(cfg.layer_types[layer]))
+
+
+def look(registry: ModelRegistry, session: Session, col: str, index, layer, head, position=None):
+    """(Inspection, the column's run, its model, the logit lens there): what every inspector
+    endpoint starts from; a LookupError / SettingsError / Gemma3LabError says what is wrong."""
+    if col not in ("A", "B"):
+        raise LookupError(f"column must be A or B, not {col!r}")
+    ins = inspect_token(registry, session, col, index, layer if layer is not None else 0, head, position)
+    run = session.run(col)
+    model = registry.get(run.spec.model).model
+    return ins, run, model, lens_at(model, run.capture, ins.query)
