@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import expect
-from test_app_browser import app, browser  # noqa: F401  (the app and browser fixtures, one per module)
+from test_app_browser import app, browser, wait_for  # noqa: F401  (the app and browser fixtures, one per module)
 
 from gemma3_lab.load import BUNDLED
 
@@ -45,21 +45,6 @@ def open_page(browser, url: str, query: str = "", width: int = 1440, height: int
     page.goto(url + query)
     page.locator("#generate").wait_for(timeout=WAIT_MS)
     return page
-
-
-def wait_for(page, condition: str, what: str) -> None:
-    """Wait until the JS `condition` holds; an error message shown by the page fails at once."""
-    from playwright.sync_api import TimeoutError
-
-    try:
-        page.wait_for_function(f"() => ({condition}) || !!document.querySelector('.toast-body.error')",
-                               timeout=WAIT_MS)
-    except TimeoutError:
-        status = {c: page.locator(f"#status-{c}").inner_text() for c in "AB"}
-        pytest.fail(f"{what}: nothing after {WAIT_MS / 1000:.0f} s; the columns say {status}")
-    toast = page.locator(".toast-body.error")
-    if toast.count():
-        pytest.fail(f"{what}: the page shows an error: {toast.first.inner_text()}")
 
 
 DONE = "['A', 'B'].every(c => document.querySelector('#status-' + c).innerText.includes('in all'))"
