@@ -4,8 +4,8 @@ the whole sequence the model computed. Every look (inspector, mask atlas, image 
 reads it; the model is not run again.
 
 A session holds at most `session_budget()` bytes of captures (both columns together); a
-generation that would need more is not captured and its views say so. Everything here is
-plain tensors plus a few numbers, so `arrays()` can be written to an `.npz`.
+generation that would need more is not captured and its views say so. A saved session carries
+it as `to_captures()` gives it, and `from_result` reads it back.
 """
 
 from __future__ import annotations
@@ -120,18 +120,6 @@ class ColumnCapture:
         if also is not None:
             logp = float(model._unembed(h, vocab=slice(also, also + 1))[0, 0].float() - lse[0])
         return [(int(i), float(p)) for i, p in zip(ids[0], probs)], logp
-
-    def arrays(self) -> dict:
-        """Plain numpy arrays by name (for `numpy.savez`): bands with their slot bookkeeping."""
-        out = {"input_ids": self.input_ids.numpy(), "token_types": self.token_types.numpy(),
-               "resid": self.resid.numpy()}
-        for i, p in enumerate(self.patterns):
-            if isinstance(p, BandedPattern):
-                out[f"pattern{i}_band"] = p.band.numpy()
-                out[f"pattern{i}_back"] = p.back
-            else:
-                out[f"pattern{i}"] = p.numpy()
-        return out
 
 
 def to_captures(cap: ColumnCapture) -> dict[str, Capture]:

@@ -49,7 +49,7 @@ def to_files(fig, folder: Path, stem: str) -> tuple[Image.Image, list[str]]:
 
 def download_folder(session) -> Path:
     """This session's folder of downloads, emptied: each look's files replace the last look's."""
-    folder = getattr(session, "downloads", None)
+    folder = session.downloads
     if folder is None or not folder.is_dir():
         folder = session.downloads = Path(tempfile.mkdtemp(prefix="gemma3_lab-downloads-"))
     for f in folder.iterdir():

@@ -37,10 +37,10 @@ def rows_to_ship(cfg, length: int, query: int, n_prompt: int, budget: int = ROW_
         if p in chosen:
             continue
         cost = row_cost(cfg, p)
-        if spent + cost > budget and chosen:  # the inspected slot always travels
-            if p == query or p >= n_prompt - 1:
+        if spent + cost > budget and chosen:  # the inspected slot (first) always travels
+            if p >= n_prompt - 1:  # a generated token's query that does not fit: the others may
                 continue
-            break
+            break  # the first prompt slot that does not fit ends them: the rest stay one run around the query
         chosen.add(p)
         spent += cost
     return sorted(chosen)

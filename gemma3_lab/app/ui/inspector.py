@@ -16,7 +16,7 @@ import torch
 from gemma3_lab.app.ui.capture_store import ColumnCapture
 from gemma3_lab.app.ui.checks import ALL_HEADS, check_head, check_layer, whole
 from gemma3_lab.app.ui.registry import ModelRegistry
-from gemma3_lab.app.ui.session import ColumnRun, Session
+from gemma3_lab.app.ui.session import COLUMNS, ColumnRun, Session
 from gemma3_lab.generate import Step
 from gemma3_lab.prompt.inputs import Inputs
 from gemma3_lab.viz.common import token_labels
@@ -150,7 +150,7 @@ def inspect_token(registry: ModelRegistry, session: Session, col: str, index, la
 def look(registry: ModelRegistry, session: Session, col: str, index, layer, head, position=None):
     """(Inspection, the column's run, its model, the logit lens there): what every inspector
     endpoint starts from; a LookupError / SettingsError / Gemma3LabError says what is wrong."""
-    if col not in ("A", "B"):
+    if col not in COLUMNS:
         raise LookupError(f"column must be A or B, not {col!r}")
     ins = inspect_token(registry, session, col, index, layer if layer is not None else 0, head, position)
     run = session.run(col)
