@@ -176,7 +176,6 @@ def record_step(tok, ids: list[int], index: int, position: int, logits: Tensor, 
     )
 
 
-@torch.no_grad()
 def check_length(config, n_prompt: int, max_new_tokens: int, max_prompt: int | None = None,
                  max_prompt_name: str = "the limit", note: str = "") -> None:
     """How long a generation may be: the prompt and every new token fit the model's context
@@ -189,6 +188,7 @@ def check_length(config, n_prompt: int, max_new_tokens: int, max_prompt: int | N
                              f"tokens{note}")
 
 
+@torch.no_grad()
 def generate(
     model,
     prompt,

@@ -135,3 +135,14 @@ def test_stop_ends_every_row(tiny):
     res = generate_batch(tiny, _inputs(), [RowSettings(max_new_tokens=50)] * 2, stop_ids=(),
                          on_token=lambda r, s: seen.append((r, s.index)), should_stop=lambda: len(seen) >= 4)
     assert [r.stop_reason for r in res] == ["stopped", "stopped"] and seen == [(0, 0), (1, 0), (0, 1), (1, 1)]
+
+
+def test_generation_builds_no_autograd_graph(tiny):
+    """generate and generate_batch run without autograd even on a model whose weights require
+    grad (a random or freshly loaded one): no step keeps a graph alive."""
+    assert any(p.requires_grad for p in tiny.parameters())
+    seen = []
+    with tiny.hooks([("blocks.0.hook_resid_post", lambda t, hook: seen.append(torch.is_grad_enabled()))]):
+        tiny.generate(_inputs(), max_new_tokens=3)
+        generate_batch(tiny, _inputs(), [RowSettings(max_new_tokens=3)] * 2)
+    assert len(seen) >= 4 and not any(seen)
