@@ -149,3 +149,31 @@ def test_bfloat16_fallback_without_native_kernels(real_folder):
                          cwd=os.path.dirname(os.path.dirname(__file__)))
     native, _, same = out.stdout.split()
     assert native == "False" and same == "True"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, kernels.FEW_ROWS, kernels.FEW_ROWS + 1])
+def test_few_rows_product_equals_the_plain_one(rows, monkeypatch):
+    """`rows_times` (weight @ x.T for a few rows) gives x @ weight.T: bit for bit for one row
+    (both are one GEMV) and to float32 rounding otherwise, in the input's leading shape; forced
+    plain, it is the plain product itself."""
+    torch.manual_seed(rows)
+    w, x = torch.randn(3000, 64), torch.randn(rows, 1, 64)
+    got, plain = kernels.rows_times(x, w), x @ w.T
+    assert got.shape == plain.shape == (rows, 1, 3000) and got.is_contiguous()
+    if rows == 1:
+        assert torch.equal(got, plain)
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv(kernels.FORCE_PLAIN, "1")
+    assert torch.equal(kernels.rows_times(x, w), plain)
+
+
+def test_the_head_of_a_two_row_batch_gives_each_rows_logits(tiny):
+    """The unembedding of two rows (a batch of two decoding together) equals each row alone
+    to float32 rounding, and one row alone is the plain product."""
+    net = tiny  # the explorer is the network
+    h = torch.randn(2, 1, net.embed.weight.shape[1])
+    both = net._unembed(h)
+    for i in range(2):
+        alone = net._unembed(h[i:i + 1])
+        assert torch.equal(alone, h[i:i + 1] @ net.embed.weight.T)
+        torch.testing.assert_close(both[i:i + 1], alone, rtol=1e-5, atol=1e-5)

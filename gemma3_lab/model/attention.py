@@ -18,6 +18,7 @@ from gemma3_lab.config import TextConfig
 from gemma3_lab.model.banded import skew
 from gemma3_lab.model.explicit import explicit_attention, grouped_matmul
 from gemma3_lab.model.hook_point import HookPoint
+from gemma3_lab.model.kernels import Projection
 from gemma3_lab.model.masks import layer_mask
 from gemma3_lab.model.norm import RMSNorm
 from gemma3_lab.model.rope import apply_rope
@@ -111,10 +112,10 @@ class Attention(nn.Module):
         super().__init__()
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim, self.scale = N, K, H, cfg.attn_scale
-        self.q_proj = nn.Linear(D, N * H, bias=False)
-        self.k_proj = nn.Linear(D, K * H, bias=False)
-        self.v_proj = nn.Linear(D, K * H, bias=False)
-        self.o_proj = nn.Linear(N * H, D, bias=False)
+        self.q_proj = Projection(D, N * H)
+        self.k_proj = Projection(D, K * H)
+        self.v_proj = Projection(D, K * H)
+        self.o_proj = Projection(N * H, D)
         self.q_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.explicit = False  # force the explicit-softmax path

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from gemma3_lab.config import AttentionType, TextConfig
 from gemma3_lab.model.attention import Attention, MaskPlan
 from gemma3_lab.model.hook_point import HookPoint
+from gemma3_lab.model.kernels import Projection
 from gemma3_lab.model.norm import RMSNorm
 
 
@@ -16,9 +17,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Projection(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = Projection(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = Projection(cfg.intermediate_size, cfg.hidden_size)
         self.hook_pre = HookPoint()  # (B, S, I) gate_proj output, before the GELU
         self.hook_pre_linear = HookPoint()  # (B, S, I) up_proj output
         self.hook_post = HookPoint()  # (B, S, I) gelu(gate) * up, into down_proj

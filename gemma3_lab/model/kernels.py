@@ -48,6 +48,38 @@ def _onednn_pack(weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
 
+FEW_ROWS = 128  # up to this many rows, `rows_times` computes weight @ x.T (see there)
+
+
+def rows_times(x: Tensor, weight: Tensor) -> Tensor:
+    """x (..., in) @ weight.T, fast for 2..FEW_ROWS rows of x against a float32 weight read
+    from memory (a projection of a batch decoding together, a short prompt, the head).
+
+    MKL's float32 GEMM with a handful of rows against a transposed weight runs at a fraction
+    of the speed of the same product written weight @ x.T: on a 2-core AVX2 EPYC, two rows
+    through the 262k-row head took 220 ms that way and 73 ms this way, and the 18 layers'
+    projections of a two-row decode step 59 ms against 27 ms (one row: 37 ms either way).
+    One row, more than FEW_ROWS rows, other dtypes or FORCE_PLAIN take the plain F.linear,
+    so a one-row decode step keeps its bits.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if n == 1 or n > FEW_ROWS or weight.dtype != torch.float32 or os.environ.get(FORCE_PLAIN) == "1":
+        return F.linear(x, weight)
+    return (weight @ rows.T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+class Projection(nn.Linear):
+    """A bias-free nn.Linear (hooks, state dict and quantization see an nn.Linear) whose
+    product is `rows_times`."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rows_times(x, self.weight)
+
+
 def linear(x: Tensor, module: nn.Module, weight: Tensor | None = None) -> Tensor:
     """x (..., in) @ weight.T for one decode row; `weight` defaults to module.weight.
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from gemma3_lab.config import AttentionType, Gemma3Config
+from gemma3_lab.model import kernels
 from gemma3_lab.model.attention import MaskPlan, use_attention_path
 from gemma3_lab.model.block import Block
 from gemma3_lab.model.checks import check_input_ids
@@ -38,7 +39,7 @@ class Gemma3Network(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Gemma 3 ties the head to the unscaled embedding; an untied config gets its own
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else kernels.Projection(cfg.hidden_size, cfg.vocab_size)
         self.vision, self.projector = _vision_parts(config)
         # generate's decode steps take `fast_decode.decode_step` (fewer ops, packed kernels)
         # whenever nothing is hooked; False: always the plain, instrumented forward
@@ -139,10 +140,12 @@ class Gemma3Network(nn.Module):
     def _unembed(self, h: Tensor, vocab: slice | None = None) -> Tensor:
         """Logits of h; `vocab` computes a slice of the vocabulary only (top-k in one pass over
         the head, whatever the number of positions)."""
-        if vocab is None:
-            logits = self.lm_head(h) if self.lm_head is not None else h @ self.embed.weight.T
+        head = self.lm_head
+        if vocab is None and head is not None and not isinstance(head, nn.Linear):
+            logits = head(h)  # a quantized head brings its own kernel
         else:
-            logits = h @ (self.lm_head.weight if self.lm_head is not None else self.embed.weight)[vocab].T
+            w = head.weight if head is not None else self.embed.weight
+            logits = kernels.rows_times(h, w if vocab is None else w[vocab])
         return self.softcap(logits)
 
     def softcap(self, logits: Tensor) -> Tensor:
