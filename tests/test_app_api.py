@@ -129,7 +129,7 @@ def test_inspector_numbers_come_from_the_library(client, model):
     exact = cache["pattern", 5][0, :, q].double().numpy() * view["scale"]
     T = exact.shape[1]  # keys computed; the view also shows the last generated token, never attended to
     assert np.abs(heads[:, :T] - exact).max() <= 0.5 + 1e-3 * view["scale"] and not heads[:, T:].any()
-    assert lens_view["kind"] == "lens" and lens_view["positions"][-1] == q
+    assert lens_view["kind"] == "lens" and lens_view["positions"][lens_view["query"]] == q
 
 
 def view_row(view: dict, layer: int, query: int) -> np.ndarray:
@@ -191,6 +191,38 @@ def test_inspect_any_position_from_the_capture(client, model):
             assert got[2] == pytest.approx(float(lens.top_probs[r, pos, 0]), abs=1e-4)
     with pytest.raises(Exception, match="there is no position 99"):
         client.predict(column="A", index=None, position=99, layer=0, head=-1, api_name="/inspect")
+
+
+def test_the_lens_table_fills_every_slot_from_the_capture(client, model):
+    """"Fill the lens table": every slot × every layer, equal to one run_with_cache's
+    cache.logit_lens, with a status line per chunk and no forward; later looks show every slot
+    with the inspected one marked."""
+    from gemma3_lab.viz.common import printable
+
+    out = generate(client)
+    ids = torch.tensor([out["A"]["token_ids"]])
+    seq = torch.cat([model.to_inputs(PROMPT).input_ids, ids[:, :-1]], 1)
+    _, cache = model.run_with_cache(seq, names_filter=["blocks.0.hook_resid_pre", "blocks.*.hook_resid_post"])
+    lens = cache.logit_lens(k=3)
+    T = seq.shape[1]
+    client.predict(column="A", index=None, position=2, layer=0, head=-1, api_name="/inspect")  # a look: slot 2 only
+    with Forwards(model) as f:
+        job = client.submit(column="A", api_name="/logit_lens_all")
+        view, status = job.result()
+        *_, lens_view, lens_table, data = client.predict(column="A", index=None, position=3, layer=0, head=-1,
+                                                          api_name="/inspect")
+    assert f.n == 0
+    assert f"all {T} slots" in status and "computed now" in status
+    assert any("about" in o[1] and "left" in o[1] for o in job.outputs()[:-1])  # progress before the end
+    assert view["positions"] == list(range(T)) and view["layers"] == lens.layer_labels and view["k"] == 3
+    got = np.array(view["probs"]) / view["scale"]  # (L+1, T, 3)
+    assert np.abs(got - lens.top_probs.numpy()).max() <= 0.5 / view["scale"] + 1e-5
+    pieces = [[[view["pieces"][c] for c in cell] for cell in row] for row in view["top"]]
+    assert pieces == [[[printable(t) for t in cell] for cell in row] for row in lens.top_tokens]
+    assert lens_view["positions"] == list(range(T)) and lens_view["query"] == 3  # a look now shows them all
+    assert [r[2] for r in lens_table["data"]] == pytest.approx(lens.top_probs[:, 3, 0].tolist(), abs=1e-4)
+    with pytest.raises(Exception, match="column must be A or B"):
+        client.predict(column="C", api_name="/logit_lens_all")
 
 
 def test_dollar_tokens_do_not_blank_the_inspector(client, model):

@@ -30,7 +30,9 @@ def reload(app, path):
 
 def test_a_saved_session_loads_back_into_the_same_page(app, client, model):
     out = generate(client, **STEER)
+    client.predict(column="A", api_name="/logit_lens_all")  # A's lens table at every slot travels in the file
     before = [client.predict(column=c, index=1, layer=6, head=-1, api_name="/inspect") for c in "AB"]
+    assert len(before[0][9]["positions"]) == out["A"]["prompt_tokens"] + len(out["A"]["token_ids"]) - 1
     path = client.predict(api_name="/save_session")
     with Forwards(model) as f:
         fresh, page = reload(app, path)
@@ -77,7 +79,7 @@ def test_figures_come_as_png_and_svg_and_tables_as_csv(client):
     by_suffix = {}
     for f in files:
         by_suffix.setdefault(f.rsplit(".", 1)[1], []).append(f)
-    assert len(by_suffix["png"]) == len(by_suffix["svg"]) == 3 and len(by_suffix["csv"]) == 3
+    assert len(by_suffix["png"]) == len(by_suffix["svg"]) == 3 and len(by_suffix["csv"]) == 4
     shown = {p: np.asarray(Image.open(p).convert("RGB")) for p in (heatmap, mask, lens)}
     for png in by_suffix["png"]:
         with open(png, "rb") as fh:
@@ -96,3 +98,9 @@ def test_figures_come_as_png_and_svg_and_tables_as_csv(client):
     lens_rows = tables["lens.csv"][1:]
     assert [r[0] for r in lens_rows] == [row[0] for row in data["logit_lens"]]
     assert [float(r[2]) for r in lens_rows] == [row[2] for row in data["logit_lens"]]
+    # every slot of the lens table (here the ones looked at): slot, token, then the same columns
+    slots = tables["slots.csv"]
+    assert slots[0][:3] == ["slot", "token", "after"]
+    q = data["query_position"]
+    mine = [r[2:] for r in slots[1:] if int(r[0]) == q]
+    assert [[r[0], float(r[2])] for r in mine] == [[row[0], row[2]] for row in data["logit_lens"]]

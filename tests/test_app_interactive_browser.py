@@ -355,3 +355,25 @@ def test_the_lens_table_keeps_its_top3_column_at_1440(app, browser):
     expect(header).to_be_visible(timeout=60_000)
     box = header.bounding_box()
     assert box["x"] + box["width"] <= 1440  # inside the page, not cut off or scrolled away
+
+
+LENS = "document.querySelector('#insp-lens-view .g3v-host').shadowRoot"
+
+
+def test_the_lens_table_fills_every_slot(generated):
+    """A look shows the lens at the inspected slot; "Fill the lens table" adds every slot of
+    the sequence (a row each, prompt included), and the next look marks its own row."""
+    page = generated
+    inspect_token(page, "A", 1)
+    rows = f"() => {LENS}.querySelectorAll('table.lens tbody tr').length"
+    T = page.locator("#tokens-A .ptok").count() + N - 1  # every slot computed: the last token is never fed back
+    assert page.evaluate(rows) < T
+    page.locator("#insp-lens-all").click()
+    expect(page.locator("#insp-lens-status")).to_contain_text(f"all {T} slots", timeout=WAIT_MS)
+    wait_for(page, f"({rows})() === {T}", "the whole lens table")
+    heads = page.evaluate(f"() => [...{LENS}.querySelectorAll('th.rowhead')].map(h => h.innerText)")
+    assert [int(h.split()[0]) for h in heads] == list(range(T))
+    q = inspect_token(page, "A", 2)
+    wait_for(page, f"!!{LENS}.querySelector('tr.inspected th')?.innerText.startsWith('{q} ')",
+             "the inspected slot's row marked")
+    assert page.evaluate(rows) == T

@@ -130,9 +130,10 @@ def attention_payload(tokens: list[str], patterns: dict, layer_types, window: in
             "query": query, "layer": layer, "head": head}
 
 
-def logit_lens_payload(lens, decimals: int = 3) -> dict:
+def logit_lens_payload(lens, decimals: int = 3, query: int | None = None) -> dict:
     """The lens table's JSON-able numbers from a `LogitLens` (`cache.logit_lens(k)`): rows are
-    positions, columns the layer labels; each cell keeps its top-k pieces and probabilities."""
+    positions, columns the layer labels; each cell keeps its top-k pieces and probabilities.
+    `query`, a slot shown, is marked and scrolled to."""
     scale = _scale(decimals)
     probs = lens.top_probs.detach().to("cpu", torch.float64).numpy()  # (L+1, S, k)
     pieces: dict[str, int] = {}
@@ -142,7 +143,8 @@ def logit_lens_payload(lens, decimals: int = 3) -> dict:
     return {"kind": "lens", "version": 1, "layers": list(lens.layer_labels),
             "tokens": [printable(t) for t in lens.tokens], "positions": list(positions), "decimals": decimals,
             "scale": scale, "k": probs.shape[2], "pieces": list(pieces),
-            "top": ids, "probs": np.rint(probs * scale).astype(int).tolist()}
+            "top": ids, "probs": np.rint(probs * scale).astype(int).tolist(),
+            "query": positions.index(query) if query in positions else None}
 
 
 @lru_cache(maxsize=1)

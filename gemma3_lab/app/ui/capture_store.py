@@ -18,14 +18,16 @@ from torch import Tensor
 
 from gemma3_lab.instrument.activation_cache import ActivationCache, act_name
 from gemma3_lab.instrument.capture import Capture
-from gemma3_lab.instrument.lens import LogitLens, lens, top_logits
+from gemma3_lab.instrument.lens import LogitLens, top_logits
 from gemma3_lab.model.banded import BandedPattern
 from gemma3_lab.model.masks import image_block_ids, layer_mask
 
 BUDGET_ENV = "GEMMA3_LAB_SESSION_CAPTURE_MB"
 DEFAULT_BUDGET_MB = 2048  # both columns of a 4096-token prompt fit
 NAMES = ["blocks.*.attn.hook_pattern", "blocks.0.hook_resid_pre", "blocks.*.hook_resid_post"]
-KEEP_LENSES = 8  # logit lenses kept per column (a few KB each)
+LENS_K = 5  # top-k kept per layer and slot of the logit lens: the candidates panel shows 5, the lens table 3
+LENS_PARTS = ("ids", "probs", "lse")  # what the lens keeps per slot, in order
+LENS_CHUNK = 64  # slots per pass over the head when the lens of many slots is computed
 PATTERN_DTYPE = torch.float16  # 3 significant digits of an attention weight are what a view shows
 
 
@@ -55,7 +57,9 @@ class ColumnCapture:
     patterns: list  # per layer: BandedPattern (local) or a (1, N, T, T) tensor (global), PATTERN_DTYPE
     resid: Tensor  # (L + 1, T, D) float32: what enters block 0, then the output of each block
     windows: list  # per layer: its sliding window, None for a global layer
-    lenses: dict = field(default_factory=dict)  # positions -> LogitLens already read (not serialised)
+    # slot -> (top ids (L+1, LENS_K), their probabilities, log-sum-exp (L+1,)) of the logit lens
+    # there, computed on first use and kept (~0.6 KB a slot; not serialised: a load recomputes)
+    lenses: dict = field(default_factory=dict)
 
     @property
     def length(self) -> int:
@@ -88,38 +92,79 @@ class ColumnCapture:
         return ActivationCache(store, model, input_ids=self.input_ids)
 
     @torch.no_grad()
-    def lens(self, model, positions: list[int], k: int = 3) -> LogitLens:
-        """The logit lens at `positions`, read off the captured residuals (final norm + head
-        only), kept for the next look (a layer or head switch reads the same positions)."""
-        key = (tuple(positions), k)
-        if key not in self.lenses:
-            if len(self.lenses) >= KEEP_LENSES:
-                self.lenses.pop(next(iter(self.lenses)))
-            self.lenses[key] = self._lens(model, positions, k)
-        return self.lenses[key]
-
-    def _lens(self, model, positions: list[int], k: int) -> LogitLens:
-        idx = torch.tensor(positions)
-        top_ids, top_probs = lens(model, list(self.resid[:, idx]), k)
+    def lens(self, model, positions: list[int], k: int = 3, progress=None) -> LogitLens:
+        """The logit lens at `positions` (top-k ≤ LENS_K), read off the captured residuals
+        (final norm + head only). Each position is computed once and kept: a later look, a
+        layer or head switch, or the whole table reads it again. `progress(done, total)` is
+        called after each chunk of positions computed."""
+        self.compute_lens(model, positions, progress)
+        ids = torch.stack([self.lenses[p][0][:, :k] for p in positions], 1)  # (L+1, S, k)
+        probs = torch.stack([self.lenses[p][1][:, :k] for p in positions], 1)
         piece = model.tokenizer.id_to_token if model.tokenizer is not None else str
         return LogitLens(
             layer_labels=["embed"] + [f"L{i}" for i in range(len(self.patterns))],
-            tokens=[piece(int(t)) for t in self.input_ids[0, idx]],
-            top_ids=top_ids, top_probs=top_probs,
-            top_tokens=[[[piece(int(t)) for t in row] for row in layer] for layer in top_ids],
+            tokens=[piece(int(self.input_ids[0, p])) for p in positions],
+            top_ids=ids, top_probs=probs,
+            top_tokens=[[[piece(int(t)) for t in row] for row in layer] for layer in ids.tolist()],
             positions=list(positions),
         )
 
+    @property
+    def lens_positions(self) -> list[int]:
+        """The slots whose logit lens is computed, in order."""
+        return sorted(self.lenses.copy())  # one C call: safe while a fill adds slots in another thread
+
+    @torch.no_grad()
+    def compute_lens(self, model, positions, progress=None) -> None:
+        """Compute (and keep) the lens of every slot in `positions` not computed yet, LENS_CHUNK
+        slots per pass over the head."""
+        todo = [p for p in dict.fromkeys(positions) if p not in self.lenses]
+        for c in range(0, len(todo), LENS_CHUNK):
+            part = todo[c: c + LENS_CHUNK]
+            h = model.final_norm(self.resid[:, part].to(device=model.device, dtype=model.dtype))  # (L+1, S, D)
+            vals, ids, lse = top_logits(model, h, LENS_K, logsumexp=True)
+            probs = (vals.float() - lse[..., None]).exp().cpu()
+            ids, lse = ids.cpu(), lse.float().cpu()
+            for j, p in enumerate(part):
+                self.lenses[p] = (ids[:, j], probs[:, j], lse[:, j])
+            if progress is not None:
+                progress(c + len(part), len(todo))
+
+    def lens_arrays(self) -> dict[str, Tensor]:
+        """The logit-lens slots computed so far, as arrays (what a saved session carries)."""
+        slots = self.lens_positions
+        if not slots:
+            return {}
+        return {"lens_slots": torch.tensor(slots)} | {
+            f"lens_{name}": torch.stack([self.lenses[p][i] for p in slots]) for i, name in enumerate(LENS_PARTS)}
+
+    def restore_lens(self, arrays: dict[str, Tensor]) -> None:
+        """Put back what `lens_arrays` gave; a ValueError names a part that does not fit."""
+        if "lens_slots" not in arrays:
+            return
+        slots = [int(p) for p in arrays["lens_slots"]]
+        rows = self.resid.shape[0]
+        for i, name in enumerate(LENS_PARTS):
+            a = arrays.get(f"lens_{name}")
+            if a is None or a.shape[:2] != (len(slots), rows) or (i < 2 and a.shape[2] != LENS_K):
+                raise ValueError(f"lens_{name} has shape {None if a is None else tuple(a.shape)}, expected "
+                                 f"({len(slots)}, {rows}{', ' + str(LENS_K) if i < 2 else ''})")
+        if any(not 0 <= p < self.length for p in slots):
+            raise ValueError(f"lens_slots name a slot outside 0–{self.length - 1}")
+        for j, p in enumerate(slots):
+            self.lenses[p] = tuple(arrays[f"lens_{name}"][j] for name in LENS_PARTS)
+
     @torch.no_grad()
     def next_token(self, model, position: int, k: int = 5, also: int | None = None):
-        """([(id, p)] the top-k next-token distribution after slot `position`, log p of token `also`)."""
-        h = model.final_norm(self.resid[-1, position][None].to(device=model.device, dtype=model.dtype))
-        vals, ids, lse = top_logits(model, h, k, logsumexp=True)
-        probs = (vals[0].float() - lse[0]).exp()
+        """([(id, p)] the top-k next-token distribution after slot `position` (k ≤ LENS_K),
+        log p of token `also`): the lens's last row there, which is the model's own output."""
+        self.compute_lens(model, [position])
+        ids, probs, lse = self.lenses[position]
         logp = None
         if also is not None:
-            logp = float(model._unembed(h, vocab=slice(also, also + 1))[0, 0].float() - lse[0])
-        return [(int(i), float(p)) for i, p in zip(ids[0], probs)], logp
+            h = model.final_norm(self.resid[-1, position][None].to(device=model.device, dtype=model.dtype))
+            logp = float(model._unembed(h, vocab=slice(also, also + 1))[0, 0].float() - lse[-1])
+        return [(int(i), float(p)) for i, p in zip(ids[-1, :k], probs[-1, :k])], logp
 
 
 def to_captures(cap: ColumnCapture) -> dict[str, Capture]:

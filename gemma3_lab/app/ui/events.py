@@ -21,6 +21,7 @@ from gemma3_lab.app.ui.inspect_figures import make_figures
 from gemma3_lab.app.ui.inspect_views import attention_view_value, lens_view_value
 from gemma3_lab.app.ui.inspector import all_labels, lens_rows, look, sequence_inputs
 from gemma3_lab.app.ui.layout import COLUMN_FIELDS, Page, layer_choices
+from gemma3_lab.app.ui.lens_table import wire_lens_table
 from gemma3_lab.app.ui.prefill import make_prefill
 from gemma3_lab.app.ui.registry import ModelRegistry
 from gemma3_lab.app.ui.render import divergence_md, results_json, status_md, tokens_html, topk_html
@@ -162,13 +163,13 @@ def make_inspect(registry: ModelRegistry):
         data = {
             "column": column, "index": ins.index, "position": ins.query if ins.index is None else None,
             "layer": ins.layer, "head": ins.head, "layer_type": ins.layer_kind, "query_position": ins.query,
-            "top_k": ins.top_k, "attended": ins.attended, "logit_lens": lens_rows(lens),
+            "top_k": ins.top_k, "attended": ins.attended, "logit_lens": lens_rows(lens, ins.query),
         }
         return (
             column, ins.index, data["position"], ins.header, topk_html(ins.step), ins.attended,
             gr.Dropdown(choices=layer_choices(config), value=ins.layer),
             gr.Dropdown(choices=head_choices(config), value=ins.head),
-            view, lens_view_value(lens), data["logit_lens"], data,
+            view, lens_view_value(lens, ins.query), data["logit_lens"], data,
         )
 
     return named(inspect, ("column", "index", "layer", "head", "session"), optional=("position",))
@@ -194,6 +195,7 @@ def wire_inspector(page: Page, registry: ModelRegistry, session: gr.State) -> No
 
         page.columns[col].tokens.select(clicked, inputs=[w["layer"], w["head"], session], api_visibility="private",
                                         **common)
+    wire_lens_table(w, registry, session)
     w["draw_figures"].click(make_figures(registry), inputs=where,
                             outputs=[w[k] for k in ("heatmap", "mask", "lens", "downloads")],
                             api_name="inspect_figures", concurrency_id="inspect", show_progress="minimal")

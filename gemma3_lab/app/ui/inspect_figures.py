@@ -8,7 +8,7 @@ import gradio as gr
 
 from gemma3_lab.app.ui.checks import TOAST_SECONDS, SettingsError
 from gemma3_lab.app.ui.figures import download_folder, heatmap_figure, layer_mask_figure, lens_figure, to_files
-from gemma3_lab.app.ui.inspector import lens_rows, look, topk_rows
+from gemma3_lab.app.ui.inspector import lens_long_rows, lens_rows, lens_span, look, topk_rows
 from gemma3_lab.app.ui.registry import ModelRegistry
 from gemma3_lab.app.ui.session import Session
 from gemma3_lab.errors import Gemma3LabError
@@ -22,7 +22,8 @@ def make_figures(registry: ModelRegistry):
         """The inspected look's figures (attention, mask, logit lens) and every file to download:
         PNG and SVG of each figure, CSV of the candidates, attended keys and lens table."""
         try:
-            ins, _, model, lens = look(registry, session, column, index, layer, head, position)
+            ins, run, model, known = look(registry, session, column, index, layer, head, position)
+            lens = lens_span(model, run.capture, ins.query)
         except (LookupError, SettingsError, Gemma3LabError) as e:
             raise gr.Error(str(e.args[0] if e.args else e), duration=TOAST_SECONDS) from None
         folder = download_folder(session)
@@ -34,7 +35,8 @@ def make_figures(registry: ModelRegistry):
         files += more
         tables = {"candidates": (topk_rows(ins.step), ("token", "id", "p")),
                   "attended": (ins.attended, ("position", "token", "attention weight")),
-                  "logit_lens": (lens_rows(lens), LENS_HEADER[: 1 + 2 * lens.top_probs.shape[-1]])}
+                  "logit_lens": (lens_rows(lens), LENS_HEADER[: 1 + 2 * lens.top_probs.shape[-1]]),
+                  "logit_lens_slots": (lens_long_rows(known), ("slot", "token") + LENS_HEADER)}
         for name, (rows, header) in tables.items():
             path = folder / f"{stem}_{name}.csv"
             path.write_text(table_csv(rows, header), encoding="utf-8")

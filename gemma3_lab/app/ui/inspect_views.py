@@ -59,6 +59,7 @@ def attention_view_value(cap: ColumnCapture, config, labels: list[str], query: i
                              head="all" if head == ALL_HEADS else head)
 
 
-def lens_view_value(lens) -> dict:
-    """The logit-lens table's payload (positions × layers, top-k on hover)."""
-    return logit_lens_payload(lens)
+def lens_view_value(lens, query: int | None = None) -> dict:
+    """The logit-lens table's payload (positions × layers, top-k on hover), the inspected
+    slot `query` marked."""
+    return logit_lens_payload(lens, query=query)

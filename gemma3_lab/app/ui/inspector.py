@@ -21,7 +21,7 @@ from gemma3_lab.generate import Step
 from gemma3_lab.prompt.inputs import Inputs
 from gemma3_lab.viz.common import token_labels
 
-LENS_SPAN = 4  # positions the logit-lens picture shows, ending at the inspected one (one head pass each)
+LENS_SPAN = 4  # slots the downloadable logit-lens figure shows, ending at the inspected one
 
 
 @dataclass
@@ -75,19 +75,32 @@ def captured(run: ColumnRun, col: str) -> ColumnCapture:
     return run.capture
 
 
-def lens_rows(lens) -> list[list]:
-    """[[layer, top-1, p, top-2, p, top-3, p], ...] at the last (inspected) position."""
+def lens_rows(lens, position: int | None = None) -> list[list]:
+    """[[layer, top-1, p, top-2, p, top-3, p], ...] at slot `position` (default: the last shown)."""
+    i = -1 if position is None else lens.positions.index(position)
     rows = []
     for r, label in enumerate(lens.layer_labels):
         row = [label]
         for rank in range(lens.top_probs.shape[-1]):
-            row += [lens.top_tokens[r][-1][rank], round(float(lens.top_probs[r, -1, rank]), 4)]
+            row += [lens.top_tokens[r][i][rank], round(float(lens.top_probs[r, i, rank]), 4)]
         rows.append(row)
     return rows
 
 
+def lens_long_rows(lens) -> list[list]:
+    """[[slot, token, layer, top-1, p, ...], ...]: every slot shown, every layer (the CSV of the table)."""
+    return [[p, lens.tokens[i]] + row for i, p in enumerate(lens.positions) for row in lens_rows(lens, p)]
+
+
 def lens_at(model, cap: ColumnCapture, query: int, k: int = 3):
-    """The logit lens over the LENS_SPAN positions ending at `query`, from the capture."""
+    """The logit lens at `query` and at every slot computed before (a look computes one slot:
+    19 head rows; `lens_everywhere` fills the rest), from the capture."""
+    cap.compute_lens(model, [query])
+    return cap.lens(model, cap.lens_positions, k)
+
+
+def lens_span(model, cap: ColumnCapture, query: int, k: int = 3):
+    """The logit lens over the LENS_SPAN slots ending at `query` (the downloadable figure)."""
     return cap.lens(model, list(range(max(0, query - LENS_SPAN + 1), query + 1)), k)
 
 

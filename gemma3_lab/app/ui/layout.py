@@ -15,6 +15,7 @@ from gemma3_lab.app.ui.explain import TOOLTIP as EXPLAIN_NOTE
 from gemma3_lab.app.ui.images_tab import build_images_tab
 from gemma3_lab.app.ui.intervene import FIELDS as INTERVENTION_FIELDS
 from gemma3_lab.app.ui.intervene import KINDS, PATCH_SITES
+from gemma3_lab.app.ui.lens_table import BUTTON as LENS_BUTTON
 from gemma3_lab.app.ui.registry import PRECISIONS
 from gemma3_lab.app.ui.render import CLICK_JS, CSS, KEYS_HTML, KEYS_JS, LEGEND, TOPK_CSS, tokens_html, topk_html
 from gemma3_lab.app.ui.settings import DECODING, MAX_NEW_TOKENS
@@ -201,8 +202,14 @@ def build_inspector(config=None) -> dict:
             gr.Markdown("**Where each token attended**: hover or focus a token, click to pin; switch layer and "
                         "head above the strips (drawn in your browser)", elem_classes=["g3-caption"])
             w["attention"] = attention_view(elem_id="insp-attention")
-    gr.Markdown("**Logit lens**: the top next token read off the residual after each layer, at the inspected "
-                "slot and the ones before it (hover a cell for its top 3)", elem_classes=["g3-caption"])
+    gr.Markdown("**Logit lens**: the top next token read off the residual after each layer, at every slot looked "
+                "at so far (hover a cell for its top 3); fill the table for the whole sequence",
+                elem_classes=["g3-caption"])
+    with gr.Row():
+        w["lens_all"] = gr.Button(LENS_BUTTON, elem_id="insp-lens-all", size="sm", scale=0, min_width=240)
+        w["lens_stop"] = gr.Button("stop filling", elem_id="insp-lens-stop", size="sm", scale=0, min_width=120)
+        w["lens_status"] = gr.Markdown("one pass over the head per slot and layer: about 19 per slot",
+                                       elem_id="insp-lens-status")
     w["lens_view"] = logit_lens_view(elem_id="insp-lens-view")
     with gr.Accordion("logit lens at the inspected slot as a table (exact probabilities)", open=False):
         w["lens_table"] = gr.Dataframe(

@@ -27,6 +27,7 @@ from gemma3_lab.prompt.inputs import Inputs
 from gemma3_lab.viz.common import token_labels
 
 POLL_S = 0.1
+RELEASE_AFTER_S = 1.0  # seconds after a generation ends that its freed memory goes back to the system
 THUMBNAIL = 1024  # longest side of a picture the Images tab keeps after the request
 
 
@@ -146,7 +147,8 @@ def run_all(registry: ModelRegistry, session: Session) -> Iterator[None]:
             w.join()
     finally:
         gone.set()
-        release_memory()
+        # after the page has its last update: a full collection holds the interpreter ~0.3 s
+        threading.Timer(RELEASE_AFTER_S, release_memory).start()
     yield
 
 

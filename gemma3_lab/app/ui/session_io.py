@@ -10,6 +10,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from gemma3_lab.analysis.session_file import load_session, save_session
 from gemma3_lab.app.ui.capture_store import from_result, to_captures
 from gemma3_lab.app.ui.checks import SettingsError
@@ -32,8 +34,9 @@ def save(session: Session, folder: Path | None = None) -> Path:
                for c, r in runs.items()}
     state = {c: {f: getattr(r, f) for f in RUN_FIELDS} for c, r in runs.items()}
     folder = Path(folder or tempfile.mkdtemp(prefix="gemma3_lab-session-"))
+    lens = {f"{c}.{k}": v for c, r in runs.items() if r.capture for k, v in r.capture.lens_arrays().items()}
     return save_session(folder / "gemma3_lab_session.zip", session.prompt,
-                        {APP_KEY: {"generate": session.settings, "columns": state}}, results)
+                        {APP_KEY: {"generate": session.settings, "columns": state}}, results, lens)
 
 
 def load(registry: ModelRegistry, session: Session, path) -> dict:
@@ -61,7 +64,10 @@ def load(registry: ModelRegistry, session: Session, path) -> dict:
                 setattr(run, f, v)
         try:
             run.capture = from_result(res, model.config) if res.captures else None
-        except (KeyError, IndexError, RuntimeError) as e:
+            if run.capture is not None:  # the logit-lens slots computed before the save
+                run.capture.restore_lens({k.split(".", 1)[1]: torch.as_tensor(v) for k, v in saved.arrays.items()
+                                          if k.startswith(f"{col}.")})
+        except (KeyError, IndexError, RuntimeError, ValueError) as e:
             raise Gemma3LabError(f"{Path(path).name}: column {col}'s capture does not fit {specs[col].model} "
                                  f"({type(e).__name__}: {e})") from None
         run.result = replace(res, captures={})

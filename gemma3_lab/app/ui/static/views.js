@@ -210,7 +210,7 @@ function buildLens(p, box) {
   thead.append(head);
   const body = el("tbody");
   p.tokens.forEach((t, i) => {
-    const tr = el("tr");
+    const tr = el("tr", i === p.query ? "inspected" : "");
     tr.append(el("th", "rowhead", p.positions[i] + " " + t));
     const next = i + 1 < p.tokens.length && p.positions[i + 1] === p.positions[i] + 1 ? p.tokens[i + 1] : null;
     p.layers.forEach((l, j) => {
@@ -231,6 +231,10 @@ function buildLens(p, box) {
   table.append(thead, body);
   wrap.append(table);
   box.append(bar, info, wrap);
+  if (Number.isInteger(p.query) && body.children[p.query]) {  // the inspected slot's row in view
+    const row = body.children[p.query];
+    requestAnimationFrame(() => { wrap.scrollTop = Math.max(0, row.offsetTop - wrap.clientHeight / 2); });
+  }
   const show = (td) => {
     if (!td) return;
     state.cell = [Number(td.dataset.pos), Number(td.dataset.layer)];
