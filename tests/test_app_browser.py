@@ -86,7 +86,11 @@ def start(page, prompt: str, n: int, b_ablation: str | None = None) -> None:
     page.locator("#prompt textarea").fill(prompt)
     for col in "AB":
         open_settings(page, col)
-        page.locator(f"#max-{col} input").fill(str(n))
+        box = page.locator(f"#max-{col} input")
+        box.fill(str(n))
+        box.press("Tab")  # leave the box: the page holds the typed value, not one still being edited
+    for col in "AB":  # both still read n as Generate is pressed (a CI run once saw B start with 24)
+        expect(page.locator(f"#max-{col} input")).to_have_value(str(n), timeout=WAIT_MS)
     if b_ablation:
         page.locator("#intervention-B").get_by_text("B: intervention").click()
         page.locator("#kind-B").get_by_text("ablate heads").click()
@@ -204,5 +208,7 @@ def test_an_error_is_shown_and_the_page_keeps_working(app, browser):
     expect_count(page, ".toast-body.error", 0)
     start(page, "Hello", 1)
     wait_done(page)
+    for col in "AB":  # the settings that arrived, named before the counts that follow from them
+        expect(page.locator(f"#status-{col}")).to_contain_text("greedy, 1 tokens max", timeout=WAIT_MS)
     expect_count(page, "#tokens-A .tok", 1)
     expect_count(page, "#tokens-B .tok", 1)
