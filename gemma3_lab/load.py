@@ -17,7 +17,7 @@ from gemma3_lab.explorer import Gemma3
 from gemma3_lab.loading.demo import DEMO_NAME, SEED, add_soft_token, demo_config, seeded_vision_state
 from gemma3_lab.loading.gguf_convert import cached_conversion
 from gemma3_lab.loading.hf import find_tokenizer, load_hf_state_dict, parse_dtype
-from gemma3_lab.loading.quantize import parse_mode, quantize_model
+from gemma3_lab.loading.quantize import DEFAULT, parse_mode, quantize_model
 from gemma3_lab.prompt.tokenizer import Tokenizer
 
 NAMES = (BUNDLED, DEMO_NAME)
@@ -71,7 +71,7 @@ def load(
     device: str | torch.device = "cpu",
     progress: bool = True,
     quantize: str | None = None,
-    group_size: int | None = 128,
+    group_size: int | None | str = DEFAULT,
 ) -> Gemma3:
     """Load a Gemma 3 model.
 
@@ -80,8 +80,10 @@ def load(
     a Hugging Face folder (config.json, *.safetensors, tokenizer.json), or a .gguf file.
     dtype: "float32" | "bfloat16" | "float16" or a torch.dtype. device: "cpu" | "cuda" | "auto".
     quantize: None | "int8" | "int4" weight-only for the decoder projections, one (offset, step)
-    per `group_size` input columns (None: per row, which int8's decode kernel needs; see
-    gemma3_lab.loading.quantize); activations stay in `dtype`.
+    per `group_size` input columns (None: per row, which int8's decode kernel needs), with the
+    mode's defaults for everything else: int8 per row with an int8 embedding table; int4 in
+    groups of 32, calibrated, with the int8 table and an int4 head screen for decode steps
+    (`gemma3_lab.loading.quantize.DEFAULTS`). Activations stay in `dtype`.
     """
     parse_mode(quantize)  # a bad value fails before anything is read
     model = _load(name_or_path, parse_dtype(dtype), resolve_device(device), progress)

@@ -117,7 +117,7 @@ def test_cli_generate_quantized(capsys):
     assert main(["generate", "Hello", "--max-new-tokens", "4", "--quantize", "int4", "--group-size", "64"]) == 0
     out = capsys.readouterr()
     assert out.out.strip() == expected.strip()
-    assert "int4/g64 weight-only" in out.err and "268M params" in out.err
+    assert "int4/g64 +int8 embedding g32 +int4 head screen calibrated weight-only" in out.err and "268M params" in out.err
 
 
 @pytest.mark.real

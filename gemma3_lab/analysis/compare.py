@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from gemma3_lab.load import load
+from gemma3_lab.loading.quantize import DEFAULT
 
 # the column setting "precision": weights dtype, then weight-only quantization over float32
 PRECISIONS = {
@@ -21,7 +22,7 @@ PRECISIONS = {
 
 
 def load_precision(name_or_path=None, precision: str = "float32", device="cpu", progress: bool = True,
-                   group_size: int = 128):
+                   group_size: int | None | str = DEFAULT):
     """`gl.load` with one of PRECISIONS; int8/int4 quantize the float32 model's projections."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")

@@ -9,6 +9,7 @@ from gemma3_lab.analysis.verify import load_reference, verify
 from gemma3_lab.config import BUNDLED
 from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.load import bundled_gguf_path, load
+from gemma3_lab.loading.quantize import DEFAULT
 from gemma3_lab.loading.gguf_convert import cached_conversion, convert_gguf
 from gemma3_lab.viz.mask_visualizer import AttentionMaskVisualizer
 
@@ -43,7 +44,8 @@ def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
         return
     p.add_argument("--quantize", default=None, choices=["int8", "int4"],
                    help="weight-only quantization of the decoder projections (activations stay in --dtype)")
-    p.add_argument("--group-size", type=int, default=128, help="input columns per (offset, step) group")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="input columns per (offset, step) group (default: int8 one per row, int4 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +116,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def _load(args):
-    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize, group_size=args.group_size)
+    return load(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize,
+                group_size=DEFAULT if args.group_size is None else args.group_size)
 
 
 def _generate(args) -> int:

@@ -47,7 +47,7 @@ def column_settings(name: str, model_choices: list[str], default_model: str = BU
         elem_id=f"model-{name}",
     )
     s["precision"] = gr.Radio(list(PRECISIONS), value="float32", label="precision",
-                              info="int8 / int4: weight-only quantized projections, float32 activations",
+                              info="int8 / int4: weight-only quantized projections and embedding table (int4 ranks the vocabulary through an int4 copy of the head), float32 activations",
                               elem_id=f"precision-{name}")
     with gr.Row():
         s["decoding"] = gr.Radio(list(DECODING), value="greedy", label="decoding", elem_id=f"decoding-{name}")
