@@ -116,16 +116,18 @@ def _head_bandwidth(model) -> float:
     h = torch.randn(1, head.shape[1])
     for _ in range(3):
         h @ head.T
-    t = time.perf_counter()
-    for _ in range(10):
+    best = float("inf")
+    for _ in range(10):  # the best of ten: a busy moment lowers the ceiling less than an average
+        t = time.perf_counter()
         h @ head.T
-    return 10 * head.numel() * head.element_size() / (time.perf_counter() - t)
+        best = min(best, time.perf_counter() - t)
+    return head.numel() * head.element_size() / best
 
 
 VARIANTS = {  # label -> (dtype, quantize_model keywords); quantize_model's DEFAULTS are what load uses
     "bf16": ("bfloat16", None),
     "int8 (load's default)": ("float32", dict(mode="int8")),
-    "int8 row, float head": ("float32", dict(mode="int8", embedding="float")),
+    "int8 row, int8 head": ("float32", dict(mode="int8", screen=False)),
     "int4 (load's default)": ("float32", dict(mode="int4")),
     "int4 g32, int8 head": ("float32", dict(mode="int4", screen=False)),
     "int4 g128 plain, int8 head": ("float32", dict(mode="int4", group_size=128, screen=False, calibration=None)),
