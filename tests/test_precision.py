@@ -434,6 +434,9 @@ def test_screened_head_recomputes_its_top_candidates_from_the_table(tiny320, mon
     rest[top] = False
     assert torch.equal(fast[0, 0, rest], approx[0, 0, rest])  # the others: the int4 copy's
     assert int(fast[0, 0].argmax()) == int(exact[0, 0].argmax())
+    # a slice of the vocabulary (the app's log p of one token) reads those rows only
+    assert torch.allclose(qm._unembed(h, vocab=slice(7, 9)), exact[..., 7:9], atol=1e-5)
+    assert torch.allclose(Q.QuantHead(qm.embed).rows(slice(7, 9)), qm.embed.weight[7:9])
     monkeypatch.setenv(kernels.FORCE_PLAIN, "1")  # no packed kernel: the table's own product
     assert torch.allclose(head.decode_forward(h), exact, atol=1e-5)
 
@@ -482,11 +485,10 @@ def test_int4_calibration_and_screen_on_the_270m(real_model, int4_model):
         kl_cal, kl_plain = _kl(ref, model(ids).logits), _kl(ref, plain(ids).logits)
         _, cache = model.run_with_cache(ids, names_filter=f"blocks.{len(model.blocks) - 1}.hook_resid_post")
         h = model.final_norm(cache[f"blocks.{len(model.blocks) - 1}.hook_resid_post"])  # (1, S, 640)
-        table = model.embed
+        exact_all = model.embed.logits(h)[0]  # (S, V): the table's logits, in one pass
         for s in range(h.shape[1]):
-            row = h[:, s:s + 1]
-            fast = model.lm_head.decode_forward(row)[0, 0]
-            exact = table.logits(row)[0, 0]
+            fast = model.lm_head.decode_forward(h[:, s:s + 1])[0, 0]
+            exact = exact_all[s]
             top = exact.topk(5).indices
             assert torch.equal(fast.topk(5).indices, top), s
             assert torch.allclose(fast[top], exact[top], atol=1e-4)

@@ -106,6 +106,10 @@ class QuantHead(nn.Module):
     def weight(self) -> Tensor:
         return self.table.weight
 
+    def rows(self, ids: Tensor | slice) -> Tensor:
+        """Table rows `ids` in the model dtype, without building the whole table."""
+        return self.table._rows(ids).to(self.table.dtype)
+
     def forward(self, h: Tensor) -> Tensor:
         return self.table.logits(h)
 
@@ -146,7 +150,7 @@ class ScreenedHead(nn.Module):
             return self.table.logits(h)
         return kernels.rows_times(h, self.table.weight)
 
-    def rows(self, ids: Tensor) -> Tensor:
+    def rows(self, ids: Tensor | slice) -> Tensor:
         """Table rows `ids` in the model dtype, without building the whole table."""
         if isinstance(self.table, QuantEmbedding):
             return self.table._rows(ids).to(self.table.dtype)

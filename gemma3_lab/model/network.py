@@ -143,6 +143,8 @@ class Gemma3Network(nn.Module):
         head = self.lm_head
         if vocab is None and head is not None and not isinstance(head, nn.Linear):
             logits = head(h)  # a quantized head brings its own kernel
+        elif vocab is not None and hasattr(head, "rows"):  # a quantized table: those rows only
+            logits = kernels.rows_times(h, head.rows(vocab))
         else:
             w = head.weight if head is not None else self.embed.weight
             logits = kernels.rows_times(h, w if vocab is None else w[vocab])
