@@ -71,25 +71,23 @@ def _ours_tps(model, ids, n, fast: bool = True) -> float:
 
 
 def _interleaved(model, ids, n, paths=(False, True), rounds: int = 3) -> dict[bool, float]:
-    """Best tok/s of each decode path (fast=False: the plain instrumented forward), run in
-    turns so that a busy machine slows both alike."""
-    for fast in paths:
-        model.generate(ids, max_new_tokens=4, stop_ids=(), fast=fast)  # warm-up, packs kernels' weights
-    best = dict.fromkeys(paths, 0.0)
-    for _ in range(rounds):
-        for fast in paths:
-            best[fast] = max(best[fast], model.generate(ids, max_new_tokens=n, stop_ids=(), fast=fast).tokens_per_second)
-    return best
+    """Best tok/s of each decode path (fast=False: the plain instrumented forward), in turns."""
+    return _in_turns({fast: (model, fast) for fast in paths}, ids, n, rounds)
 
 
 def _turns(models: dict, ids, n, rounds: int = 3) -> dict[str, float]:
-    """Best fast-path tok/s of each model, run in turns so that a busy machine slows all alike."""
-    for m in models.values():
-        m.generate(ids, max_new_tokens=4, stop_ids=())  # warm-up, packs kernels' weights
-    best = dict.fromkeys(models, 0.0)
+    """Best fast-path tok/s of each model, in turns."""
+    return _in_turns({label: (m, True) for label, m in models.items()}, ids, n, rounds)
+
+
+def _in_turns(runs: dict, ids, n, rounds: int) -> dict:
+    """Best tok/s of each (model, fast) run, run in turns so that a busy machine slows all alike."""
+    for m, fast in runs.values():
+        m.generate(ids, max_new_tokens=4, stop_ids=(), fast=fast)  # warm-up, packs kernels' weights
+    best = dict.fromkeys(runs, 0.0)
     for _ in range(rounds):
-        for label, m in models.items():
-            best[label] = max(best[label], m.generate(ids, max_new_tokens=n, stop_ids=()).tokens_per_second)
+        for key, (m, fast) in runs.items():
+            best[key] = max(best[key], m.generate(ids, max_new_tokens=n, stop_ids=(), fast=fast).tokens_per_second)
     return best
 
 

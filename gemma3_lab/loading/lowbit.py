@@ -41,18 +41,20 @@ def quantize_tensor(
         raise ValueError(f"int4 packs two columns per byte: input width {K} must be even")
     g = w.detach().float().reshape(N, K // group_size, group_size)  # (N, G, g)
     levels = 2**bits - 1
-    if search == "symmetric":
-        lo, step = _symmetric(g, levels)
-        codes = torch.round((g - lo[..., None]) / step[..., None]).clamp_(0, levels)
-    elif search:
+    if search and search != "symmetric":
         a = None if importance is None else importance.float().reshape(1, K // group_size, group_size)
         codes, lo, step = _searched_codes(g, levels, a)
     else:
-        lo, step = _range(g, g.amin(-1), g.amax(-1), levels)
-        codes = torch.round((g - lo[..., None]) / step[..., None]).clamp_(0, levels)
+        lo, step = _symmetric(g, levels) if search == "symmetric" else _range(g, g.amin(-1), g.amax(-1), levels)
+        codes = _codes(g, lo, step, levels)
     if bits == 8:  # stored signed around the group's middle: the layout torch's int8 kernel reads
         return (codes - 128).to(torch.int8).reshape(N, K), lo + 128 * step, step
     return pack_int4(codes.to(torch.uint8).reshape(N, K)), lo, step
+
+
+def _codes(g: Tensor, lo: Tensor, step: Tensor, levels: int) -> Tensor:
+    """Each weight's nearest code on the group's grid lo + code * step, clamped to the levels."""
+    return torch.round((g - lo[..., None]) / step[..., None]).clamp_(0, levels)
 
 
 def _range(g: Tensor, lo: Tensor, hi: Tensor, levels: int) -> tuple[Tensor, Tensor]:
@@ -85,7 +87,7 @@ def _searched_codes(g: Tensor, levels: int, a: Tensor | None = None) -> tuple[Te
     ranges += [(lo0, _grid_step(g, rng)), _symmetric(g, levels)]
     best = None
     for lo, step in ranges:
-        q = torch.round((g - lo[..., None]) / step[..., None]).clamp_(0, levels)
+        q = _codes(g, lo, step, levels)
         aq = a * q
         sq, sqq, sqw = aq.sum(-1), (aq * q).sum(-1), (aq * g).sum(-1)
         den = n * sqq - sq * sq  # 0 when every code is equal: keep the range's own fit

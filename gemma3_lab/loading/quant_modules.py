@@ -70,16 +70,17 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("lo", lo)
         self.register_buffer("step", step)
 
-    def _rows(self, rows: Tensor | slice) -> Tensor:
-        return dequantize(self.qweight[rows], self.lo[rows], self.step[rows], self.bits)
+    def rows(self, ids: Tensor | slice) -> Tensor:
+        """Table rows `ids` dequantized to the model dtype, without building the whole table."""
+        return dequantize(self.qweight[ids], self.lo[ids], self.step[ids], self.bits).to(self.dtype)
 
     @property
     def weight(self) -> Tensor:
         """The whole dequantized table in the model dtype; allocates it, so avoid per step."""
-        return self._rows(slice(None)).to(self.dtype)
+        return self.rows(slice(None))
 
     def forward(self, ids: Tensor) -> Tensor:
-        return self._rows(ids.reshape(-1)).to(self.dtype).reshape(*ids.shape, -1)
+        return self.rows(ids.reshape(-1)).reshape(*ids.shape, -1)
 
     def decode_logits(self, h: Tensor, module: nn.Module) -> Tensor:
         """`logits` of one decode row through the packed low-bit kernel of the table's width."""
@@ -91,7 +92,7 @@ class QuantEmbedding(nn.Module):
         V = self.qweight.shape[0]
         parts = []
         for s in range(0, V, _HEAD_CHUNK):
-            parts.append(h @ self._rows(slice(s, min(s + _HEAD_CHUNK, V))).to(h.dtype).T)
+            parts.append(h @ self.rows(slice(s, min(s + _HEAD_CHUNK, V))).to(h.dtype).T)
         return torch.cat(parts, dim=-1)
 
 
@@ -107,8 +108,7 @@ class QuantHead(nn.Module):
         return self.table.weight
 
     def rows(self, ids: Tensor | slice) -> Tensor:
-        """Table rows `ids` in the model dtype, without building the whole table."""
-        return self.table._rows(ids).to(self.table.dtype)
+        return self.table.rows(ids)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.table.logits(h)
@@ -153,7 +153,7 @@ class ScreenedHead(nn.Module):
     def rows(self, ids: Tensor | slice) -> Tensor:
         """Table rows `ids` in the model dtype, without building the whole table."""
         if isinstance(self.table, QuantEmbedding):
-            return self.table._rows(ids).to(self.table.dtype)
+            return self.table.rows(ids)
         return self.table.weight[ids]
 
     def decode_forward(self, h: Tensor) -> Tensor:

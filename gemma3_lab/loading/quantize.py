@@ -154,7 +154,8 @@ def quantize_model(
     elif tied and embedding == "int8":  # the model's tied path reads embed.weight: route it here
         model.lm_head = QuantHead(model.embed)
     model.quantization = (f"{mode}/" + (f"g{group_size}" if group_size else "row")
-                          + (f" +int8 embedding{' g32' if screen else ''}" if embedding == "int8" else "") + (" +int4 head screen" if isinstance(model.lm_head, ScreenedHead) else "")
+                          + (f" +int8 embedding{f' g{SCREEN_GROUP}' if screen else ''}" if embedding == "int8" else "")
+                          + (" +int4 head screen" if screen else "")
                           + (" calibrated" if stats else ""))
     return model
 
