@@ -82,13 +82,29 @@ def open_settings(page, col: str) -> None:
     expect(page.locator(f"#max-{col} input")).to_be_visible(timeout=WAIT_MS)
 
 
+def fill_number(page, selector: str, value, tries: int = 5) -> None:
+    """Type `value` into a number box and leave it, again until the page holds it. On a loaded
+    machine a box just unfolded can still be mounting: its first render then writes the default
+    back over what was typed (CI saw 24 where 8 and 1 had been typed, for good)."""
+    from playwright.sync_api import Error
+
+    box = page.locator(selector)
+    for attempt in range(tries):
+        box.fill(str(value))
+        box.press("Tab")  # leave the box: the page holds the typed value, not one still being edited
+        try:
+            expect(box).to_have_value(str(value), timeout=3_000)
+            return
+        except (AssertionError, Error):
+            print(f"{selector}: typed {value}, the page showed {box.input_value()!r}; typing again ({attempt + 1})")
+    expect(box).to_have_value(str(value), timeout=WAIT_MS)
+
+
 def start(page, prompt: str, n: int, b_ablation: str | None = None) -> None:
     page.locator("#prompt textarea").fill(prompt)
     for col in "AB":
         open_settings(page, col)
-        box = page.locator(f"#max-{col} input")
-        box.fill(str(n))
-        box.press("Tab")  # leave the box: the page holds the typed value, not one still being edited
+        fill_number(page, f"#max-{col} input", n)
     for col in "AB":  # both still read n as Generate is pressed (a CI run once saw B start with 24)
         expect(page.locator(f"#max-{col} input")).to_have_value(str(n), timeout=WAIT_MS)
     if b_ablation:

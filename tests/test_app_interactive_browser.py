@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from playwright.sync_api import expect
-from test_app_browser import app, browser, wait_for  # noqa: F401  (the app and browser fixtures, one per module)
+from test_app_browser import app, browser, fill_number, wait_for  # noqa: F401  (the app and browser fixtures, one per module)
 
 from gemma3_lab.load import BUNDLED
 
@@ -338,7 +338,7 @@ def test_a_bad_link_value_is_named_and_the_page_still_works(app, browser):
     warning = page.locator(".toast-body").filter(has_text="a_max_new_tokens")
     expect(warning.first).to_be_visible(timeout=60_000)
     assert "'abc'" in warning.first.inner_text() and "warning" in warning.first.get_attribute("class")
-    page.locator("#max-A input").fill("1")
+    fill_number(page, "#max-A input", 1)
     page.locator("#generate").click()
     wait_for(page, DONE, "generating after a bad link")
     expect_count(page, "#tokens-A .tok", 1)
