@@ -75,9 +75,9 @@ FILES = sorted(p for p in PKG.rglob("*.py") if "__pycache__" not in p.parts)
 
 def test_the_package_has_folders_per_concern():
     top = sorted(p.stem for p in PKG.glob("*.py"))
-    assert set(top) <= {"__init__", "__main__", "config", "errors", *FRONT}, top
+    assert set(top) <= {"__init__", "__main__", "errors", *FRONT}, top
     assert {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"} == {
-        "model", "prompt", "instrument", "loading", "analysis", "viz", "app"}
+        "config", "model", "prompt", "instrument", "loading", "analysis", "viz", "app"}
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PKG)))
