@@ -1,7 +1,8 @@
 """With patterns captured (the explicit attention path), the real 270M's logits are as close
-to transformers' eager attention as transformers' own SDPA is, at prompts of 1,000 and 2,500
-tokens: past one 512-key window and past one chunk of query rows, where a band or a row
-block reduces over fewer keys than eager's full rows."""
+to transformers' eager attention as transformers' own SDPA is, at a prompt of 2,500 tokens:
+past four 512-key windows and over six chunks of query rows, where a band or a row block
+reduces over fewer keys than eager's full rows. (A prompt within one chunk is the real
+parity tests' case; 1,000 tokens here added 35 s and nothing 2,500 does not cover.)"""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def _max_logit_gap(hf, a: torch.Tensor, b: torch.Tensor) -> float:
     return gap
 
 
-@pytest.mark.parametrize("n", [1000, 2500])
+@pytest.mark.parametrize("n", [2500])
 def test_explicit_path_drifts_no_more_than_transformers_sdpa(real_model, hf_eager, hf_sdpa, long_prompt, n):
     ids = _ids(real_model, long_prompt, n)
     final = "final_norm.hook_normalized"
