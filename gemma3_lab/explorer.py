@@ -14,6 +14,7 @@ from gemma3_lab.generate import generate
 from gemma3_lab.instrument.hooks import HookedMixin
 from gemma3_lab.instrument.tl_compat import TransformerLensMixin, per_token_loss
 from gemma3_lab.loading.quantize import weight_counts
+from gemma3_lab.model import compiled_decode
 from gemma3_lab.model.network import Gemma3Network
 from gemma3_lab.prompt.chat import apply_chat_template
 from gemma3_lab.prompt.inputs import Inputs
@@ -91,6 +92,18 @@ class Gemma3(HookedMixin, TransformerLensMixin, Gemma3Network):
 
     def generate(self, prompt, images=None, **kwargs):
         return generate(self, prompt, images=images, **kwargs)
+
+    def compile_decode(self, background: bool = True, announce=None) -> "compiled_decode.CompileStatus":
+        """Compile the float32 decode step with torch.compile (about half a minute, once per
+        process): in a background thread by default, after which `generate`'s unhooked steps
+        take it. Returns the status (`.describe()` says it in words); float32 CPU models only,
+        anything else reports why not and keeps the eager lean step. `announce(status)` is
+        called when the compile ends."""
+        return compiled_decode.start(self, background, announce)
+
+    @property
+    def compile_status(self) -> "compiled_decode.CompileStatus":
+        return compiled_decode.status(self)
 
     # ------------------------------------------------------------------ facts
     @property

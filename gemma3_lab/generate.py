@@ -49,6 +49,15 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     captures: dict[str, Capture] = field(default_factory=dict)  # hook name -> every forward, by position
+    # decode steps by the path that ran them: "compiled", "lean" (eager), "plain" (instrumented forward)
+    decode_paths: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def decode_path(self) -> str:
+        """The decode step(s) this generation took, in words: "compiled", or "3 lean, 12 compiled"."""
+        if len(self.decode_paths) <= 1:
+            return next(iter(self.decode_paths), "none")
+        return ", ".join(f"{n} {k}" for k, n in self.decode_paths.items())
 
     @property
     def tokens_per_second(self) -> float:
@@ -97,8 +106,8 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> int:
     """Choose a token from (V,) logits: argmax, or a draw from the warped distribution."""
-    if not do_sample:
-        return int(torch.argmax(logits))
+    if not do_sample:  # max over a dimension: the first maximum as argmax, 3x faster on 262k logits
+        return int(logits.max(-1).indices)
     probs = warp(logits, temperature, top_k, top_p).softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -154,6 +163,7 @@ def decode_one(model, token_id: int, cache: KVCache, fast: bool | None = None) -
         logits = decode_step(model, token_id, cache)
         if logits is not None:
             return logits
+    cache.paths["plain"] = cache.paths.get("plain", 0) + 1
     return decode_rows(model, [token_id], cache)[0]
 
 
@@ -252,7 +262,8 @@ def generate(
                 logits = decode_one(model, run.ids[-1], cache, fast)
     return GenerationResult(text=run.text, token_ids=run.ids, steps=run.steps, prompt_ids=inputs.input_ids[0].tolist(),
                             stop_reason=run.reason or "max_new_tokens", inputs=inputs, prefill_seconds=t_first - t0,
-                            decode_seconds=time.perf_counter() - t_first, captures=captures)
+                            decode_seconds=time.perf_counter() - t_first, captures=captures,
+                            decode_paths=dict(cache.paths))
 
 
 def _one_prompt(model, prompt, images, pan_and_scan: bool, max_new_tokens: int) -> Inputs:

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from gemma3_lab.config import Gemma3Config
+from gemma3_lab.config import Gemma3Config, TextConfig, pattern_layer_types
 from gemma3_lab.explorer import Gemma3
+
+
+def tiny_decoder(seed: int = 0) -> Gemma3:
+    """A 3-layer random text model (local, global, local) with a 4-token window: a few
+    decode steps slide the window and grow the global cache."""
+    text = TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
+                      num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
+                      layer_types=pattern_layer_types(3, 2))
+    return random_gemma(Gemma3Config(text, name="tiny"), seed=seed)
 
 
 def random_gemma(config: Gemma3Config, seed: int = 0, std: float = 0.2) -> Gemma3:

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 import torch
-from helpers import random_gemma
+from helpers import tiny_decoder
 
-from gemma3_lab.config import Gemma3Config, TextConfig, pattern_layer_types
 from gemma3_lab.generate import decode_one, prefill
 from gemma3_lab.model import kernels
 from gemma3_lab.model.fast_decode import decode_step
@@ -23,10 +22,7 @@ PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
 
 @pytest.fixture(scope="module")
 def tiny():
-    text = TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4,
-                      num_kv_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=4,
-                      layer_types=pattern_layer_types(3, 2))
-    return random_gemma(Gemma3Config(text, name="tiny"))
+    return tiny_decoder()
 
 
 @pytest.mark.parametrize("keep", [None, 3, 7])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -36,8 +37,11 @@ def requirement_names(path: Path) -> set[str]:
 def test_the_lock_is_the_venv_the_tests_run_in():
     """`pip freeze --all --exclude-editable` of this venv equals the lock (read here from the
     installed distributions, which is what pip freeze lists). Fails after a requirement is added
-    without `bash scripts/lock.sh`, or in a venv that scripts/setup.sh did not build."""
-    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    without `bash scripts/lock.sh`, or in a venv that scripts/setup.sh did not build.
+    Read from the venv's site-packages alone: once torch.compile has run in this process,
+    setuptools' vendored copies (packaging, platformdirs, ...) are on sys.path as well."""
+    site = [p for p in sys.path if p.endswith("site-packages") and Path(p).resolve().is_relative_to(Path(sys.prefix).resolve())]
+    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions(path=site)}
     installed.pop("gemma3-lab")  # the editable project itself
     assert installed == lock()
 

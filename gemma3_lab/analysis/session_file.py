@@ -82,6 +82,7 @@ def _result(r: GenerationResult, arrays: _Arrays) -> dict:
             "prompt_ids": r.prompt_ids, "stop_reason": r.stop_reason,
             "inputs": None if r.inputs is None else _inputs(r.inputs, arrays),
             "prefill_seconds": r.prefill_seconds, "decode_seconds": r.decode_seconds,
+            "decode_paths": r.decode_paths,
             "captures": {name: {"positions": arrays.put(c.positions), "tensor": _pattern(c.tensor(), arrays)}
                          for name, c in r.captures.items()}}
 
@@ -180,6 +181,7 @@ def _load_result(d: dict, rd: _Reader) -> GenerationResult:
         text=d["text"], token_ids=list(d["token_ids"]), steps=steps, prompt_ids=list(d["prompt_ids"]),
         stop_reason=d["stop_reason"], inputs=_load_inputs(d["inputs"], rd),
         prefill_seconds=float(d["prefill_seconds"]), decode_seconds=float(d["decode_seconds"]),
+        decode_paths={str(k): int(n) for k, n in d.get("decode_paths", {}).items()},  # absent before 2026-12-04
         captures={name: _load_capture(name, c, rd) for name, c in d["captures"].items()})
 
 

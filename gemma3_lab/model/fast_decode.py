@@ -8,7 +8,9 @@ through `kernels.linear` (oneDNN-packed bfloat16, packed low-bit kernels).
 
 `decode_step` returns None whenever the plain forward must run instead: any hook on any
 module (instrumentation sees everything), an attention path forced explicit, padding or
-images in the cache, or a cache that was not filled by a prefill.
+images in the cache, or a cache that was not filled by a prefill. Where the model's
+compiled float32 step is ready (`compiled_decode`, started by `Gemma3.compile_decode`), a
+step that applies takes it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gemma3_lab.model import kernels
+from gemma3_lab.model import compiled_decode, kernels
 from gemma3_lab.model.explicit import grouped_matmul
 from gemma3_lab.model.hook_point import LOCAL_HOOKS, _global_hooks_present
 from gemma3_lab.model.kv_cache import KVCache
@@ -32,21 +34,23 @@ def applies(net, cache: KVCache) -> bool:
     # hooks attached with `model.hooks()` live in this context, not on the modules
     if cache.next_position.shape[0] != 1 or _global_hooks_present() or LOCAL_HOOKS.get():
         return False
-    return not any(b.attn.explicit for b in net.blocks) and not _hooked(net)
+    return not any(b.attn.explicit for b in net.blocks) and not _hooked(net, cache)
 
 
-def _hooked(net) -> bool:
-    """Any forward hook on any module a decode step runs? (A walk over `_modules`: ten times
-    cheaper than `net.modules()`, which costs more than the norms it would save.) The vision
-    tower never runs in a decode step."""
-    skip = {id(net.vision), id(net.projector)}
-    stack = [net]
-    while stack:
-        m = stack.pop()
-        if m._forward_hooks or m._forward_pre_hooks:
-            return True
-        stack.extend(c for c in m._modules.values() if c is not None and id(c) not in skip)
-    return False
+def _hooked(net, cache: KVCache) -> bool:
+    """Any forward hook on any module a decode step runs? The modules are listed once per
+    cache (walking the tree cost 1 ms a step, a fiftieth of the step; a generation's modules
+    do not change under it), their hooks looked at every step. The vision tower never runs
+    in a decode step."""
+    if cache.watched is None:
+        skip = {id(net.vision), id(net.projector)}
+        stack, found = [net], []
+        while stack:
+            m = stack.pop()
+            found.append(m)
+            stack.extend(c for c in m._modules.values() if c is not None and id(c) not in skip)
+        cache.watched = found
+    return any(m._forward_hooks or m._forward_pre_hooks for m in cache.watched)
 
 
 @torch.no_grad()
@@ -55,6 +59,11 @@ def decode_step(net, token_id: int, cache: KVCache) -> Tensor | None:
     None (nothing done) when `applies` says the plain forward must run."""
     if not applies(net, cache):
         return None
+    logits = compiled_decode.step(net, token_id, cache)
+    path = "lean" if logits is None else "compiled"
+    cache.paths[path] = cache.paths.get(path, 0) + 1
+    if logits is not None:
+        return logits
     cfg = net.config.text
     dev = net.final_norm.weight.device
     positions = cache.next_position[:, None]  # (1, 1)

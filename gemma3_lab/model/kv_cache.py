@@ -58,7 +58,9 @@ class LayerCache:
     def _make_room(self, k: Tensor, S: int) -> None:
         if self._k is None:
             self._allocate(k, S, None)
-        elif self._end + S > self._k.shape[2]:  # full: a bigger buffer, or the kept keys moved up front
+        # full (one slot always spare: the kept keys are then never the whole buffer, which the
+        # compiled decode step's graph is guarded on): a bigger buffer, or the kept keys moved up front
+        elif self._end + S >= self._k.shape[2]:
             kept = (self._k[:, :, self._start : self._end], self._v[:, :, self._start : self._end])
             self._allocate(k, self._end - self._start + S, kept)
 
@@ -87,6 +89,8 @@ class KVCache:
         self.key_valid: Tensor | None = None  # (B, length) False on padding, None if none
         self.block_ids: Tensor | None = None  # (B, length) image block of each slot, or None
         self.next_position: Tensor | None = None  # (B,) RoPE position of the next token
+        self.watched: list | None = None  # modules a lean decode step checks for hooks (fast_decode)
+        self.paths: dict[str, int] = {}  # decode steps taken, by path: "compiled" | "lean" | "plain"
 
     def kv_slots(self, layer_type: AttentionType, new: int) -> Tensor:
         """Slots a layer of this type attends over once `new` tokens are appended."""

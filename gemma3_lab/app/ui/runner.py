@@ -246,6 +246,6 @@ def _drain(q: queue.Queue, timeout: float) -> list:
 def _summary(res, seconds: float) -> str:
     why = {"eos": "end of sequence", "max_new_tokens": "max tokens reached", "stopped": "stopped by you"}
     rate = res.tokens_per_second
-    speed = f", {rate:.1f} tok/s" if rate == rate else ""
+    speed = f", {rate:.1f} tok/s (decode step: {res.decode_path})" if rate == rate else ""
     return (f"{len(res.steps)} tokens ({why.get(res.stop_reason, res.stop_reason)}); prompt "
             f"{len(res.prompt_ids)} tokens, prefill {res.prefill_seconds:.2f} s{speed}; {seconds:.1f} s in all")

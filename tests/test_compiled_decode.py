@@ -1,0 +1,143 @@
+"""The compiled float32 decode step (`compiled_decode`) computes what the plain forward
+computes, within float32 reordering: greedy identical, logits within 1e-4 of their scale,
+across the sliding window and a cache buffer that grows; it steps aside for hooks, and a
+compiler that fails or is absent leaves the eager lean step in charge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_decoder
+
+from gemma3_lab.generate import decode_one, prefill
+from gemma3_lab.model import compiled_decode
+from gemma3_lab.model.kv_cache import KVCache
+
+
+@pytest.fixture(scope="module")
+def compiled_tiny():
+    model = tiny_decoder()
+    status = model.compile_decode(background=False)
+    assert status.state == "ready", status.describe()
+    assert "compiled in" in status.describe()
+    return model
+
+
+class _Counted:
+    """Counts the steps the compiled graph actually ran."""
+
+    def __init__(self, monkeypatch):
+        self.n, run = 0, compiled_decode._run
+
+        def counted(*a):
+            out = run(*a)
+            self.n += 1
+            return out
+
+        monkeypatch.setattr(compiled_decode, "_run", counted)
+
+
+def _steps(model, ids, n, fast):
+    cache = KVCache(model.config.text)
+    with torch.no_grad():
+        logits = [prefill(model, model.to_inputs(ids), cache)]
+        for _ in range(n):
+            logits.append(decode_one(model, int(logits[-1].argmax()), cache, fast))
+    return torch.stack(logits)
+
+
+def test_compiled_steps_match_plain_ones_past_the_window_and_a_grown_buffer(compiled_tiny, monkeypatch):
+    """70 steps: the local layers' buffers slide several times, the global one grows past
+    its first 64 slots (new shapes, the same graph)."""
+    counted = _Counted(monkeypatch)
+    ids = torch.tensor([[2, 17, 33, 5, 80]])
+    fast, plain = _steps(compiled_tiny, ids, 70, True), _steps(compiled_tiny, ids, 70, False)
+    assert counted.n == 70  # every step took the compiled graph: no silent fallback
+    assert torch.equal(fast.argmax(-1), plain.argmax(-1))
+    err = (fast - plain).abs().max() / plain.abs().max()
+    assert float(err) < 1e-4, float(err)
+
+
+def test_generate_takes_the_compiled_step_and_hooks_still_see_every_token(compiled_tiny, monkeypatch):
+    counted = _Counted(monkeypatch)
+    ids = torch.tensor([[2, 17, 33]])
+    fast = compiled_tiny.generate(ids, max_new_tokens=12, stop_ids=())
+    assert counted.n == 11
+    plain = compiled_tiny.generate(ids, max_new_tokens=12, stop_ids=(), fast=False)
+    assert fast.token_ids == plain.token_ids
+    res = compiled_tiny.generate(ids, max_new_tokens=6, stop_ids=(), capture="blocks.2.hook_resid_post")
+    assert counted.n == 11  # a hook sends every step to the plain forward
+    assert res.captures["blocks.2.hook_resid_post"].tensor().shape[:2] == (1, 3 + 5)
+
+
+def test_a_step_switches_between_compiled_eager_and_plain_mid_generation(compiled_tiny, monkeypatch):
+    """All three read and write the same cache buffers: mixing them gives the plain logits."""
+    counted = _Counted(monkeypatch)
+    ids = torch.tensor([[7, 3, 250, 9]])
+    cache = KVCache(compiled_tiny.config.text)
+    got = []
+    with torch.no_grad():
+        logits = prefill(compiled_tiny, compiled_tiny.to_inputs(ids), cache)
+        for i in range(21):
+            got.append(logits)
+            nxt = int(logits.argmax())
+            if i % 3 == 0:
+                logits = decode_one(compiled_tiny, nxt, cache, True)  # compiled
+            elif i % 3 == 1:
+                with monkeypatch.context() as m:  # the eager lean step
+                    m.setattr(compiled_decode, "step", lambda *a: None)
+                    logits = decode_one(compiled_tiny, nxt, cache, True)
+            else:
+                logits = decode_one(compiled_tiny, nxt, cache, False)  # the plain forward
+    assert counted.n == 7
+    got, plain = torch.stack(got), _steps(compiled_tiny, ids, 20, False)
+    assert torch.equal(got.argmax(-1), plain.argmax(-1))
+    assert float((got - plain).abs().max() / plain.abs().max()) < 1e-4
+
+
+def test_a_failing_compiler_leaves_the_eager_step_in_charge(monkeypatch):
+    model = tiny_decoder(seed=1)
+
+    def broken():
+        raise RuntimeError("C++ compile error: no such header\nmore lines")
+
+    monkeypatch.setattr(compiled_decode, "_graph", broken)
+    status = model.compile_decode(background=False)
+    assert status.state == "failed" and "no such header" in status.reason and "more lines" not in status.reason
+    assert "eager lean step runs" in status.describe()
+    ids = torch.tensor([[2, 17, 33]])
+    assert torch.equal(_steps(model, ids, 6, True), _steps(model, ids, 6, False))  # bit-for-bit: the eager step
+    assert model.compile_decode().state == "failed"  # asked again: once per process, not retried
+
+
+def test_what_cannot_be_compiled_says_why(monkeypatch):
+    bf16 = tiny_decoder(seed=2).to(torch.bfloat16)
+    assert bf16.compile_decode().state == "unavailable"
+    assert "bfloat16" in bf16.compile_status.reason
+    no_cc = tiny_decoder(seed=3)
+    monkeypatch.setattr(compiled_decode.shutil, "which", lambda name: None)
+    status = no_cc.compile_decode()
+    assert status.state == "unavailable" and "no C compiler" in status.reason
+    assert tiny_decoder(seed=4).compile_status.state == "off"
+
+
+def test_background_compile_reports_progress_then_ready():
+    model = tiny_decoder()  # the same shapes as compiled_tiny's: the graph is reused, seconds not minutes
+    first = model.compile_decode(background=True)
+    assert first.state in ("compiling", "ready")
+    assert compiled_decode.wait(model, timeout=300).state == "ready"
+
+
+@pytest.mark.real
+def test_real_compiled_greedy_is_the_plain_greedy(real_model, monkeypatch):
+    import gemma3_lab as gl
+
+    model = gl.load(progress=False)  # its own model: the session's real_model stays uncompiled
+    status = model.compile_decode(background=False)
+    assert status.state == "ready", status.describe()
+    counted = _Counted(monkeypatch)
+    for prompt in ["The capital of France is", "Once upon a time"]:
+        fast = model.generate(prompt, max_new_tokens=24, stop_ids=())
+        plain = real_model.generate(prompt, max_new_tokens=24, stop_ids=(), fast=False)
+        assert fast.token_ids == plain.token_ids, prompt
+    assert counted.n == 2 * 23
