@@ -5,6 +5,11 @@ compiler that fails or is absent leaves the eager lean step in charge."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import tiny_decoder
@@ -141,3 +146,58 @@ def test_real_compiled_greedy_is_the_plain_greedy(real_model, monkeypatch):
         plain = real_model.generate(prompt, max_new_tokens=24, stop_ids=(), fast=False)
         assert fast.token_ids == plain.token_ids, prompt
     assert counted.n == 2 * 23
+
+
+AVX2 = """
+import sys, torch
+sys.path.insert(0, "tests")
+from helpers import tiny_decoder
+from gemma3_lab.generate import decode_one, prefill
+from gemma3_lab.model import compiled_decode
+from gemma3_lab.model.kv_cache import KVCache
+from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+def steps(model, fast, n=12):
+    cache, out = KVCache(model.config.text), []
+    with torch.no_grad():
+        out.append(prefill(model, model.to_inputs(torch.tensor([[2, 17, 33, 5, 80]])), cache))
+        for _ in range(n):
+            out.append(decode_one(model, int(out[-1].argmax()), cache, fast))
+    return torch.stack(out), cache.paths
+
+model = tiny_decoder()
+print(model.compile_decode(background=False).describe())
+fast, paths = steps(model, True)
+plain, _ = steps(model, False)
+err = float((fast - plain).abs().max() / plain.abs().max())
+print(pick_vec_isa(), paths, bool(torch.equal(fast.argmax(-1), plain.argmax(-1))), err < 1e-4)
+"""
+
+
+def test_the_compiled_step_built_for_avx2_matches_too():
+    """Inductor writes its loops for the CPU's vector ISA: the AVX2 build is what an AVX2-only
+    machine of this project's kind runs (on one, this is the same build as the tests above)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", AVX2], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("compiled float32 decode step ready"), out.stdout
+    assert lines[-1] == "avx2 {'compiled': 12} True True", out.stdout
+
+
+def test_inductors_disk_cache_has_a_folder_per_isa_unless_the_user_chose_one(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = os.path.abspath(default_cache_dir())
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    for start in (None, base, os.path.join(base, "gemma3_lab-avx512")):  # unset, Inductor's, a parent's
+        if start is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", start)
+        compiled_decode._cache_per_isa()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(base, "gemma3_lab-avx2"), start
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    compiled_decode._cache_per_isa()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)

@@ -145,3 +145,17 @@ def test_stop_at_end_of_turn_false_stops_where_transformers_does(real_model, hf_
     assert runs[False].token_ids == theirs and runs[False].stop_reason == "eos"
     assert len(theirs) == 4 and theirs[0] == 106 and theirs[-1] == 1  # ran on past <end_of_turn>, stopped at <eos>
     assert runs[True].token_ids == [106] and runs[True].stop_reason == "eos"  # the default ends with the turn
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, 8, 9])
+@pytest.mark.parametrize("n", [262144, 300, 65536 + 64 * 3])
+def test_top_few_is_torch_topk(k, n):
+    """The two-round top-k of a step record: the same values and (with no ties) the same ids."""
+    from gemma3_lab.generate import top_few
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n + k)) * 3
+    x[n // 3] = 50.0  # the winner in a late chunk, the runner-up in the last
+    x[-1] = 49.0
+    values, ids = top_few(x, k)
+    ref = torch.topk(x, k)
+    assert torch.equal(values, ref.values) and torch.equal(ids, ref.indices)

@@ -20,6 +20,7 @@ switch between this step, the eager lean step and the plain forward at any token
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -140,8 +141,27 @@ def _compile(net, entry: _Entry, announce=None) -> None:
 def _graph():
     global _GRAPH
     if _GRAPH is None:
+        _cache_per_isa()
         _GRAPH = torch.compile(_step_graph, dynamic=True, fullgraph=True)
     return _GRAPH
+
+
+def _cache_per_isa() -> None:
+    """Inductor's on-disk cache (kept between processes) gets one folder per vector ISA.
+    It keys a built C++ kernel by a source that need not change with the ISA, so a kernel
+    built under ATEN_CPU_CAPABILITY=avx2 and one built for AVX-512 can meet: seen here with
+    torch 2.13, an AVX2 step took the other's kernel and returned garbage logits. A folder
+    the user chose ($TORCHINDUCTOR_CACHE_DIR) is left as it is."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    base = os.path.abspath(default_cache_dir())
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # Inductor sets the variable to its default itself, and a child process inherits ours
+    ours = chosen is None or os.path.abspath(chosen) == base or os.path.basename(chosen).startswith("gemma3_lab-")
+    if not ours:
+        return
+    isa = torch.backends.cpu.get_cpu_capability().lower()  # follows ATEN_CPU_CAPABILITY
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, f"gemma3_lab-{isa}")
 
 
 def _warm_up(net) -> None:
