@@ -103,25 +103,35 @@ def test_cli_reports_errors_without_traceback(capsys):
 def test_cli_generate_streams_the_library_greedy_text(real_model, real_folder):
     expected = real_model.generate("The capital of France is", max_new_tokens=8).text
     out = subprocess.run(
-        [sys.executable, "-m", "gemma3_lab", "generate", "The capital of France is", "--max-new-tokens", "8"],
+        [sys.executable, "-m", "gemma3_lab", "generate", "The capital of France is", "--max-new-tokens", "8",
+         "--compile"],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == expected.strip()
-    assert "tok/s" in out.stderr
+    assert out.stdout.strip() == expected.strip()  # the compiled step's greedy text is the lean step's
+    assert "[compiled float32 decode step ready (compiled in" in out.stderr
+    assert "tok/s, decode step: compiled]" in out.stderr
 
 
 @pytest.mark.real
-def test_cli_generate_quantized(capsys):
-    expected = gl.load(quantize="int4", group_size=64, progress=False).generate("Hello", max_new_tokens=4).text
+def test_cli_generate_quantized(capsys, monkeypatch):
+    """The CLI streams what generate returns on the model it quantized (quantized once: the
+    calibrated int4 ranges take 15 s)."""
+    from gemma3_lab.app import cli
+
+    built = []
+    load = cli._load
+    monkeypatch.setattr(cli, "_load", lambda args: built.append(load(args)) or built[-1])
     assert main(["generate", "Hello", "--max-new-tokens", "4", "--quantize", "int4", "--group-size", "64"]) == 0
     out = capsys.readouterr()
-    assert out.out.strip() == expected.strip()
+    assert out.out.strip() == built[0].generate("Hello", max_new_tokens=4).text.strip()
     assert "int4/g64 +int8 embedding g32 +int4 head screen calibrated weight-only" in out.err and "268M params" in out.err
+    assert "decode step: lean" in out.err  # quantized projections bring their own kernels: never compiled
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "Hello", "--compile", "--plain"])  # one or the other
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
-@pytest.mark.real
-@pytest.mark.oracle
 def test_cli_verify_agrees_with_transformers(capsys, real_folder):
     assert main(["verify", "--model", str(real_folder), "--tokens", "8"]) == 0
     out = capsys.readouterr().out

@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="sample among the smallest set of tokens with this total probability")
     g.add_argument("--seed", type=int, default=None, help="seed of the sampler, for a repeatable sample")
     g.add_argument("--show-probs", action="store_true", help="print each token with its probability and top-3")
+    step = g.add_mutually_exclusive_group()
+    step.add_argument("--compile", action="store_true",
+                      help="float32: compile the decode step first (torch.compile, about 30 s on two cores, 13 s "
+                      "with its disk cache warm; worth it for long generations) and decode with it")
+    step.add_argument("--plain", action="store_true",
+                      help="decode every token through the plain instrumented forward (no lean or compiled step)")
 
     m = command("masks", "print the attention mask of every distinct layer type")
     m.add_argument("prompt", help="the prompt text whose tokens the masks are drawn over")
@@ -132,16 +138,18 @@ def _generate(args) -> int:
         else:
             print(step.text, end="", flush=True)
 
+    if args.compile:
+        print(f"[{model.compile_decode(background=False).describe()}]", file=sys.stderr)
     res = model.generate(
         prompt, images=args.image or None, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        on_token=stream, pan_and_scan=args.pan_and_scan,
+        on_token=stream, pan_and_scan=args.pan_and_scan, fast=False if args.plain else None,
     )
     if not args.show_probs:
         print()
     print(
         f"[{len(res.token_ids)} tokens, stop: {res.stop_reason}, prefill {res.prefill_seconds:.2f}s, "
-        f"{res.tokens_per_second:.1f} tok/s]",
+        f"{res.tokens_per_second:.1f} tok/s, decode step: {res.decode_path}]",
         file=sys.stderr,
     )
     return 0
