@@ -8,7 +8,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from gemma3_lab.app.ui import DEFAULT_PORT, ROOT_ENV, launch  # noqa: E402
-from gemma3_lab.app.ui.registry import COMPILE_ENV, MEMORY_ENV  # noqa: E402
+from gemma3_lab.app.ui.registry import MEMORY_ENV  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,21 +21,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   {ROOT_ENV:28s} a folder whose HF checkpoints and .gguf files the page may
                                open (unset: only gemma-3-270m and demo-multimodal)
   {MEMORY_ENV:28s} GB of loaded models kept in memory (default: half the RAM)
-  {COMPILE_ENV:28s} 0: as --no-compile
   GEMMA3_LAB_CACHE             where converted GGUF files are kept (~/.cache/gemma3_lab)""",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=None, help=f"port (default $GRADIO_SERVER_PORT, else {DEFAULT_PORT})")
-    ap.add_argument("--no-compile", action="store_true",
-                    help="do not compile float32 decode steps in the background (torch.compile, about half a "
-                    "minute of both cores after each float32 model loads; until then and without it, the eager "
-                    "lean step runs)")
     return ap.parse_args(argv)
 
 
 if __name__ == "__main__":
     args = parse_args()
-    if args.no_compile:
-        os.environ[COMPILE_ENV] = "0"
     launch(host=args.host, port=args.port)

@@ -113,6 +113,7 @@ def generate_batch(
             text=row.text, token_ids=row.ids, steps=row.steps, prompt_ids=inputs.input_ids[0].tolist(),
             stop_reason=row.reason, inputs=inputs, prefill_seconds=t_first - t0, decode_seconds=t_end - t_first,
             captures=row_captures(captures, r, n_prompt + max(len(row.ids) - 1, 0)),
+            decode_paths={"plain": len(row.ids) - 1} if len(row.ids) > 1 else {},  # one forward of all rows a step
         )
         for r, row in enumerate(state)
     ]

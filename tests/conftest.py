@@ -3,7 +3,6 @@ folder) loaded once per session, and tiny random checkpoints written by transfor
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,6 @@ import torch
 
 DATA = Path(__file__).parent / "data"
 REAL_FIXTURES = ("real_folder", "real_model", "hf_eager", "hf_sdpa")
-# the app's registry compiles each float32 model's decode step in the background (half a
-# minute of both cores); tests that build the app need their CPU, and the compiled step has
-# its own tests (test_compiled_decode, test_registry), which ask for it explicitly
-os.environ.setdefault("GEMMA3_LAB_COMPILE", "0")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects, so `-m "not real"` sees these marks

@@ -128,9 +128,12 @@ def test_what_cannot_be_compiled_says_why(monkeypatch):
 
 def test_background_compile_reports_progress_then_ready():
     model = tiny_decoder()  # the same shapes as compiled_tiny's: the graph is reused, seconds not minutes
-    first = model.compile_decode(background=True)
+    told = []
+    first = model.compile_decode(background=True, announce=told.append)
     assert first.state in ("compiling", "ready")
     assert compiled_decode.wait(model, timeout=300).state == "ready"
+    assert [s.state for s in told] == ["ready"] and told[0].seconds > 0
+    assert model.generate(torch.tensor([[2, 17, 33]]), max_new_tokens=5, stop_ids=()).decode_path == "compiled"
 
 
 @pytest.mark.real

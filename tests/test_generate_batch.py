@@ -109,6 +109,7 @@ def test_rows_equal_single_runs_tiny(tiny):
     for r, s in enumerate(rows):
         want = _single(tiny, x, s, stop_ids=(), capture=names)
         assert got[r].token_ids == want.token_ids and got[r].stop_reason == want.stop_reason
+        assert got[r].decode_paths == want.decode_paths == {"plain": len(want.token_ids) - 1}  # captured: plain
         assert [st.logprob for st in got[r].steps] == pytest.approx([st.logprob for st in want.steps], abs=1e-4)
         for name, cap in want.captures.items():
             mine = got[r].captures[name]

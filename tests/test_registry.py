@@ -93,21 +93,3 @@ def test_budget_from_the_environment(monkeypatch):
     with pytest.raises(ValueError, match=f"{MEMORY_ENV}='lots': expected a number of GB"):
         ModelRegistry(root=None)
 
-
-def test_a_float32_model_compiles_its_decode_step_in_the_background_as_it_loads(capsys, monkeypatch):
-    from helpers import tiny_decoder
-
-    from gemma3_lab.model import compiled_decode
-
-    model = tiny_decoder()
-    reg = ModelRegistry(root=None, loader=lambda key: model, compile_decode=True)
-    assert reg.get("tiny").model is model
-    assert model.compile_status.state in ("compiling", "ready")
-    assert compiled_decode.wait(model, timeout=300).state == "ready"
-    assert "tiny: compiled float32 decode step ready (compiled in" in capsys.readouterr().err
-    res = model.generate(torch.tensor([[2, 17, 33]]), max_new_tokens=5, stop_ids=())
-    assert res.decode_paths == {"compiled": 4} and res.decode_path == "compiled"
-    monkeypatch.setenv("GEMMA3_LAB_COMPILE", "0")
-    other = tiny_decoder(seed=5)
-    ModelRegistry(root=None, loader=lambda key: other).get("tiny")
-    assert other.compile_status.state == "off"

@@ -5,9 +5,9 @@ A loaded model is used under its own lock: hooks are attached to the shared modu
 the length of a generation, so two sessions must not run the same model at once (a second
 session waits for the first; sessions on different models run side by side).
 
-A float32 model starts compiling its decode step in the background as it loads
-(`Gemma3.compile_decode`; $GEMMA3_LAB_COMPILE=0 turns that off): until it is ready, the eager
-lean step runs, and each run's summary says which step ran.
+The app does not compile decode steps (`Gemma3.compile_decode`): its generations are
+captured for the inspector, hooks at every step, so they run the plain forward, and a
+compile would only take half a minute of both cores. Each run's summary says which step ran.
 
 Models are kept until their bytes pass a budget (half the machine's memory, or
 $GEMMA3_LAB_MODEL_MEMORY_GB); then the least recently used ones that no request is
@@ -17,7 +17,6 @@ running are dropped, and loaded again if asked for later.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,7 +30,6 @@ from gemma3_lab.loading.quantize import tensor_bytes
 
 ROOT_ENV = "GEMMA3_LAB_MODELS_ROOT"
 MEMORY_ENV = "GEMMA3_LAB_MODEL_MEMORY_GB"
-COMPILE_ENV = "GEMMA3_LAB_COMPILE"  # 0: never compile decode steps (default 1)
 # a column's precision: a float dtype, or weight-only int8/int4 over float32 (gemma3_lab.analysis.compare)
 PRECISIONS = tuple(COMPARE_PRECISIONS)
 
@@ -67,8 +65,7 @@ class ModelRegistry:
     `..` or a symlink, is refused. With no root, only the bundled names are allowed.
     """
 
-    def __init__(self, root: str | os.PathLike | None = None, loader=None, memory_bytes: int | None = None,
-                 compile_decode: bool | None = None) -> None:
+    def __init__(self, root: str | os.PathLike | None = None, loader=None, memory_bytes: int | None = None) -> None:
         if root is None:
             root = os.environ.get(ROOT_ENV) or None
         self.root = Path(root).expanduser().resolve() if root else None
@@ -77,7 +74,6 @@ class ModelRegistry:
         self._entries: OrderedDict[ModelKey, Entry] = OrderedDict()  # least recently used first
         self._loading: dict[ModelKey, threading.Lock] = {}
         self._guard = threading.Lock()
-        self.compile_decode = os.environ.get(COMPILE_ENV, "1") != "0" if compile_decode is None else compile_decode
 
     # ------------------------------------------------------------------ choices
     def choices(self) -> list[str]:
@@ -127,8 +123,6 @@ class ModelRegistry:
             if entry is None:
                 model = self._load(key)
                 model.requires_grad_(False)
-                if self.compile_decode and hasattr(model, "compile_decode"):
-                    model.compile_decode(background=True, announce=_announcer(key))
                 entry = Entry(model)
                 with self._guard:
                     self._entries[key] = entry
@@ -161,14 +155,6 @@ class ModelRegistry:
             return self._loader(key)
 
         return load_precision(key.source, key.precision, progress=False)
-
-
-def _announcer(key: ModelKey):
-    """A line on stderr when a background compile ends: the time it took, or why it failed."""
-    def announce(status) -> None:
-        if status.state in ("ready", "failed"):
-            print(f"gemma3_lab: {key}: {status.describe()}", file=sys.stderr, flush=True)
-    return announce
 
 
 def _default_budget() -> int:
