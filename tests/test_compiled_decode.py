@@ -204,3 +204,14 @@ def test_inductors_disk_cache_has_a_folder_per_isa_unless_the_user_chose_one(mon
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     compiled_decode._cache_per_isa()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+
+
+def test_a_model_quantized_after_compiling_takes_the_lean_step(monkeypatch):
+    from gemma3_lab.loading.quantize import quantize_model
+
+    model = tiny_decoder()  # compiled_tiny's shapes: the graph is reused
+    assert model.compile_decode(background=False).state == "ready"
+    ids = torch.tensor([[2, 17, 33]])
+    assert model.generate(ids, max_new_tokens=4, stop_ids=()).decode_path == "compiled"
+    quantize_model(model, "int8", calibration=None)
+    assert model.generate(ids, max_new_tokens=4, stop_ids=()).decode_path == "lean"

@@ -38,19 +38,20 @@ def applies(net, cache: KVCache) -> bool:
 
 
 def _hooked(net, cache: KVCache) -> bool:
-    """Any forward hook on any module a decode step runs? The modules are listed once per
-    cache (walking the tree cost 1 ms a step, a fiftieth of the step; a generation's modules
-    do not change under it), their hooks looked at every step. The vision tower never runs
-    in a decode step."""
-    if cache.watched is None:
+    """Any forward hook on any module a decode step runs? The modules' hook dicts are listed
+    once per cache (walking the tree cost 1 ms a step, a fiftieth of the step), and looked at
+    every step (registering a hook fills one of these dicts). The vision tower never runs in
+    a decode step."""
+    dicts = cache.plan.get("hook_dicts")
+    if dicts is None:
         skip = {id(net.vision), id(net.projector)}
-        stack, found = [net], []
+        stack, dicts = [net], []
         while stack:
             m = stack.pop()
-            found.append(m)
+            dicts += (m._forward_hooks, m._forward_pre_hooks)
             stack.extend(c for c in m._modules.values() if c is not None and id(c) not in skip)
-        cache.watched = found
-    return any(m._forward_hooks or m._forward_pre_hooks for m in cache.watched)
+        cache.plan["hook_dicts"] = dicts
+    return any(dicts)
 
 
 @torch.no_grad()

@@ -89,7 +89,9 @@ class KVCache:
         self.key_valid: Tensor | None = None  # (B, length) False on padding, None if none
         self.block_ids: Tensor | None = None  # (B, length) image block of each slot, or None
         self.next_position: Tensor | None = None  # (B,) RoPE position of the next token
-        self.watched: list | None = None  # modules a lean decode step checks for hooks (fast_decode)
+        # what the lean and compiled decode steps list at a generation's first step and reuse
+        # (its modules do not change under it): hook dicts to watch, weights' owners
+        self.plan: dict[str, object] = {}
         self.paths: dict[str, int] = {}  # decode steps taken, by path: "compiled" | "lean" | "plain"
 
     def kv_slots(self, layer_type: AttentionType, new: int) -> Tensor:
