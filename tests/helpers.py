@@ -26,3 +26,17 @@ def random_gemma(config: Gemma3Config, seed: int = 0, std: float = 0.2) -> Gemma
         for p in model.parameters():
             p.normal_(0.0, std)
     return model
+
+
+def greedy_steps(model, ids, n: int, fast: bool, cache=None):
+    """(n + 1, V) logits: the prefill of `ids`, then n greedy decode steps (`fast`: the lean or
+    compiled step where it applies), into `cache` if given (to read its `paths` after)."""
+    from gemma3_lab.generate import decode_one, prefill
+    from gemma3_lab.model.kv_cache import KVCache
+
+    cache = KVCache(model.config.text) if cache is None else cache
+    with torch.no_grad():
+        logits = [prefill(model, model.to_inputs(ids), cache)]
+        for _ in range(n):
+            logits.append(decode_one(model, int(logits[-1].argmax()), cache, fast))
+    return torch.stack(logits)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_decoder
+from helpers import greedy_steps, tiny_decoder
 
 from gemma3_lab.generate import decode_one, prefill
 from gemma3_lab.model import compiled_decode
@@ -42,21 +42,12 @@ class _Counted:
         monkeypatch.setattr(compiled_decode, "_run", counted)
 
 
-def _steps(model, ids, n, fast):
-    cache = KVCache(model.config.text)
-    with torch.no_grad():
-        logits = [prefill(model, model.to_inputs(ids), cache)]
-        for _ in range(n):
-            logits.append(decode_one(model, int(logits[-1].argmax()), cache, fast))
-    return torch.stack(logits)
-
-
 def test_compiled_steps_match_plain_ones_past_the_window_and_a_grown_buffer(compiled_tiny, monkeypatch):
     """70 steps: the local layers' buffers slide several times, the global one grows past
     its first 64 slots (new shapes, the same graph)."""
     counted = _Counted(monkeypatch)
     ids = torch.tensor([[2, 17, 33, 5, 80]])
-    fast, plain = _steps(compiled_tiny, ids, 70, True), _steps(compiled_tiny, ids, 70, False)
+    fast, plain = greedy_steps(compiled_tiny, ids, 70, True), greedy_steps(compiled_tiny, ids, 70, False)
     assert counted.n == 70  # every step took the compiled graph: no silent fallback
     assert torch.equal(fast.argmax(-1), plain.argmax(-1))
     err = (fast - plain).abs().max() / plain.abs().max()
@@ -95,7 +86,7 @@ def test_a_step_switches_between_compiled_eager_and_plain_mid_generation(compile
             else:
                 logits = decode_one(compiled_tiny, nxt, cache, False)  # the plain forward
     assert counted.n == 7
-    got, plain = torch.stack(got), _steps(compiled_tiny, ids, 20, False)
+    got, plain = torch.stack(got), greedy_steps(compiled_tiny, ids, 20, False)
     assert torch.equal(got.argmax(-1), plain.argmax(-1))
     assert float((got - plain).abs().max() / plain.abs().max()) < 1e-4
 
@@ -111,7 +102,7 @@ def test_a_failing_compiler_leaves_the_eager_step_in_charge(monkeypatch):
     assert status.state == "failed" and "no such header" in status.reason and "more lines" not in status.reason
     assert "eager lean step runs" in status.describe()
     ids = torch.tensor([[2, 17, 33]])
-    assert torch.equal(_steps(model, ids, 6, True), _steps(model, ids, 6, False))  # bit-for-bit: the eager step
+    assert torch.equal(greedy_steps(model, ids, 6, True), greedy_steps(model, ids, 6, False))  # bit-for-bit: the eager step
     assert model.compile_decode().state == "failed"  # asked again: once per process, not retried
 
 
@@ -154,26 +145,17 @@ def test_real_compiled_greedy_is_the_plain_greedy(real_model, monkeypatch):
 AVX2 = """
 import sys, torch
 sys.path.insert(0, "tests")
-from helpers import tiny_decoder
-from gemma3_lab.generate import decode_one, prefill
-from gemma3_lab.model import compiled_decode
+from helpers import greedy_steps, tiny_decoder
 from gemma3_lab.model.kv_cache import KVCache
 from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-def steps(model, fast, n=12):
-    cache, out = KVCache(model.config.text), []
-    with torch.no_grad():
-        out.append(prefill(model, model.to_inputs(torch.tensor([[2, 17, 33, 5, 80]])), cache))
-        for _ in range(n):
-            out.append(decode_one(model, int(out[-1].argmax()), cache, fast))
-    return torch.stack(out), cache.paths
-
+ids = torch.tensor([[2, 17, 33, 5, 80]])
 model = tiny_decoder()
 print(model.compile_decode(background=False).describe())
-fast, paths = steps(model, True)
-plain, _ = steps(model, False)
+cache = KVCache(model.config.text)
+fast, plain = greedy_steps(model, ids, 12, True, cache), greedy_steps(model, ids, 12, False)
 err = float((fast - plain).abs().max() / plain.abs().max())
-print(pick_vec_isa(), paths, bool(torch.equal(fast.argmax(-1), plain.argmax(-1))), err < 1e-4)
+print(pick_vec_isa(), cache.paths, bool(torch.equal(fast.argmax(-1), plain.argmax(-1))), err < 1e-4)
 """
 
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_decoder
+from helpers import greedy_steps, tiny_decoder
 
 from gemma3_lab.generate import decode_one, prefill
 from gemma3_lab.model import kernels
@@ -39,18 +39,9 @@ def test_layer_cache_returns_what_concatenation_would(keep):
         assert torch.equal(cache.k, ref_k) and torch.equal(cache.v, -ref_k)
 
 
-def _steps(model, ids, n, fast):
-    cache = KVCache(model.config.text)
-    with torch.no_grad():
-        logits = [prefill(model, model.to_inputs(ids), cache)]
-        for i in range(n):
-            logits.append(decode_one(model, int(logits[-1].argmax()), cache, fast))
-    return torch.stack(logits)
-
-
 def test_tiny_fast_steps_equal_plain_ones_past_the_window(tiny):
     ids = torch.tensor([[2, 17, 33, 5, 80]])
-    assert torch.equal(_steps(tiny, ids, 12, fast=True), _steps(tiny, ids, 12, fast=False))
+    assert torch.equal(greedy_steps(tiny, ids, 12, fast=True), greedy_steps(tiny, ids, 12, fast=False))
 
 
 def test_a_hook_anywhere_sends_the_step_to_the_plain_forward(tiny):
@@ -92,7 +83,7 @@ def test_float32_fast_greedy_is_the_plain_greedy(real_model):
         plain = real_model.generate(prompt, max_new_tokens=16, stop_ids=(), fast=False)
         assert fast.token_ids == plain.token_ids, prompt
     ids = real_model.to_inputs(PROMPTS[0]).input_ids
-    assert torch.equal(_steps(real_model, ids, 4, fast=True), _steps(real_model, ids, 4, fast=False))
+    assert torch.equal(greedy_steps(real_model, ids, 4, fast=True), greedy_steps(real_model, ids, 4, fast=False))
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +102,7 @@ def test_bfloat16_fast_steps_stay_within_rounding_of_plain_ones(bf16_model):
     with torch.no_grad():
         prefill(bf16_model, bf16_model.to_inputs(ids), cache)
         assert decode_step(bf16_model, 5, cache) is not None  # the lean step is what runs
-    fast, plain = _steps(bf16_model, ids, 6, fast=True), _steps(bf16_model, ids, 6, fast=False)
+    fast, plain = greedy_steps(bf16_model, ids, 6, fast=True), greedy_steps(bf16_model, ids, 6, fast=False)
     rel = (fast - plain).norm(dim=-1) / plain.norm(dim=-1)
     print(f"bf16 native kernels: {kernels.bf16_native()}, fast vs plain logits rel. error max {rel.max():.2e}")
     assert float(rel.max()) <= 2e-2
