@@ -110,6 +110,10 @@ def test_what_cannot_be_compiled_says_why(monkeypatch):
     bf16 = tiny_decoder(seed=2).to(torch.bfloat16)
     assert bf16.compile_decode().state == "unavailable"
     assert "bfloat16" in bf16.compile_status.reason
+    from gemma3_lab.loading.quantize import quantize_model
+
+    int8 = quantize_model(tiny_decoder(seed=6), "int8", calibration=None)
+    assert int8.compile_decode().state == "unavailable" and "quantized" in int8.compile_status.reason
     no_cc = tiny_decoder(seed=3)
     monkeypatch.setattr(compiled_decode.shutil, "which", lambda name: None)
     status = no_cc.compile_decode()
