@@ -106,7 +106,7 @@ def _head_bandwidth(model, tries: int = 10) -> float:
     for _ in range(3):
         h @ head.T
     best = float("inf")
-    for _ in range(tries):  # the best of ten: a busy moment lowers the ceiling less than an average
+    for _ in range(tries):  # the best of several: a busy moment lowers the ceiling less than an average
         t = time.perf_counter()
         h @ head.T
         best = min(best, time.perf_counter() - t)

@@ -163,7 +163,7 @@ def decode_one(model, token_id: int, cache: KVCache, fast: bool | None = None) -
         logits = decode_step(model, token_id, cache)
         if logits is not None:
             return logits
-    cache.paths["plain"] = cache.paths.get("plain", 0) + 1
+    cache.paths["plain"] += 1
     return decode_rows(model, [token_id], cache)[0]
 
 

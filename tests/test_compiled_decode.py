@@ -159,7 +159,7 @@ print(model.compile_decode(background=False).describe())
 cache = KVCache(model.config.text)
 fast, plain = greedy_steps(model, ids, 12, True, cache), greedy_steps(model, ids, 12, False)
 err = float((fast - plain).abs().max() / plain.abs().max())
-print(pick_vec_isa(), cache.paths, bool(torch.equal(fast.argmax(-1), plain.argmax(-1))), err < 1e-4)
+print(pick_vec_isa(), dict(cache.paths), bool(torch.equal(fast.argmax(-1), plain.argmax(-1))), err < 1e-4)
 """
 
 

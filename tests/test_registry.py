@@ -92,4 +92,3 @@ def test_budget_from_the_environment(monkeypatch):
     monkeypatch.setenv(MEMORY_ENV, "lots")
     with pytest.raises(ValueError, match=f"{MEMORY_ENV}='lots': expected a number of GB"):
         ModelRegistry(root=None)
-

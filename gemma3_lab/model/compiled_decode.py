@@ -34,6 +34,7 @@ from torch import Tensor
 
 from gemma3_lab.config import AttentionType
 from gemma3_lab.model.kv_cache import KVCache
+from gemma3_lab.model.norm import fused_rms_norm
 from gemma3_lab.model.rope import apply_rope, rope_tables
 
 # Dynamo specialises an int argument that is 0 or 1 (a later 2 would recompile, half a
@@ -76,9 +77,8 @@ def status(net) -> CompileStatus:
 
 
 def unsupported(net) -> str | None:
-    """Why this model cannot take the compiled step (None: it can)."""
-    if shutil.which("gcc") is None and shutil.which("cc") is None and shutil.which("clang") is None:
-        return "no C compiler on this machine (Inductor needs gcc or clang)"
+    """Why this model cannot take the compiled step (None: it can). Asked again at each
+    generation's first step: a model may be quantized or moved after it was compiled."""
     # `_parameters`, not `.weight`: a quantized table's `weight` would build the whole float table
     w = net.final_norm.weight
     if w.device.type != "cpu":
@@ -104,7 +104,8 @@ def start(net, background: bool = True, announce: Callable[[CompileStatus], None
         entry = _ENTRIES.setdefault(net, _Entry())
         if entry.status.state != "off":
             return entry.status
-        why = unsupported(net)
+        no_cc = all(shutil.which(cc) is None for cc in ("gcc", "cc", "clang"))
+        why = "no C compiler on this machine (Inductor needs gcc or clang)" if no_cc else unsupported(net)
         if why is not None:
             entry.status = CompileStatus("unavailable", reason=why)
             return entry.status
@@ -181,7 +182,7 @@ def _warm_up(net) -> None:
         for buf in (lc._k, lc._v):  # slots: any number (tensors in a list are otherwise traced static)
             torch._dynamo.mark_dynamic(buf, 2)
     cache.next_position = torch.tensor([5])
-    _run(net, 0, cache)
+    _run(net, 0, cache, _owners(net))
 
 
 def step(net, token_id: int, cache: KVCache) -> Tensor | None:
@@ -190,15 +191,16 @@ def step(net, token_id: int, cache: KVCache) -> Tensor | None:
     entry = _ENTRIES.get(net)
     if entry is None or entry.status.state != "ready":
         return None
-    if "compiled" not in cache.plan:  # checked again per generation: the model may have been quantized since
+    if "compiled" not in cache.plan:
         cache.plan["compiled"] = None if unsupported(net) else _owners(net)
-    if cache.plan["compiled"] is None:
+    owners = cache.plan["compiled"]
+    if owners is None:
         return None
     try:
         # a guard that fails here would recompile for half a minute in the middle of a
         # generation: refuse instead, and let the eager lean step take this token
         with torch.compiler.set_stance("fail_on_recompile"):
-            return _run(net, token_id, cache)
+            return _run(net, token_id, cache, owners)
     except Exception:  # noqa: BLE001 - the cache is untouched until a step succeeds
         return None
 
@@ -217,7 +219,7 @@ def _owners(net) -> tuple[list[tuple], tuple]:
     return blocks, (net.final_norm, net.embed if net.lm_head is None else net.lm_head)
 
 
-def _run(net, token_id: int, cache: KVCache) -> Tensor:
+def _run(net, token_id: int, cache: KVCache, owners: tuple[list[tuple], tuple]) -> Tensor:
     cfg = net.config.text
     positions = cache.next_position[:, None]  # (1, 1)
     h = net._embed(torch.tensor([[token_id]]), None)
@@ -234,7 +236,7 @@ def _run(net, token_id: int, cache: KVCache) -> Tensor:
             raise RuntimeError("layers of one type disagree on their kept slots")
     lo_l, end_l = bounds.get(False, (0, 0))
     lo_g, end_g = bounds.get(True, (0, 0))
-    blocks, (final, head) = cache.plan["compiled"] if "compiled" in cache.plan else _owners(net)
+    blocks, (final, head) = owners
     # `_parameters` directly: nn.Module.__getattr__ for 236 weights cost 0.3 ms a step
     weights = [[m._parameters["weight"] for m in row] for row in blocks]
     a0 = net.blocks[0].attn
@@ -251,8 +253,7 @@ def _run(net, token_id: int, cache: KVCache) -> Tensor:
 
 
 def _norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
-    """RMSNorm.forward's arithmetic: float32 inside, times (1 + w), one cast back."""
-    return F.rms_norm(x.float(), x.shape[-1:], 1.0 + w.float(), eps).type_as(x)
+    return fused_rms_norm(x, 1.0 + w.float(), eps)  # (1 + w) inside the graph: weights come in raw
 
 
 def _step_graph(h, cos_l, sin_l, cos_g, sin_g, weights, ks, vs, lo_l, end_l, lo_g, end_g, final_w, head,

@@ -23,7 +23,7 @@ from gemma3_lab.model import compiled_decode, kernels
 from gemma3_lab.model.explicit import grouped_matmul
 from gemma3_lab.model.hook_point import LOCAL_HOOKS, _global_hooks_present
 from gemma3_lab.model.kv_cache import KVCache
-from gemma3_lab.model.norm import RMSNorm
+from gemma3_lab.model.norm import RMSNorm, fused_rms_norm
 from gemma3_lab.model.rope import apply_rope, rope_tables
 
 
@@ -61,8 +61,7 @@ def decode_step(net, token_id: int, cache: KVCache) -> Tensor | None:
     if not applies(net, cache):
         return None
     logits = compiled_decode.step(net, token_id, cache)
-    path = "lean" if logits is None else "compiled"
-    cache.paths[path] = cache.paths.get(path, 0) + 1
+    cache.paths["lean" if logits is None else "compiled"] += 1
     if logits is not None:
         return logits
     cfg = net.config.text
@@ -84,7 +83,7 @@ def decode_step(net, token_id: int, cache: KVCache) -> Tensor | None:
 def _norm(norm: RMSNorm, x: Tensor) -> Tensor:
     """RMSNorm.forward's arithmetic in torch's one fused kernel (float32 inside, the (1 + w)
     multiply before the single cast back), with the (1 + w) factor kept between steps."""
-    return F.rms_norm(x.float(), x.shape[-1:], _offset(norm), norm.eps).type_as(x)
+    return fused_rms_norm(x, _offset(norm), norm.eps)
 
 
 def _offset(norm: RMSNorm) -> Tensor:

@@ -7,6 +7,8 @@ a local layer stores its last W-1 keys, and one step sees those plus the new one
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 from torch import Tensor
 
@@ -92,7 +94,7 @@ class KVCache:
         # what the lean and compiled decode steps list at a generation's first step and reuse
         # (its modules do not change under it): hook dicts to watch, weights' owners
         self.plan: dict[str, object] = {}
-        self.paths: dict[str, int] = {}  # decode steps taken, by path: "compiled" | "lean" | "plain"
+        self.paths: Counter[str] = Counter()  # decode steps taken, by path: "compiled" | "lean" | "plain"
 
     def kv_slots(self, layer_type: AttentionType, new: int) -> Tensor:
         """Slots a layer of this type attends over once `new` tokens are appended."""

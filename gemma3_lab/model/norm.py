@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gemma3_lab.model.hook_point import HookPoint
+
+
+def fused_rms_norm(x: Tensor, gain: Tensor, eps: float) -> Tensor:
+    """`RMSNorm.forward`'s arithmetic in torch's one fused kernel, for the decode steps: x in
+    float32 over its last dim, times `gain` = (1 + w) in float32, one cast back."""
+    return F.rms_norm(x.float(), x.shape[-1:], gain, eps).type_as(x)
 
 
 class RMSNorm(nn.Module):
