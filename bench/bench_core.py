@@ -113,7 +113,10 @@ def _head_bandwidth(model, tries: int = 10) -> float:
     return head.numel() * head.element_size() / best
 
 
-VARIANTS = {  # label -> (dtype, quantize_model keywords); quantize_model's DEFAULTS are what load uses
+# label -> (dtype, quantize_model keywords); quantize_model's DEFAULTS are what load uses. The
+# defaults are measured with their decode step compiled (as `compile_decode` gives it), the others eager.
+COMPILED = ("int8 (load's default)", "int4 (load's default)")
+VARIANTS = {
     "bf16": ("bfloat16", None),
     "int8 (load's default)": ("float32", dict(mode="int8")),
     "int8 row, int8 head": ("float32", dict(mode="int8", screen=False)),
@@ -160,11 +163,17 @@ def bench_decode(n: int) -> None:
         if quant:
             quantize_model(m, **quant)
         made = time.perf_counter() - t
+        path = "lean"
+        if label in COMPILED:
+            t = time.perf_counter()
+            st = m.compile_decode(background=False)
+            path = "compiled" if st.state == "ready" else "lean"
+            print(f"  {label}: {st.describe()} ({time.perf_counter() - t:4.1f} s here)")
         # in turns with float32 again: the ratio is to the float32 run beside it
         read = decode_bytes(m)
         tps = _in_turns({"fp32": (reference, True), label: (m, True)}, ids, n, 3, seen, model)
         ceiling = max(seen) / read
-        print(f"greedy decode {label:<26} {tps[label]:6.2f} tok/s = {tps[label] / tps['fp32']:5.2f}x fp32 ({best}) beside it "
+        print(f"greedy decode {label:<26} ({path:>8}) {tps[label]:6.2f} tok/s = {tps[label] / tps['fp32']:5.2f}x fp32 ({best}) beside it "
               f"({tps['fp32']:5.2f}), {tps[label] / ceiling:4.0%} of its ceiling {ceiling:5.1f} tok/s "
               f"({read / 1e9:4.2f} GB read a step, {tensor_bytes(m) / 1e9:4.2f} GB stored)" + (f"; quantized in {made:4.1f} s" if quant else ""))
         del m

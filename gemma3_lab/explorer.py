@@ -94,11 +94,12 @@ class Gemma3(HookedMixin, TransformerLensMixin, Gemma3Network):
         return generate(self, prompt, images=images, **kwargs)
 
     def compile_decode(self, background: bool = True, announce=None) -> "compiled_decode.CompileStatus":
-        """Compile the float32 decode step with torch.compile (about half a minute, once per
+        """Compile the decode step with torch.compile (half a minute to a minute, once per
         process): in a background thread by default, after which `generate`'s unhooked steps
-        take it. Returns the status (`.describe()` says it in words); float32 CPU models only,
-        anything else reports why not and keeps the eager lean step. `announce(status)` is
-        called when the compile ends."""
+        take it. Returns the status (`.describe()` says it in words); CPU models with float32
+        activations (float32, or int8/int4 weights with packed kernels) only, anything else
+        reports why not and keeps the eager lean step. `announce(status)` is called when the
+        compile ends."""
         return compiled_decode.start(self, background, announce)
 
     @property

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from gemma3_lab.errors import Gemma3LabError, number
 from gemma3_lab.instrument.capture import Capture, capture_hooks
+from gemma3_lab.model import compiled_decode
 from gemma3_lab.model.checks import check_context
 from gemma3_lab.model.fast_decode import decode_step
 from gemma3_lab.model.kv_cache import KVCache
@@ -183,11 +184,16 @@ def top_few(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def record_step(tok, ids: list[int], index: int, position: int, logits: Tensor, record_top_k: int,
-                added_text: str) -> Step:
-    """The step record of the token `ids[-1]`, chosen from `logits`, that added `added_text`."""
+                added_text: str, lse: Tensor | None = None) -> Step:
+    """The step record of the token `ids[-1]`, chosen from `logits`, that added `added_text`.
+    `lse`: the logits' logsumexp where already known (log p = logit - lse for the few kept)."""
     next_id = ids[-1]
-    logp = torch.log_softmax(logits, -1)
-    top = top_few(logp, record_top_k)
+    if lse is None:
+        logp = torch.log_softmax(logits, -1)
+        chosen, (values, top_ids) = logp[next_id], top_few(logp, record_top_k)
+    else:  # the top of the logits is the top of log p
+        values, top_ids = top_few(logits, record_top_k)
+        chosen, values = logits[next_id] - lse, values - lse
     piece = tok.id_to_token if tok is not None else str
     return Step(
         index=index,
@@ -195,9 +201,9 @@ def record_step(tok, ids: list[int], index: int, position: int, logits: Tensor, 
         token_id=next_id,
         token=piece(next_id),
         text=added_text,
-        logprob=float(logp[next_id]),
-        top_k=[(piece(int(j)), float(p.exp())) for p, j in zip(*top)],
-        top_k_ids=[int(j) for j in top[1]],
+        logprob=float(chosen),
+        top_k=[(piece(int(j)), float(p.exp())) for p, j in zip(values, top_ids)],
+        top_k_ids=[int(j) for j in top_ids],
     )
 
 
@@ -272,8 +278,12 @@ def generate(
         if logits is None:
             run.reason = "stopped"
         while run.reason is None and len(run.ids) < max_new_tokens:
-            if run.choose(model.tokenizer, sample_next(logits, do_sample, temperature, top_k, top_p, gen), logits) \
-                    and len(run.ids) < max_new_tokens:
+            # a compiled step has already reduced its logits to their logsumexp and argmax
+            known = compiled_decode.summary(cache, logits)
+            lse = None if known is None else known[0]
+            token = known[1] if known is not None and not do_sample else \
+                sample_next(logits, do_sample, temperature, top_k, top_p, gen)
+            if run.choose(model.tokenizer, token, logits, lse) and len(run.ids) < max_new_tokens:
                 logits = decode_one(model, run.ids[-1], cache, fast)
     return GenerationResult(text=run.text, token_ids=run.ids, steps=run.steps, prompt_ids=inputs.input_ids[0].tolist(),
                             stop_reason=run.reason or "max_new_tokens", inputs=inputs, prefill_seconds=t_first - t0,
@@ -305,13 +315,15 @@ class _Run:
     text: str = ""
     reason: str | None = None  # set once the run ends early: "eos" | "stopped"
 
-    def choose(self, tok, token_id: int, logits: Tensor) -> bool:
-        """Record `token_id`, chosen from `logits`; False once the run has stopped."""
+    def choose(self, tok, token_id: int, logits: Tensor, lse: Tensor | None = None) -> bool:
+        """Record `token_id`, chosen from `logits` (`lse`: their logsumexp if known); False once
+        the run has stopped."""
         self.ids.append(token_id)
         i = len(self.ids) - 1
         # decode the whole sequence: a byte-fallback piece may complete an earlier character
         new_text = tok.decode(self.ids) if tok is not None else ""
-        step = record_step(tok, self.ids, i, self.n_prompt + i, logits, self.record_top_k, new_text[len(self.text):])
+        step = record_step(tok, self.ids, i, self.n_prompt + i, logits, self.record_top_k,
+                           new_text[len(self.text):], lse)
         self.text = new_text
         self.steps.append(step)
         if self.on_token is not None:

@@ -109,7 +109,7 @@ def test_cli_generate_streams_the_library_greedy_text(real_model, real_folder):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected.strip()  # the compiled step's greedy text is the lean step's
-    assert "[compiled float32 decode step ready (compiled in" in out.stderr
+    assert "[compiled decode step ready (compiled in" in out.stderr
     assert "tok/s, decode step: compiled]" in out.stderr
 
 

@@ -145,24 +145,28 @@ def dequantize(qweight: Tensor, lo: Tensor, step: Tensor, bits: int) -> Tensor:
 _INT4_GROUPS = (32, 64, 128, 256)
 
 
+def decode_operands(module: nn.Module, qweight: Tensor, lo: Tensor, step: Tensor, bits: int) -> tuple | None:
+    """(kind, tensors) that `kernels.packed_mm` computes this weight's decode product from, or
+    None where no packed kernel applies (not the CPU, a group the int4 kernel lacks, rows not
+    in sixteens, int8 in groups, or FORCE_PLAIN). The packed forms are made once per module."""
+    N, G = lo.shape
+    if qweight.device.type != "cpu" or os.environ.get(kernels.FORCE_PLAIN) == "1":
+        return None
+    K = qweight.shape[1] * (2 if bits == 4 else 1)
+    if bits == 4 and K // G in _INT4_GROUPS and N % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        return ("int4", K // G), kernels.packed(module, qweight, lambda q: _int4_pack(q, lo, step))
+    if bits == 8 and G == 1 and qweight.dtype == torch.int8:
+        scales, offsets = kernels.packed(module, qweight, lambda q: (step[:, 0].to(torch.bfloat16), lo[:, 0].float()))
+        return ("int8",), (qweight, scales, offsets)
+    return None
+
+
 def packed_product(module: nn.Module, x: Tensor, qweight: Tensor, lo: Tensor, step: Tensor, bits: int) -> Tensor | None:
     """x (..., in) @ w.T through torch's packed kernel, or None where none applies."""
-    N, G = lo.shape
-    K = x.shape[-1]
-    if x.device.type != "cpu" or os.environ.get(kernels.FORCE_PLAIN) == "1":
+    if x.device.type != "cpu":
         return None
-    x2 = x.reshape(-1, K).to(torch.bfloat16)
-    if bits == 4 and K // G in _INT4_GROUPS and N % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        weight, scales = kernels.packed(module, qweight, lambda q: _int4_pack(q, lo, step))
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, K // G, scales)
-    elif bits == 8 and G == 1 and qweight.dtype == torch.int8:
-        scales = kernels.packed(module, qweight, lambda q: step[:, 0].to(torch.bfloat16))
-        # w = lo + code * step per row: the kernel does the codes, the offset is a rank-1 term
-        out = torch.ops.aten._weight_int8pack_mm(x2, qweight, scales).float()
-        out = out + x2.float().sum(-1, keepdim=True) * lo[:, 0].float()
-    else:
-        return None
-    return out.to(x.dtype).view(*x.shape[:-1], N)
+    ops = decode_operands(module, qweight, lo, step, bits)
+    return None if ops is None else kernels.packed_mm(x, *ops)
 
 
 def _int4_pack(qweight: Tensor, lo: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:

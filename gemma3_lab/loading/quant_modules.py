@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gemma3_lab.loading.lowbit import dequantize, packed_product, quantize_tensor
+from gemma3_lab.loading.lowbit import decode_operands, dequantize, packed_product, quantize_tensor
 from gemma3_lab.model import kernels
 
 _HEAD_CHUNK = 16_384  # vocabulary rows dequantized at a time: bounds the transient float copy
@@ -46,6 +46,11 @@ class QuantLinear(nn.Module):
         (see `packed_product`), else `forward`."""
         out = packed_product(self, x, self.qweight, self.lo, self.step, self.bits)
         return self.forward(x) if out is None else out
+
+    def decode_operands(self) -> tuple | None:
+        """(kind, tensors) of `kernels.packed_mm` for this projection (what the compiled decode
+        step passes its graph), or None where no packed kernel applies."""
+        return decode_operands(self, self.qweight, self.lo, self.step, self.bits)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int{self.bits}, group_size={self.group_size}"

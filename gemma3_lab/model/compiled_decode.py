@@ -1,14 +1,20 @@
-"""The lean float32 decode step compiled by `torch.compile` (Inductor, C++ built with the
-machine's gcc): one graph over tensors for the whole step, so the ~40 small ops of each
-layer between its matmuls (norms, q/k norms, RoPE, cache writes, softmax, residuals) run as
-a few fused loops instead of one dispatch each from Python.
+"""The lean decode step compiled by `torch.compile` (Inductor, C++ built with the machine's
+gcc): one graph over tensors for the whole step, so the ~40 small ops of each layer between
+its matmuls (norms, q/k norms, RoPE, cache writes, softmax, residuals) run as a few fused
+loops instead of one dispatch each from Python, and the step record's reductions over the
+vocabulary (logsumexp, argmax) are fused into the graph's end.
 
-Why float32 on the CPU only: on a 2-core Xeon (AVX-512-BF16, AMX) the compiled step took
-40 ms against 47 ms for the eager lean step, while a compiled bfloat16 step took 41 ms
-against 34 ms eager (Inductor's bfloat16 loops and an opaque packed matmul lose there);
-bfloat16 and the low-bit modes keep the eager lean step (`fast_decode`).
+Which models: float32 activations on the CPU, with float32 projections (`F.linear`, MKL's
+gemv) or int8/int4 ones whose packed kernels apply (`kernels.packed_mm`, called inside the
+graph); a quantized head runs its own kernels (the int4 screen) after the graph, a quantized
+table is looked up before it. A bfloat16 model keeps the eager lean step (`fast_decode`): on
+a 2-core Xeon (AVX-512-BF16, AMX) a compiled bfloat16 step took 41 ms against 34 ms eager
+(Inductor's bfloat16 loops and an opaque packed matmul lose there). On the same machine the
+compiled step took 43 ms against 50 eager in float32, 18 against 22 at int4 and 22 against 27
+at int8 (bench/bench_core.py prints today's).
 
-Compiling costs about half a minute on two cores, once per process and model shape: the
+Compiling costs half a minute to a minute on two cores, once per process and model shape
+(and kind of projection): the
 graph is traced with dynamic shapes, so one graph serves every cache length and buffer
 size. Nothing waits for it: `start` compiles in a background thread (on throwaway buffers)
 and `step` returns None until the graph is ready, so a decode step falls back to the eager
@@ -33,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gemma3_lab.config import AttentionType
+from gemma3_lab.model import kernels
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.model.norm import fused_rms_norm
 from gemma3_lab.model.rope import apply_rope, rope_tables
@@ -52,9 +59,9 @@ class CompileStatus:
 
     def describe(self) -> str:
         if self.state == "ready":
-            return f"compiled float32 decode step ready (compiled in {self.seconds:.0f} s)"
+            return f"compiled decode step ready (compiled in {self.seconds:.0f} s)"
         if self.state == "compiling":
-            return "compiling the float32 decode step in the background (the eager lean step runs meanwhile)"
+            return "compiling the decode step in the background (the eager lean step runs meanwhile)"
         if self.state in ("failed", "unavailable"):
             return f"compiled decode step {self.state}: {self.reason}; the eager lean step runs"
         return "compiled decode step not started"
@@ -84,16 +91,26 @@ def unsupported(net) -> str | None:
     if w.device.type != "cpu":
         return f"the model is on {w.device.type}, and only the CPU step is compiled"
     if w.dtype != torch.float32:
-        return (f"the model is {str(w.dtype).removeprefix('torch.')}; only float32 is compiled (a compiled "
-                "bfloat16 step measured slower than the eager one)")
+        return (f"the model is {str(w.dtype).removeprefix('torch.')}; only float32 activations are compiled "
+                "(a compiled bfloat16 step measured slower than the eager one)")
     if net.vision is not None:
         return "multimodal models decode with the eager lean step"
+    for m in (p for b in net.blocks for p in _projections(b)):
+        if getattr(m, "decode_operands", None) is not None:
+            if m.decode_operands() is None:
+                return ("a quantized projection has no packed CPU kernel here (its group or shape, or "
+                        "GEMMA3_LAB_PLAIN_KERNELS=1)")
+        elif _float32(m) is None:
+            return "a projection is neither float32 nor quantized with a packed kernel"
     head = net.embed if net.lm_head is None else net.lm_head
-    for m in (head, *(p for b in net.blocks for p in _projections(b))):
-        weight = m._parameters.get("weight")
-        if getattr(m, "decode_forward", None) is not None or weight is None or weight.dtype != torch.float32:
-            return "quantized weights bring their own packed kernels (the eager lean step)"
+    if getattr(head, "decode_forward", None) is None and _float32(head) is None:
+        return "the head is neither float32 nor quantized"
     return None
+
+
+def _float32(m) -> Tensor | None:
+    w = m._parameters.get("weight")
+    return w if w is not None and w.dtype == torch.float32 else None
 
 
 def start(net, background: bool = True, announce: Callable[[CompileStatus], None] | None = None) -> CompileStatus:
@@ -172,7 +189,7 @@ def _warm_up(net) -> None:
     coincidence becomes a guard that a real cache would fail."""
     cfg = net.config.text
     cache = KVCache(cfg)
-    w = net.embed.weight
+    w = net.final_norm.weight  # not embed.weight: a quantized table's would build the float table
     for lc in cache.layers:
         n = 3 if lc.keep is None else 5
         like = w.new_zeros(1, cfg.num_kv_heads, n, cfg.head_dim)
@@ -197,10 +214,7 @@ def step(net, token_id: int, cache: KVCache) -> Tensor | None:
     if owners is None:
         return None
     try:
-        # a guard that fails here would recompile for half a minute in the middle of a
-        # generation: refuse instead, and let the eager lean step take this token
-        with torch.compiler.set_stance("fail_on_recompile"):
-            return _run(net, token_id, cache, owners)
+        return _run(net, token_id, cache, owners, guarded=True)
     except Exception:  # noqa: BLE001 - the cache is untouched until a step succeeds
         return None
 
@@ -210,24 +224,39 @@ def _projections(b):
     return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
 
 
-def _owners(net) -> tuple[list[tuple], tuple]:
-    """The modules whose weights a step passes, per block in `_step_graph`'s order, then the
-    final norm and the head. Their weights are read afresh every step (an edit or a new
-    Parameter is seen); the list of modules is made once per generation."""
-    blocks = [(b.pre_attention_norm, *_projections(b), b.attn.q_norm, b.attn.k_norm, b.post_attention_norm,
-               b.pre_ffw_norm, b.post_ffw_norm) for b in net.blocks]
-    return blocks, (net.final_norm, net.embed if net.lm_head is None else net.lm_head)
+def _owners(net) -> tuple:
+    """What a step passes its graph, made once per generation: per block the six norms and
+    the seven projections (in `_step_graph`'s order) and how each projection is computed
+    (("float",) or a packed kernel's kind, static in the graph), then the final norm, and
+    the head and embedding where the graph computes them (float tables; a quantized head
+    runs its own kernels after the graph, a quantized table is looked up before it).
+    Weights are read afresh every step (an edit or a new Parameter is seen)."""
+    norms = [(b.pre_attention_norm, b.attn.q_norm, b.attn.k_norm, b.post_attention_norm, b.pre_ffw_norm,
+              b.post_ffw_norm) for b in net.blocks]
+    projections = [_projections(b) for b in net.blocks]
+    kinds = tuple(tuple(("float",) if getattr(m, "decode_operands", None) is None else m.decode_operands()[0]
+                        for m in row) for row in projections)
+    head = net.embed if net.lm_head is None else net.lm_head
+    head = head if getattr(head, "decode_forward", None) is None else None
+    table = net.embed if _float32(net.embed) is not None else None
+    return norms, projections, kinds, net.final_norm, head, table
 
 
-def _run(net, token_id: int, cache: KVCache, owners: tuple[list[tuple], tuple]) -> Tensor:
+def _operands(m) -> tuple[Tensor, ...]:
+    if getattr(m, "decode_operands", None) is None:
+        return (m._parameters["weight"],)
+    return m.decode_operands()[1]
+
+
+def _run(net, token_id: int, cache: KVCache, owners: tuple, guarded: bool = False) -> Tensor:
+    """One compiled step. guarded (a generation's steps; not the warm-up, which must compile):
+    a guard that fails would recompile for half a minute in the middle of a generation, so
+    it raises instead and the eager lean step takes the token."""
     cfg = net.config.text
     positions = cache.next_position[:, None]  # (1, 1)
-    h = net._embed(torch.tensor([[token_id]]), None)
     is_global = tuple(t is AttentionType.GLOBAL for t in cfg.layer_types)
-    cos_l, sin_l = rope_tables(positions, net.inv_freq_local, h.dtype)
-    cos_g, sin_g = rope_tables(positions, net.inv_freq_global, h.dtype)
     # every layer of a type has the same kept slots (one prefill, the same steps since)
-    like = h.new_empty(1, cfg.num_kv_heads, 1, cfg.head_dim)
+    like = net.final_norm.weight.new_empty(1, cfg.num_kv_heads, 1, cfg.head_dim)
     bounds = {}
     for lc, g in zip(cache.layers, is_global):
         lc._make_room(like, 1)
@@ -236,38 +265,81 @@ def _run(net, token_id: int, cache: KVCache, owners: tuple[list[tuple], tuple]) 
             raise RuntimeError("layers of one type disagree on their kept slots")
     lo_l, end_l = bounds.get(False, (0, 0))
     lo_g, end_g = bounds.get(True, (0, 0))
-    blocks, (final, head) = owners
+    norms, projections, kinds, final, head, table = owners
+    ids = torch.tensor([[token_id]])
+    if table is None:  # a quantized table: its row looked up here, the graph starts from it
+        first, table_w, scale = net._embed(ids, None), None, None
+    else:  # the embedding's scale rounded to the table's dtype first, as `Gemma3Network._embed` does
+        table_w = table._parameters["weight"]
+        first, scale = ids, torch.tensor(cfg.embed_scale, dtype=table_w.dtype)
     # `_parameters` directly: nn.Module.__getattr__ for 236 weights cost 0.3 ms a step
-    weights = [[m._parameters["weight"] for m in row] for row in blocks]
+    weights = [([m._parameters["weight"] for m in n], [_operands(m) for m in p]) for n, p in zip(norms, projections)]
     a0 = net.blocks[0].attn
-    logits = _graph()(h, cos_l, sin_l, cos_g, sin_g, weights, [lc._k for lc in cache.layers],
-                      [lc._v for lc in cache.layers], lo_l + _SHIFT, end_l + _SHIFT, lo_g + _SHIFT, end_g + _SHIFT,
-                      final._parameters["weight"], head._parameters["weight"], is_global, a0.n_heads, a0.n_kv, a0.head_dim, a0.scale,
-                      cfg.rms_norm_eps)
+    cap = cfg.final_logit_softcapping if net.vision is None else None  # as `Gemma3Network.softcap`
+    # Dynamo's guards (dtype, shape, strides of ~270 tensors: 0.4 ms, 1% of a step) run at a
+    # generation's first step and whenever a cache buffer was replaced; between those what
+    # they check stays put: the modules were fixed for this cache by `unsupported` and
+    # `_owners`, the buffers are the same tensors. (A weight swapped for one of another shape
+    # or dtype in the middle of a generation would go unchecked until the next one.)
+    buffers = tuple(id(lc._k) for lc in cache.layers)
+    trusted = guarded and cache.plan.get("guarded") == buffers
+    with torch.compiler.set_stance("fail_on_recompile" if guarded else "default", skip_guard_eval_unsafe=trusted):
+        out = _graph()(first, table_w, scale, positions, net.inv_freq_local, net.inv_freq_global, weights,
+                       [lc._k for lc in cache.layers], [lc._v for lc in cache.layers],
+                       lo_l + _SHIFT, end_l + _SHIFT, lo_g + _SHIFT, end_g + _SHIFT,
+                       final._parameters["weight"], None if head is None else head._parameters["weight"],
+                       is_global, kinds, a0.n_heads, a0.n_kv, a0.head_dim, a0.scale, cfg.rms_norm_eps, cap)
+    if guarded:
+        cache.plan["guarded"] = buffers
     for lc in cache.layers:  # what LayerCache.update does after its write of one slot
         lc._end += 1
         if lc.keep is not None:
             lc._start = max(lc._start, lc._end - lc.keep)
     cache.advance(1, None, None, positions)
-    return net.softcap(logits)[0, -1].float()
+    if head is None:  # a quantized head: its packed kernels on the graph's final hidden state
+        cache.plan["summary"] = None
+        return net.softcap(kernels.linear(out, net.lm_head))[0, -1].float()
+    cache.plan["summary"] = out  # read by `summary`
+    return out[0]
+
+
+def summary(cache: KVCache, logits: Tensor) -> tuple[Tensor, int] | None:
+    """(logsumexp, first argmax) of `logits` where the compiled step that made them computed
+    both in its graph, else None: what `generate` records and chooses from without another
+    pass over the vocabulary."""
+    got = cache.plan.get("summary")
+    if got is None or got[0] is not logits:
+        return None
+    return got[1], int(got[2])
 
 
 def _norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     return fused_rms_norm(x, 1.0 + w.float(), eps)  # (1 + w) inside the graph: weights come in raw
 
 
-def _step_graph(h, cos_l, sin_l, cos_g, sin_g, weights, ks, vs, lo_l, end_l, lo_g, end_g, final_w, head,
-                is_global, N: int, K: int, H: int, scale: float, eps: float):
-    """The lean step (`fast_decode._block`, `_attention`) over tensors: h (1, 1, D) the new
-    token's embedding; each layer writes its key/value at slot `end` of its buffers and
-    attends over slots lo..end. Returns (1, 1, V) logits before the softcap."""
-    for i, (n1, wq, wk, wv, wo, wg, wu, wd, qn, kn, n2, n3, n4) in enumerate(weights):
+def _mm(x: Tensor, kind: tuple, parts: tuple[Tensor, ...]) -> Tensor:
+    return F.linear(x, parts[0]) if kind[0] == "float" else kernels.packed_mm(x, kind, parts)
+
+
+def _step_graph(first, table, embed_scale, positions, freq_l, freq_g, weights, ks, vs, lo_l, end_l, lo_g, end_g,
+                final_w, head, is_global, kinds, N: int, K: int, H: int, scale: float, eps: float,
+                cap: float | None):
+    """The lean step (`fast_decode.decode_step`, `_block`, `_attention`) over tensors: the new
+    token's id (1, 1) with its float `table`, or its embedding (1, 1, D) where `table` is
+    None, at `positions` (1, 1); each layer writes its key/value at slot `end` of its buffers
+    and attends over slots lo..end. Returns the (V,) float32 logits, their logsumexp and
+    argmax; or, where `head` is None, the final hidden state (1, 1, D) for the caller's head."""
+    h = first if table is None else F.embedding(first, table) * embed_scale
+    cos_l, sin_l = rope_tables(positions, freq_l, h.dtype)
+    cos_g, sin_g = rope_tables(positions, freq_g, h.dtype)
+    for i, ((n1, qn, kn, n2, n3, n4), (wq, wk, wv, wo, wg, wu, wd)) in enumerate(weights):
+        kq, kk_, kv, ko, kg, ku, kd = kinds[i]
         cos, sin = (cos_g, sin_g) if is_global[i] else (cos_l, sin_l)
         lo, end = (lo_g - _SHIFT, end_g - _SHIFT) if is_global[i] else (lo_l - _SHIFT, end_l - _SHIFT)
         y = _norm(h, n1, eps)
-        q = apply_rope(_norm(F.linear(y, wq).view(1, 1, N, H), qn, eps), cos, sin).transpose(1, 2)
-        k = apply_rope(_norm(F.linear(y, wk).view(1, 1, K, H), kn, eps), cos, sin).transpose(1, 2)
-        v = F.linear(y, wv).view(1, 1, K, H).transpose(1, 2)
+        q = apply_rope(_norm(_mm(y, kq, wq).view(1, 1, N, H), qn, eps), cos, sin).transpose(1, 2)
+        k = apply_rope(_norm(_mm(y, kk_, wk).view(1, 1, K, H), kn, eps), cos, sin).transpose(1, 2)
+        v = _mm(y, kv, wv).view(1, 1, K, H).transpose(1, 2)
         ks[i][:, :, end:end + 1] = k
         vs[i][:, :, end:end + 1] = v
         kk, vv = ks[i][0, :, lo:end + 1], vs[i][0, :, lo:end + 1]  # (K, T, H)
@@ -276,7 +348,16 @@ def _step_graph(h, cos_l, sin_l, cos_g, sin_g, weights, ks, vs, lo_l, end_l, lo_
         scores = torch.bmm(q.reshape(K, N // K, H), kk.transpose(1, 2)) * scale  # (K, N/K, T)
         pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         z = torch.bmm(pattern, vv)  # (K, N/K, H): query heads in order, as grouped_matmul's
-        h = h + _norm(F.linear(z.reshape(1, 1, N * H), wo), n2, eps)
+        h = h + _norm(_mm(z.reshape(1, 1, N * H), ko, wo), n2, eps)
         y = _norm(h, n3, eps)
-        h = h + _norm(F.linear(F.gelu(F.linear(y, wg), approximate="tanh") * F.linear(y, wu), wd), n4, eps)
-    return F.linear(_norm(h, final_w, eps), head)
+        h = h + _norm(_mm(F.gelu(_mm(y, kg, wg), approximate="tanh") * _mm(y, ku, wu), kd, wd), n4, eps)
+    h = _norm(h, final_w, eps)
+    if head is None:
+        return h
+    logits = F.linear(h, head)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    logits = logits.view(-1).float()
+    # what the step record and a greedy choice read off all 262,144 logits, in the same two
+    # fused passes here rather than as separate eager ops after the graph (0.5 ms a token)
+    return logits, torch.logsumexp(logits, -1), torch.argmax(logits)

@@ -94,3 +94,20 @@ def linear(x: Tensor, module: nn.Module, weight: Tensor | None = None) -> Tensor
                                                  "none", [], "")
         return out.view(*shape[:-1], -1)
     return F.linear(x, w)
+
+
+def packed_mm(x: Tensor, kind: tuple, parts: tuple[Tensor, ...]) -> Tensor:
+    """x (..., in) @ w.T through torch's packed low-bit CPU kernels, from the operands a
+    quantized projection gives (`decode_operands` in gemma3_lab.loading): kind ("int4", group)
+    with (packed codes, scales and zeros), or ("int8",) with (codes, bfloat16 scales, float32
+    offsets per row). The kernels take bfloat16 activations, so x is rounded on the way in.
+    Pure tensor code: the eager decode step and the compiled one both compute it."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K).to(torch.bfloat16)
+    if kind[0] == "int4":
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, parts[0], kind[1], parts[1])
+    else:  # w = lo + code * step per row: the kernel does the codes, the offset is a rank-1 term
+        codes, scales, lo = parts
+        out = torch.ops.aten._weight_int8pack_mm(x2, codes, scales).float()
+        out = out + x2.float().sum(-1, keepdim=True) * lo
+    return out.to(x.dtype).view(*x.shape[:-1], -1)
