@@ -41,6 +41,7 @@ from torch import Tensor
 from gemma3_lab.config import AttentionType
 from gemma3_lab.model import kernels
 from gemma3_lab.model.kv_cache import KVCache
+from gemma3_lab.model.network import embed_scale, soft_cap
 from gemma3_lab.model.norm import fused_rms_norm
 from gemma3_lab.model.rope import apply_rope, rope_tables
 
@@ -269,13 +270,12 @@ def _run(net, token_id: int, cache: KVCache, owners: tuple, guarded: bool = Fals
     ids = torch.tensor([[token_id]])
     if table is None:  # a quantized table: its row looked up here, the graph starts from it
         first, table_w, scale = net._embed(ids, None), None, None
-    else:  # the embedding's scale rounded to the table's dtype first, as `Gemma3Network._embed` does
+    else:
         table_w = table._parameters["weight"]
-        first, scale = ids, torch.tensor(cfg.embed_scale, dtype=table_w.dtype)
+        first, scale = ids, embed_scale(cfg, table_w.dtype)
     # `_parameters` directly: nn.Module.__getattr__ for 236 weights cost 0.3 ms a step
     weights = [([m._parameters["weight"] for m in n], [_operands(m) for m in p]) for n, p in zip(norms, projections)]
     a0 = net.blocks[0].attn
-    cap = cfg.final_logit_softcapping if net.vision is None else None  # as `Gemma3Network.softcap`
     # Dynamo's guards (dtype, shape, strides of ~270 tensors: 0.4 ms, 1% of a step) run at a
     # generation's first step and whenever a cache buffer was replaced; between those what
     # they check stays put: the modules were fixed for this cache by `unsupported` and
@@ -288,7 +288,8 @@ def _run(net, token_id: int, cache: KVCache, owners: tuple, guarded: bool = Fals
                        [lc._k for lc in cache.layers], [lc._v for lc in cache.layers],
                        lo_l + _SHIFT, end_l + _SHIFT, lo_g + _SHIFT, end_g + _SHIFT,
                        final._parameters["weight"], None if head is None else head._parameters["weight"],
-                       is_global, kinds, a0.n_heads, a0.n_kv, a0.head_dim, a0.scale, cfg.rms_norm_eps, cap)
+                       is_global, kinds, a0.n_heads, a0.n_kv, a0.head_dim, a0.scale, cfg.rms_norm_eps,
+                       net.final_softcap)
     if guarded:
         cache.plan["guarded"] = buffers
     for lc in cache.layers:  # what LayerCache.update does after its write of one slot
@@ -321,7 +322,7 @@ def _mm(x: Tensor, kind: tuple, parts: tuple[Tensor, ...]) -> Tensor:
     return F.linear(x, parts[0]) if kind[0] == "float" else kernels.packed_mm(x, kind, parts)
 
 
-def _step_graph(first, table, embed_scale, positions, freq_l, freq_g, weights, ks, vs, lo_l, end_l, lo_g, end_g,
+def _step_graph(first, table, emb_scale, positions, freq_l, freq_g, weights, ks, vs, lo_l, end_l, lo_g, end_g,
                 final_w, head, is_global, kinds, N: int, K: int, H: int, scale: float, eps: float,
                 cap: float | None):
     """The lean step (`fast_decode.decode_step`, `_block`, `_attention`) over tensors: the new
@@ -329,7 +330,7 @@ def _step_graph(first, table, embed_scale, positions, freq_l, freq_g, weights, k
     None, at `positions` (1, 1); each layer writes its key/value at slot `end` of its buffers
     and attends over slots lo..end. Returns the (V,) float32 logits, their logsumexp and
     argmax; or, where `head` is None, the final hidden state (1, 1, D) for the caller's head."""
-    h = first if table is None else F.embedding(first, table) * embed_scale
+    h = first if table is None else F.embedding(first, table) * emb_scale
     cos_l, sin_l = rope_tables(positions, freq_l, h.dtype)
     cos_g, sin_g = rope_tables(positions, freq_g, h.dtype)
     for i, ((n1, qn, kn, n2, n3, n4), (wq, wk, wv, wo, wg, wu, wd)) in enumerate(weights):
@@ -354,10 +355,7 @@ def _step_graph(first, table, embed_scale, positions, freq_l, freq_g, weights, k
     h = _norm(h, final_w, eps)
     if head is None:
         return h
-    logits = F.linear(h, head)
-    if cap is not None:
-        logits = torch.tanh(logits / cap) * cap
-    logits = logits.view(-1).float()
+    logits = soft_cap(F.linear(h, head), cap).view(-1).float()
     # what the step record and a greedy choice read off all 262,144 logits, in the same two
     # fused passes here rather than as separate eager ops after the graph (0.5 ms a token)
     return logits, torch.logsumexp(logits, -1), torch.argmax(logits)

@@ -121,8 +121,7 @@ class Gemma3Network(nn.Module):
             # instead; the row is overwritten by image features anyway (docs/gemma3.md §4.5)
             ids = input_ids.masked_fill(image_slots, cfg.text.pad_token_id)
         e = self.hook_embed(self.embed(ids))
-        # the scale is rounded to the weight dtype before the multiply (bf16: 25.25 for D=640)
-        h = self.hook_embed_scaled(e * torch.tensor(cfg.text.embed_scale, dtype=e.dtype))
+        h = self.hook_embed_scaled(e * embed_scale(cfg.text, e.dtype))
         if pixel_values is not None:
             if self.vision is None:
                 raise ValueError(f"{cfg.name} is a text-only model: it cannot take images")
@@ -150,15 +149,16 @@ class Gemma3Network(nn.Module):
             logits = kernels.rows_times(h, w if vocab is None else w[vocab])
         return self.softcap(logits)
 
-    def softcap(self, logits: Tensor) -> Tensor:
-        """The final logit softcapping, where the config asks for it."""
-        cfg = self.config.text
+    @property
+    def final_softcap(self) -> float | None:
+        """The final logit softcap, or None where none applies."""
         # transformers applies final softcapping in Gemma3ForCausalLM only, never in the
         # multimodal model; no released Gemma 3 sets it
-        if cfg.final_logit_softcapping is not None and self.vision is None:
-            c = cfg.final_logit_softcapping
-            logits = torch.tanh(logits / c) * c
-        return logits
+        return self.config.text.final_logit_softcapping if self.vision is None else None
+
+    def softcap(self, logits: Tensor) -> Tensor:
+        """The final logit softcapping, where the config asks for it."""
+        return soft_cap(logits, self.final_softcap)
 
     # ------------------------------------------------------------------ paths
     def set_attention_path(self, path: str) -> None:
@@ -210,6 +210,17 @@ def _positions(key_valid: Tensor | None, cache: KVCache | None, B: int, past: in
         return torch.arange(past, past + S, device=dev)[None].expand(B, S)
     pos = key_valid.long().cumsum(-1) - 1
     return pos.clamp_min(0)[:, -S:]
+
+
+def embed_scale(config, dtype: torch.dtype) -> Tensor:
+    """sqrt(D), the factor on every embedding row, rounded to the table's dtype before the
+    multiply (bf16: 25.25 for D=640), as transformers does."""
+    return torch.tensor(config.embed_scale, dtype=dtype)
+
+
+def soft_cap(logits: Tensor, cap: float | None) -> Tensor:
+    """cap * tanh(logits / cap), or the logits as they are where `cap` is None."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def _embedding(vocab: int, dim: int, pad: int | None) -> nn.Embedding:
