@@ -8,6 +8,7 @@ the chosen token's log-probability and the top candidates under the model's own
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,9 +17,8 @@ from torch import Tensor
 
 from gemma3_lab.errors import Gemma3LabError, number
 from gemma3_lab.instrument.capture import Capture, capture_hooks
-from gemma3_lab.model import compiled_decode
+from gemma3_lab.model import compiled_decode, fast_decode
 from gemma3_lab.model.checks import check_context
-from gemma3_lab.model.fast_decode import decode_step
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.prompt.inputs import Inputs
 
@@ -149,23 +149,66 @@ def prefill(model, inputs: Inputs, cache: KVCache, chunk: int | None = None,
     return None if logits is None else logits[0]
 
 
-def decode_rows(model, token_ids: list[int], cache: KVCache) -> Tensor:
-    """Feed one token per row at the cache's next slot; (B, V) float logits for the next ones."""
+def decode_rows(model, token_ids: list[int], cache: KVCache, fast: bool | None = None) -> Tensor:
+    """Feed one token per row at the cache's next slot; (B, V) float logits for the next ones.
+
+    fast (default: the model's `fast_decode`) takes the lean step where nothing is hooked
+    (`gemma3_lab.model.fast_decode`), the compiled one for a single row where it is ready;
+    the plain forward runs otherwise."""
+    if _fast(model, fast):
+        logits = fast_decode.decode_step(model, list(token_ids), cache)
+        if logits is not None:
+            return logits
+    cache.paths["plain"] += 1
     step_ids = torch.tensor([[t] for t in token_ids], device=model.device)
     return model(step_ids, cache=cache, logits_to_keep=1).logits[:, -1].float()
 
 
 def decode_one(model, token_id: int, cache: KVCache, fast: bool | None = None) -> Tensor:
-    """Feed one chosen token at the cache's next slot; (V,) float logits for the one after it.
+    """Feed one chosen token at the cache's next slot; (V,) float logits for the one after it."""
+    return decode_rows(model, [token_id], cache, fast)[0]
 
-    fast (default: the model's `fast_decode`) takes the lean step where nothing is hooked
-    (`gemma3_lab.model.fast_decode`); the plain forward runs otherwise."""
-    if fast if fast is not None else getattr(model, "fast_decode", False):
-        logits = decode_step(model, token_id, cache)
-        if logits is not None:
-            return logits
-    cache.paths["plain"] += 1
-    return decode_rows(model, [token_id], cache)[0]
+
+def _fast(model, fast: bool | None) -> bool:
+    return fast if fast is not None else getattr(model, "fast_decode", False)
+
+
+def watch_prefill(model, capture, store: dict[str, Capture], cache: KVCache, fast: bool | None,
+                  watching: ExitStack) -> KVCache | None:
+    """After a prefill recorded into `store` under the hooks `watching` holds: how the decode
+    steps are recorded. Where they may run fast (nothing else hooked, a plain text cache), the
+    recording hooks come off so that they do, and a copy of the prompt's cache is returned
+    for `capture_fed` to compute what they would have recorded, in one forward once the
+    tokens are known. Otherwise (None) the hooks stay on and every step is recorded as it runs."""
+    if not capture or not _fast(model, fast):
+        return None
+    watching.close()
+    if fast_decode.applies(model, cache):
+        return cache.copy()
+    watching.enter_context(model.hooks(capture_hooks(model, capture, store)))
+    return None
+
+
+@torch.no_grad()
+def capture_fed(model, capture, prompt: dict[str, Capture], cache: KVCache, fed: list[int],
+                chunk: int | None = None) -> dict[str, Capture]:
+    """The captures of a generation whose decode steps ran unrecorded: `prompt`'s (the
+    prefill's own records, shared, not copied), then the `fed` tokens run from a copy of the
+    prompt's `cache` in one forward (chunks of `chunk`) under the same recording hooks. It
+    equals recording every step as it ran up to float rounding (one product of many rows
+    instead of many of one row) and costs about one decode step more than the tokens' own
+    prefill would: the generation itself took the lean or compiled step."""
+    store = {name: cap.continued() for name, cap in prompt.items()}
+    if not fed:
+        return store
+    cache = cache.copy()
+    ids = torch.tensor([fed], device=model.device)
+    every = any(n == "hook_logits" for n in model.select_hook_names(capture))  # a step recorded its logits
+    step = chunk or len(fed)
+    with model.hooks(capture_hooks(model, capture, store)):
+        for a in range(0, len(fed), step):
+            model(ids[:, a:a + step], cache=cache, logits_to_keep=None if every else 1)
+    return store
 
 
 def top_few(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -259,7 +302,9 @@ def generate(
     kept in `token_ids`, and `stop_reason` is "eos".
 
     `fast` (default: the model's `fast_decode`, True) lets decode steps with nothing hooked
-    take the lean step and packed kernels; False runs the plain forward at every step.
+    take the lean step and packed kernels; False runs the plain forward at every step. A
+    `capture` does not keep the steps off the fast path: the prompt is recorded as it runs,
+    the decoded tokens in one forward after the last step (`capture_fed`).
     """
     number("record_top_k", record_top_k, integer=True, low=0, high=model.config.text.vocab_size)
     check_sampling(temperature, top_k, top_p)  # even when greedy: a NaN setting is a mistake either way
@@ -271,8 +316,10 @@ def generate(
     captures: dict[str, Capture] = {}
 
     t0 = time.perf_counter()
-    with model.hooks(capture_hooks(model, capture, captures)):
+    with ExitStack() as watching:
+        watching.enter_context(model.hooks(capture_hooks(model, capture, captures)))
         logits = prefill(model, inputs, cache, prefill_chunk, should_stop)
+        prompt_cache = watch_prefill(model, capture, captures, cache, fast, watching) if logits is not None else None
         t_first = time.perf_counter()
         run = _Run(n_prompt, record_top_k, stop_ids, on_token, should_stop)
         if logits is None:
@@ -285,9 +332,12 @@ def generate(
                 sample_next(logits, do_sample, temperature, top_k, top_p, gen)
             if run.choose(model.tokenizer, token, logits, lse) and len(run.ids) < max_new_tokens:
                 logits = decode_one(model, run.ids[-1], cache, fast)
+    t_end = time.perf_counter()
+    if prompt_cache is not None:
+        captures = capture_fed(model, capture, captures, prompt_cache, run.ids[:-1], prefill_chunk)
     return GenerationResult(text=run.text, token_ids=run.ids, steps=run.steps, prompt_ids=inputs.input_ids[0].tolist(),
                             stop_reason=run.reason or "max_new_tokens", inputs=inputs, prefill_seconds=t_first - t0,
-                            decode_seconds=time.perf_counter() - t_first, captures=captures,
+                            decode_seconds=t_end - t_first, captures=captures,
                             decode_paths=dict(cache.paths))
 
 

@@ -10,6 +10,7 @@ on a weight-bound decoder costs about as much as one row.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,11 +22,13 @@ from gemma3_lab.generate import (
     GenerationResult,
     Step,
     _prompt_inputs,
+    capture_fed,
     check_length,
     decode_rows,
     prefill_rows,
     record_step,
     sample_next,
+    watch_prefill,
 )
 from gemma3_lab.instrument.capture import Capture, capture_hooks, row_captures
 from gemma3_lab.instrument.interventions import for_row
@@ -70,11 +73,13 @@ def generate_batch(
     pan_and_scan: bool = False,
     should_stop: Callable[[], bool] | None = None,
     prefill_chunk: int | None = PREFILL_CHUNK,
+    fast: bool | None = None,
 ) -> list[GenerationResult]:
     """One `GenerationResult` per row of `rows`, all decoded together from `prompt`.
 
     `on_token(row, step)` streams each row's steps; `should_stop()` ends every row (polled
-    between steps and prefill chunks); `capture` is `generate`'s, split per row.
+    between steps and prefill chunks); `capture` and `fast` are `generate`'s, the captures
+    split per row. With no row hooked, the rows' steps take the lean step together.
     """
     inputs = _checked(model, prompt, rows, images, pan_and_scan)
     n_prompt, R = inputs.input_ids.shape[1], len(rows)
@@ -86,8 +91,12 @@ def generate_batch(
     cache = KVCache(model.config.text)
     captures: dict[str, Capture] = {}
     t0 = time.perf_counter()
-    with model.hooks(hooks + capture_hooks(model, capture, captures)):
+    prompt_cache = None  # kept where the steps run unrecorded (see `watch_prefill`)
+    with model.hooks(hooks), ExitStack() as watching:
+        watching.enter_context(model.hooks(capture_hooks(model, capture, captures)))
         logits = prefill_rows(model, inputs if shared else _repeat(inputs, R), cache, prefill_chunk, should_stop)
+        if logits is not None:
+            prompt_cache = watch_prefill(model, capture, captures, cache, fast, watching)
         if shared and logits is not None:
             cache.repeat_rows(R)
             logits = logits.expand(R, -1)
@@ -106,14 +115,18 @@ def generate_batch(
             i += 1
             if any(row.reason is None for row in state):
                 # a finished row is fed its last token again: its results no longer change
-                logits = decode_rows(model, [row.ids[-1] for row in state], cache)
+                logits = decode_rows(model, [row.ids[-1] for row in state], cache, fast)
     t_end = time.perf_counter()
+    # every step is one forward of all rows; several rows never take the compiled step, and the
+    # lean one applies to every step or to none (nothing is hooked in between)
+    path = max(cache.paths, key=cache.paths.get) if cache.paths else None
     return [
         GenerationResult(
             text=row.text, token_ids=row.ids, steps=row.steps, prompt_ids=inputs.input_ids[0].tolist(),
             stop_reason=row.reason, inputs=inputs, prefill_seconds=t_first - t0, decode_seconds=t_end - t_first,
-            captures=row_captures(captures, r, n_prompt + max(len(row.ids) - 1, 0)),
-            decode_paths={"plain": len(row.ids) - 1} if len(row.ids) > 1 else {},  # one forward of all rows a step
+            captures=(row_captures(captures, r, n_prompt + max(len(row.ids) - 1, 0)) if prompt_cache is None
+                      else capture_fed(model, capture, captures, prompt_cache, row.ids[:-1], prefill_chunk)),
+            decode_paths=(dict(cache.paths) if R == 1 else {path: len(row.ids) - 1}) if len(row.ids) > 1 else {},
         )
         for r, row in enumerate(state)
     ]

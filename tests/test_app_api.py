@@ -106,6 +106,20 @@ def test_both_columns_generate_and_equal_the_library(client, model):
     assert a["done"] and b["done"] and a["prompt_tokens"] == len(greedy.prompt_ids)
 
 
+def test_columns_decode_fast_and_say_so(client, model):
+    """Both columns with no intervention decode as one batch through the lean step, captured
+    for the inspector all the same (after the last step, in one forward); an intervention
+    in B sends both back to the plain forward, recorded as it runs. Each status names its step."""
+    def statuses(outs) -> list[str]:
+        return [o for o in outs if isinstance(o, str) and "decode step:" in o]
+
+    fast = statuses(client.predict(**settings(), api_name="/generate"))
+    assert len(fast) == 2 and all("decode step: lean" in s for s in fast), fast
+    hooked = statuses(client.predict(**settings(b_intervention="ablate heads", b_layer=0, b_heads="0, 1"),
+                                     api_name="/generate"))
+    assert len(hooked) == 2 and all("decode step: plain" in s for s in hooked), hooked
+
+
 def test_inspector_numbers_come_from_the_library(client, model):
     generate(client)
     column, index, position, header, topk, attended, layer, head, view, lens_view, lens_table, data = client.predict(

@@ -203,7 +203,9 @@ def _compare(model, res, names, pixels=None):
     for name, cap in res.captures.items():
         if cap.layout.seq is not None:
             assert torch.equal(cap.positions, torch.arange(ids.shape[1]))
-            assert len(list(cap)) == len(res.token_ids)  # the prefill, then one forward per fed-back token
+            # the prefill, then one forward per fed-back token where the steps were recorded as
+            # they ran; where they ran fast, one forward of the fed-back tokens after the last
+            assert len(list(cap)) == (2 if "plain" not in res.decode_paths else len(res.token_ids))
         got, want = cap.tensor().to_dense(), cache[name].to_dense()
         assert got.shape == want.shape, name
         if got.dtype == torch.bool:
@@ -212,6 +214,18 @@ def _compare(model, res, names, pixels=None):
             # a few ulps of the largest entry (Gemma's residual stream reaches the hundreds)
             scale = float(want[want.isfinite()].abs().max())
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0)), (name, (got - want).abs().max())
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_generation_capture_equals_one_run_with_cache_text_prompt(tiny, fast):
+    """A text prompt: the steps take the lean path (recorded after, in one forward) or the
+    plain one (recorded as they run), and either way equal one forward over the final sequence."""
+    x = _inputs([2, 10, 11, 12, 13, 14], 0)
+    names = ["blocks.*.attn.hook_pattern", "blocks.*.attn.hook_attn_scores", "blocks.*.attn.hook_mask",
+             "blocks.*.hook_resid_post", "blocks.*.attn.hook_z", "hook_embed"]
+    res = tiny.generate(x, max_new_tokens=9, stop_ids=(), capture=names, fast=fast)
+    assert res.decode_paths == {"lean" if fast else "plain": 8}
+    _compare(tiny, res, names)
 
 
 @pytest.mark.real

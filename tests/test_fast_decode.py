@@ -164,3 +164,39 @@ def test_the_head_of_a_two_row_batch_gives_each_rows_logits(tiny):
         alone = net._unembed(h[i:i + 1])
         assert torch.equal(alone, h[i:i + 1] @ net.embed.weight.T)
         torch.testing.assert_close(both[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_decoding_together_take_the_lean_step_bit_for_bit(tiny):
+    """Two rows from one prompt (generate_batch's case) take one lean step together: each step
+    equals the plain forward of both rows to the bit, past the window and the cache's growth."""
+    from gemma3_lab.generate import decode_rows
+
+    fast, plain = KVCache(tiny.config.text), KVCache(tiny.config.text)
+    with torch.no_grad():
+        for cache in (fast, plain):
+            prefill(tiny, tiny.to_inputs(torch.tensor([[2, 17, 33, 5]])), cache)
+            cache.repeat_rows(2)
+        ids = [[7, 91]]
+        for _ in range(70):
+            a = decode_rows(tiny, ids[-1], fast, fast=True)
+            b = decode_rows(tiny, ids[-1], plain, fast=False)
+            assert a.shape == (2, 300) and torch.equal(a, b)
+            ids.append([int(a[0].argmax()), int(a[1].topk(2).indices[1])])  # the rows part ways
+    assert fast.paths == {"lean": 70} and plain.paths == {"plain": 70}
+    assert decode_step(tiny, [1, 2, 3], fast) is None  # ids for rows the cache lacks: nothing done
+    assert fast.length == plain.length
+
+
+def test_a_cache_copy_goes_on_on_its_own(tiny):
+    """`KVCache.copy` holds the same keys; steps on the copy leave the original where it was."""
+    cache = KVCache(tiny.config.text)
+    with torch.no_grad():
+        prefill(tiny, tiny.to_inputs(torch.tensor([[2, 17, 33, 5, 8, 9]])), cache)
+        twin = cache.copy()
+        a = decode_one(tiny, 4, twin)
+        for _ in range(10):
+            decode_one(tiny, 4, twin)
+        assert cache.length == 6 and twin.length == 17
+        assert torch.equal(decode_one(tiny, 4, cache), a)
+    for mine, theirs in zip(cache.layers, twin.layers):
+        assert mine._k.data_ptr() != theirs._k.data_ptr()

@@ -147,3 +147,26 @@ def test_generation_builds_no_autograd_graph(tiny):
         tiny.generate(_inputs(), max_new_tokens=3)
         generate_batch(tiny, _inputs(), [RowSettings(max_new_tokens=3)] * 2)
     assert len(seen) >= 4 and not any(seen)
+
+
+def test_rows_with_nothing_hooked_take_the_lean_step(tiny):
+    """A text prompt, no intervention: the rows decode together through the lean step (equal
+    to the plain one to the bit: `test_rows_decoding_together_take_the_lean_step_bit_for_bit`),
+    and a capture does not send them to the plain path: the prompt is recorded as it runs,
+    each row's fed tokens in one forward after, equal to recording every step up to float
+    rounding, and so are the chosen tokens and their log-probabilities."""
+    x = torch.tensor([[2, 10, 11, 12, 13, 14, 15, 16]])
+    rows = [RowSettings(max_new_tokens=9), RowSettings(max_new_tokens=6, do_sample=True, seed=3)]
+    names = ["blocks.*.attn.hook_pattern", "blocks.*.hook_resid_post", "hook_logits"]
+    fast = generate_batch(tiny, x, rows, stop_ids=(), capture=names)
+    plain = generate_batch(tiny, x, rows, stop_ids=(), capture=names, fast=False)
+    for f, p, s in zip(fast, plain, rows):
+        assert f.token_ids == p.token_ids and len(f.token_ids) == s.max_new_tokens
+        # a recorded pattern runs explicit attention: the two differ by float rounding only
+        assert [st.logprob for st in f.steps] == pytest.approx([st.logprob for st in p.steps], abs=1e-5)
+        assert f.decode_paths == {"lean": s.max_new_tokens - 1} and p.decode_paths == {"plain": s.max_new_tokens - 1}
+        for name, cap in p.captures.items():
+            mine = f.captures[name]
+            assert len(list(mine)) == 2 and len(list(cap)) == s.max_new_tokens  # prefill + one forward
+            assert torch.equal(mine.positions, cap.positions), name
+            torch.testing.assert_close(mine.tensor().to_dense(), cap.tensor().to_dense(), rtol=1e-4, atol=1e-5)

@@ -35,6 +35,12 @@ class Capture:
         self.slots.append(slots.cpu())
         self._stitched = None
 
+    def continued(self) -> "Capture":
+        """A Capture that starts with this one's pieces and takes further ones of its own."""
+        new = Capture(self.name)
+        new.pieces, new.slots = list(self.pieces), list(self.slots)
+        return new
+
     def __iter__(self):
         return iter(self.pieces)
 

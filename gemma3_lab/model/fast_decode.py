@@ -10,7 +10,8 @@ through `kernels.linear` (oneDNN-packed bfloat16, packed low-bit kernels).
 module (instrumentation sees everything), an attention path forced explicit, padding or
 images in the cache, or a cache that was not filled by a prefill. Where the model's
 compiled float32 step is ready (`compiled_decode`, started by `Gemma3.compile_decode`), a
-step that applies takes it.
+step of one row that applies takes it. Several rows decoding from one prompt
+(`generate_batch`) take the lean step together: one pass over the weights for all of them.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from gemma3_lab.model.rope import apply_rope, rope_tables
 
 
 def applies(net, cache: KVCache) -> bool:
-    """Can this step take the lean path and still compute exactly what the plain one would?"""
+    """Can a step over this cache (any number of rows) take the lean path and still compute
+    exactly what the plain one would?"""
     if cache.next_position is None or cache.key_valid is not None or cache.block_ids is not None:
         return False
     # hooks attached with `model.hooks()` live in this context, not on the modules
-    if cache.next_position.shape[0] != 1 or _global_hooks_present() or LOCAL_HOOKS.get():
+    if _global_hooks_present() or LOCAL_HOOKS.get():
         return False
     return not any(b.attn.explicit for b in net.blocks) and not _hooked(net, cache)
 
@@ -55,19 +57,21 @@ def _hooked(net, cache: KVCache) -> bool:
 
 
 @torch.no_grad()
-def decode_step(net, token_id: int, cache: KVCache) -> Tensor | None:
+def decode_step(net, token_id: int | list[int], cache: KVCache) -> Tensor | None:
     """(V,) float logits for the token after `token_id`, appended at the cache's next slot;
-    None (nothing done) when `applies` says the plain forward must run."""
-    if not applies(net, cache):
+    for a list of ids, one per row of the cache, (B, V). None (nothing done) when `applies`
+    says the plain forward must run."""
+    ids = [token_id] if isinstance(token_id, int) else list(token_id)
+    if not applies(net, cache) or cache.next_position.shape[0] != len(ids):
         return None
-    logits = compiled_decode.step(net, token_id, cache)
+    logits = compiled_decode.step(net, ids[0], cache) if len(ids) == 1 else None
     cache.paths["lean" if logits is None else "compiled"] += 1
     if logits is not None:
-        return logits
+        return logits if isinstance(token_id, int) else logits[None]
     cfg = net.config.text
     dev = net.final_norm.weight.device
-    positions = cache.next_position[:, None]  # (1, 1)
-    h = net._embed(torch.tensor([[token_id]], device=dev), None)
+    positions = cache.next_position[:, None]  # (B, 1)
+    h = net._embed(torch.tensor([[t] for t in ids], device=dev), None)
     tables = {t: rope_tables(positions, getattr(net, f"inv_freq_{t.short}"), h.dtype) for t in set(cfg.layer_types)}
     for i, block in enumerate(net.blocks):
         h = _block(block, h, *tables[block.attention_type], cache.layers[i])
@@ -77,7 +81,8 @@ def decode_step(net, token_id: int, cache: KVCache) -> Tensor | None:
         logits = kernels.linear(h, net.lm_head)
     else:
         logits = kernels.linear(h, net.embed, net.embed.weight)
-    return net.softcap(logits)[0, -1].float()
+    logits = net.softcap(logits)[:, -1].float()
+    return logits[0] if isinstance(token_id, int) else logits
 
 
 def _norm(norm: RMSNorm, x: Tensor) -> Tensor:

@@ -81,7 +81,9 @@ class Projection(nn.Linear):
 
 
 def linear(x: Tensor, module: nn.Module, weight: Tensor | None = None) -> Tensor:
-    """x (..., in) @ weight.T for one decode row; `weight` defaults to module.weight.
+    """x (..., in) @ weight.T for a decode step's row (or the few rows of a batch decoding
+    together); `weight` defaults to module.weight. Float32 goes through `rows_times`, as the
+    plain forward's projections and head do, so both compute the same bits.
 
     A module with its own decode kernel (a quantized projection) provides `decode_forward`."""
     fast = getattr(module, "decode_forward", None)
@@ -93,7 +95,7 @@ def linear(x: Tensor, module: nn.Module, weight: Tensor | None = None) -> Tensor
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), packed(module, w, _onednn_pack), None,
                                                  "none", [], "")
         return out.view(*shape[:-1], -1)
-    return F.linear(x, w)
+    return rows_times(x, w)
 
 
 def packed_mm(x: Tensor, kind: tuple, parts: tuple[Tensor, ...]) -> Tensor:

@@ -51,6 +51,13 @@ class LayerCache:
             self._start = max(a, b - self.keep)
         return self._k[:, :, a:b], self._v[:, :, a:b]
 
+    def copy(self) -> "LayerCache":
+        """An independent cache holding the same kept keys and values."""
+        new = LayerCache(self.keep)
+        if self._k is not None:
+            new._allocate(self.k, self._end - self._start, (self.k, self.v))
+        return new
+
     def repeat_rows(self, n: int) -> None:
         """One row's keys become n identical rows, each in its own part of a new buffer."""
         if self._k is not None:
@@ -108,6 +115,14 @@ class KVCache:
         self.length += new
         self.key_valid, self.block_ids = key_valid, block_ids
         self.next_position = positions[:, -1] + 1
+
+    def copy(self) -> "KVCache":
+        """An independent cache at the same point (what comes after can run twice from here)."""
+        new = KVCache(self.config)
+        new.layers = [c.copy() for c in self.layers]
+        new.length, new.key_valid, new.block_ids, new.next_position = (
+            self.length, self.key_valid, self.block_ids, self.next_position)
+        return new
 
     def repeat_rows(self, n: int) -> None:
         """A one-row cache becomes n identical rows (one prompt forward shared by n generations)."""

@@ -5,9 +5,10 @@ A loaded model is used under its own lock: hooks are attached to the shared modu
 the length of a generation, so two sessions must not run the same model at once (a second
 session waits for the first; sessions on different models run side by side).
 
-The app does not compile decode steps (`Gemma3.compile_decode`): its generations are
-captured for the inspector, hooks at every step, so they run the plain forward, and a
-compile would only take half a minute of both cores. Each run's summary says which step ran.
+The app does not compile decode steps (`Gemma3.compile_decode`): its two columns decode as
+one batch of two, which takes the eager lean step (the compiled graph is one row's), so a
+compile would mostly cost a minute of both cores for nothing. Each run's summary says which
+step ran.
 
 Models are kept until their bytes pass a budget (half the machine's memory, or
 $GEMMA3_LAB_MODEL_MEMORY_GB); then the least recently used ones that no request is
