@@ -200,3 +200,64 @@ def test_a_cache_copy_goes_on_on_its_own(tiny):
         assert torch.equal(decode_one(tiny, 4, cache), a)
     for mine, theirs in zip(cache.layers, twin.layers):
         assert mine._k.data_ptr() != theirs._k.data_ptr()
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_gemv_cut_over_the_threads_is_the_plain_one_to_the_bit(threads):
+    """`split_gemv` (one block of weight rows per thread) gives F.linear's bits, rows not a
+    multiple of the threads (nor of MKL's unroll) included, and too few rows to cut."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads)
+        for N, K in [(5000, 64), (4097, 640), (20001, 128), (37, 16)]:
+            w, x = torch.randn(N, K, generator=g), torch.randn(1, K, generator=g)
+            assert torch.equal(kernels.split_gemv(x, w), torch.nn.functional.linear(x, w)), (N, K)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_where_a_gemv_is_cut_is_measured_once_or_forced(monkeypatch):
+    """Only a large float32 weight is timed both ways, once per shape; the environment forces
+    either way; bfloat16 and FORCE_PLAIN never cut; `rows_times` follows the choice."""
+    monkeypatch.delenv(kernels.SPLIT_ENV, raising=False)
+    big = torch.randn(kernels.SPLIT_MIN // 512, 512)
+    kernels._SPLIT.clear()
+    choice = kernels.split_pays(big)
+    assert kernels._SPLIT == {(*big.shape, torch.get_num_threads()): choice}
+    assert not kernels.split_pays(big[:1000]) and not kernels.split_pays(big.bfloat16())
+    x = torch.randn(1, 1, 512)
+    for forced, cut in (("1", True), ("0", False)):
+        monkeypatch.setenv(kernels.SPLIT_ENV, forced)
+        assert kernels.split_pays(big[:1000]) is cut
+        calls = []
+        monkeypatch.setattr(kernels, "split_gemv", lambda *a, real=kernels.split_gemv: calls.append(1) or real(*a))
+        assert torch.equal(kernels.rows_times(x, big[:1000]), torch.nn.functional.linear(x, big[:1000]))
+        assert calls == ([1] if cut else [])
+        monkeypatch.undo()
+        monkeypatch.delenv(kernels.SPLIT_ENV, raising=False)
+    monkeypatch.setenv(kernels.FORCE_PLAIN, "1")
+    monkeypatch.setenv(kernels.SPLIT_ENV, "1")
+    assert not kernels.split_pays(big)
+
+
+def test_lean_and_plain_steps_keep_their_bits_with_the_head_cut(tiny, monkeypatch):
+    """The head cut over the threads (forced: the tiny head is below where it is timed) in the
+    lean step and in the plain forward: the logits of neither cutting, to the bit."""
+    ids = torch.tensor([[2, 17, 33, 5, 80]])
+    monkeypatch.setenv(kernels.SPLIT_ENV, "0")
+    whole = greedy_steps(tiny, ids, 8, fast=False)
+    monkeypatch.setenv(kernels.SPLIT_ENV, "1")
+    assert torch.equal(greedy_steps(tiny, ids, 8, fast=False), whole)
+    assert torch.equal(greedy_steps(tiny, ids, 8, fast=True), whole)
+
+
+@pytest.mark.real
+def test_the_real_head_cut_keeps_its_bits(real_model, monkeypatch):
+    """The 270M's head, cut or not (the CPU's timing decides; both forced here): the same logits."""
+    ids = real_model.to_inputs(PROMPTS[1]).input_ids
+    runs = []
+    for forced in ("1", "0"):
+        monkeypatch.setenv(kernels.SPLIT_ENV, forced)
+        runs.append(greedy_steps(real_model, ids, 3, fast=True))
+    assert torch.equal(*runs)

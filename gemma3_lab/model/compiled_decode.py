@@ -230,7 +230,8 @@ def _owners(net) -> tuple:
     the seven projections (in `_step_graph`'s order) and how each projection is computed
     (("float",) or a packed kernel's kind, static in the graph), then the final norm, and
     the head and embedding where the graph computes them (float tables; a quantized head
-    runs its own kernels after the graph, a quantized table is looked up before it).
+    runs its own kernels after the graph, and so does a float head that `kernels.split_gemv`
+    reads faster; a quantized table is looked up before it).
     Weights are read afresh every step (an edit or a new Parameter is seen)."""
     norms = [(b.pre_attention_norm, b.attn.q_norm, b.attn.k_norm, b.post_attention_norm, b.pre_ffw_norm,
               b.post_ffw_norm) for b in net.blocks]
@@ -239,6 +240,8 @@ def _owners(net) -> tuple:
                         for m in row) for row in projections)
     head = net.embed if net.lm_head is None else net.lm_head
     head = head if getattr(head, "decode_forward", None) is None else None
+    if head is not None and kernels.split_pays(head._parameters["weight"]):
+        head = None  # cut over the threads after the graph (`kernels.split_gemv`): inside, one thread reads it
     table = net.embed if _float32(net.embed) is not None else None
     return norms, projections, kinds, net.final_norm, head, table
 
@@ -297,9 +300,9 @@ def _run(net, token_id: int, cache: KVCache, owners: tuple, guarded: bool = Fals
         if lc.keep is not None:
             lc._start = max(lc._start, lc._end - lc.keep)
     cache.advance(1, None, None, positions)
-    if head is None:  # a quantized head: its packed kernels on the graph's final hidden state
+    if head is None:  # a quantized head's packed kernels, or a float one cut over the threads
         cache.plan["summary"] = None
-        return net.softcap(kernels.linear(out, net.lm_head))[0, -1].float()
+        return net.softcap(kernels.linear(out, net.embed if net.lm_head is None else net.lm_head))[0, -1].float()
     cache.plan["summary"] = out  # read by `summary`
     return out[0]
 

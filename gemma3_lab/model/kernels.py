@@ -12,7 +12,10 @@ bring their own packed kernels (`decode_forward`, in gemma3_lab.loading.quantize
 from __future__ import annotations
 
 import os
+import threading
+import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -51,6 +54,82 @@ def _onednn_pack(weight: Tensor) -> Tensor:
 FEW_ROWS = 128  # up to this many rows, `rows_times` computes weight @ x.T (see there)
 
 
+# One row against a large float32 weight (the tied head, 262,144 x 640). MKL's sgemv runs it
+# on one thread on some CPUs: on a 2-core AMD EPYC it took 44 ms with 2 threads or 1, against
+# 20 ms for a plain streaming read of the same bytes (W.sum()). Cut into one block of rows
+# per thread, each block's sgemv on its own core, it took 25 ms, with the same bits (each
+# output is the same dot product). Where MKL threads its sgemv itself, cutting gains nothing
+# and could cost: so the first product of each such shape times both ways (a quarter of a
+# second, once per process) and keeps the faster. Either gives the same numbers.
+SPLIT_MIN = 1 << 24  # weights of at least this many elements (the head: 168 M; a projection: 1.3 M)
+SPLIT_ENV = "GEMMA3_LAB_SPLIT_GEMV"  # "1" / "0": always / never cut (default: measured)
+_SPLIT: dict[tuple, bool] = {}  # (rows, cols, threads) -> cut pays
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def split_pays(weight: Tensor) -> bool:
+    """Does a one-row product with this weight take `split_gemv`? (See the note above.)"""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+        return False
+    forced = os.environ.get(SPLIT_ENV)
+    if os.environ.get(FORCE_PLAIN) == "1" or forced == "0" or torch.get_num_threads() < 2:
+        return False
+    if forced == "1":
+        return True
+    if weight.numel() < SPLIT_MIN:
+        return False
+    key = (*weight.shape, torch.get_num_threads())
+    if key not in _SPLIT:
+        _SPLIT[key] = _measure(weight)
+    return _SPLIT[key]
+
+
+@torch.no_grad()
+def _measure(weight: Tensor) -> bool:
+    x = torch.randn(1, weight.shape[1])
+    ways = {False: lambda: F.linear(x, weight), True: lambda: split_gemv(x, weight)}
+    best = dict.fromkeys(ways, float("inf"))
+    for f in ways.values():
+        f()  # warm: pages, threads
+    for _ in range(3):  # in turns, so a busy moment slows both
+        for split, f in ways.items():
+            t = time.perf_counter()
+            f()
+            best[split] = min(best[split], time.perf_counter() - t)
+    return best[True] < 0.9 * best[False]
+
+
+def split_gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """x (1, in) @ weight.T as one sgemv per thread over its own block of weight rows (the
+    calling thread takes the first block); bit-for-bit `F.linear(x, weight)`."""
+    parts = torch.get_num_threads()
+    N = weight.shape[0]
+    out = x.new_empty(1, N)
+    # blocks start at multiples of 64 rows: MKL gives a block's last few rows (past a multiple
+    # of its unroll) another kernel, so only the whole weight's own last rows may take it
+    bounds = [N * i // parts // 64 * 64 for i in range(parts)] + [N]
+    pool = _pool(parts)
+    futures = [pool.submit(_rows_into, x, weight, a, b, out) for a, b in zip(bounds[1:-1], bounds[2:]) if b > a]
+    _rows_into(x, weight, 0, bounds[1], out)
+    for f in futures:
+        f.result()
+    return out
+
+
+def _rows_into(x: Tensor, weight: Tensor, a: int, b: int, out: Tensor) -> None:
+    with torch.no_grad():  # grad mode is per thread; `out=` refuses tensors that want grad
+        torch.mm(x, weight[a:b].T, out=out[:, a:b])
+
+
+def _pool(parts: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < parts - 1:
+            _POOL = ThreadPoolExecutor(max(parts - 1, 1), thread_name_prefix="gemma3-lab-gemv")
+        return _POOL
+
+
 def rows_times(x: Tensor, weight: Tensor) -> Tensor:
     """x (..., in) @ weight.T, fast for 2..FEW_ROWS rows of x against a float32 weight read
     from memory (a projection of a batch decoding together, a short prompt, the head).
@@ -59,11 +138,14 @@ def rows_times(x: Tensor, weight: Tensor) -> Tensor:
     of the speed of the same product written weight @ x.T: on a 2-core AVX2 EPYC, two rows
     through the 262k-row head took 220 ms that way and 73 ms this way, and the 18 layers'
     projections of a two-row decode step 59 ms against 27 ms (one row: 37 ms either way).
-    One row, more than FEW_ROWS rows, other dtypes or FORCE_PLAIN take the plain F.linear,
-    so a one-row decode step keeps its bits.
+    One row takes `split_gemv` where that pays (the head on some CPUs: the same bits), else,
+    like more than FEW_ROWS rows, other dtypes or FORCE_PLAIN, the plain F.linear, so a
+    one-row decode step keeps its bits.
     """
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
+    if n == 1 and split_pays(weight):
+        return split_gemv(rows, weight).view(*x.shape[:-1], weight.shape[0])
     if n == 1 or n > FEW_ROWS or weight.dtype != torch.float32 or os.environ.get(FORCE_PLAIN) == "1":
         return F.linear(x, weight)
     return (weight @ rows.T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
