@@ -165,8 +165,13 @@ def decode_rows(model, token_ids: list[int], cache: KVCache, fast: bool | None =
 
 
 def decode_one(model, token_id: int, cache: KVCache, fast: bool | None = None) -> Tensor:
-    """Feed one chosen token at the cache's next slot; (V,) float logits for the one after it."""
-    return decode_rows(model, [token_id], cache, fast)[0]
+    """Feed one chosen token at the cache's next slot; (V,) float logits for the one after it
+    (the compiled step's own tensor where it ran: `compiled_decode.summary` knows it by identity)."""
+    if _fast(model, fast):
+        logits = fast_decode.decode_step(model, token_id, cache)
+        if logits is not None:
+            return logits
+    return decode_rows(model, [token_id], cache, fast=False)[0]
 
 
 def _fast(model, fast: bool | None) -> bool:
@@ -196,8 +201,9 @@ def capture_fed(model, capture, prompt: dict[str, Capture], cache: KVCache, fed:
     prefill's own records, shared, not copied), then the `fed` tokens run from a copy of the
     prompt's `cache` in one forward (chunks of `chunk`) under the same recording hooks. It
     equals recording every step as it ran up to float rounding (one product of many rows
-    instead of many of one row) and costs about one decode step more than the tokens' own
-    prefill would: the generation itself took the lean or compiled step."""
+    instead of many of one row). It costs a prefill of the fed tokens, a few decode steps'
+    time for a few dozen tokens (one read of the weights for them all), while every step of
+    the generation itself took the lean or compiled step."""
     store = {name: cap.continued() for name, cap in prompt.items()}
     if not fed:
         return store

@@ -62,8 +62,13 @@ def test_generate_takes_the_compiled_step_and_hooks_still_see_every_token(compil
     plain = compiled_tiny.generate(ids, max_new_tokens=12, stop_ids=(), fast=False)
     assert fast.token_ids == plain.token_ids
     res = compiled_tiny.generate(ids, max_new_tokens=6, stop_ids=(), capture="blocks.2.hook_resid_post")
-    assert counted.n == 11  # a hook sends every step to the plain forward
+    assert counted.n == 16 and res.decode_paths == {"compiled": 5}  # a capture is recorded after the steps
     assert res.captures["blocks.2.hook_resid_post"].tensor().shape[:2] == (1, 3 + 5)
+    seen = []
+    with compiled_tiny.hooks([("blocks.2.hook_resid_post", lambda t, hook: seen.append(t.shape[1]))]):
+        hooked = compiled_tiny.generate(ids, max_new_tokens=6, stop_ids=())
+    assert counted.n == 16 and hooked.decode_paths == {"plain": 5}  # a hook sends every step to the plain forward
+    assert seen == [3, 1, 1, 1, 1, 1] and hooked.token_ids == plain.token_ids[:6]
 
 
 def test_a_step_switches_between_compiled_eager_and_plain_mid_generation(compiled_tiny, monkeypatch):
@@ -213,9 +218,10 @@ print(pick_vec_isa(), dict(cache.paths), bool(torch.equal(fast.argmax(-1), plain
 
 def test_the_compiled_step_built_for_avx2_matches_too():
     """Inductor writes its loops for the CPU's vector ISA: the AVX2 build is what an AVX2-only
-    machine of this project's kind runs. Built here with the head cut over the threads after
-    the graph (`kernels.split_gemv`, forced: the tiny head is far below where that is timed),
-    the other graph of the two a CPU may take; the tests above take the head inside it."""
+    machine of this project's kind runs. Built here as a CPU whose MKL gemv runs a row on one
+    thread gets it (forced: the tiny head is far below where that is timed): every float
+    product as Inductor's own loop (`_float_kind`), the other graph of the two a CPU may take;
+    the tests above take MKL's gemv."""
     from gemma3_lab.model import kernels
 
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", kernels.SPLIT_ENV: "1"}
@@ -225,6 +231,22 @@ def test_the_compiled_step_built_for_avx2_matches_too():
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("compiled decode step ready"), out.stdout
     assert lines[-1] == "avx2 {'compiled': 12} True True", out.stdout
+
+
+def test_float_products_follow_how_fast_mkls_gemv_is_here(monkeypatch):
+    """Where MKL's gemv runs a row on one thread (the head's timing, forced here both ways),
+    the graph multiplies every float weight in its own loop, head included; elsewhere by MKL's
+    gemv. A quantized head is never timed: its projections are packed anyway."""
+    from gemma3_lab.model import kernels
+
+    model = tiny_decoder()
+    for forced, kind in (("1", ("loop",)), ("0", ("float",))):
+        monkeypatch.setenv(kernels.SPLIT_ENV, forced)
+        norms, projections, kinds, final, head, floats, table = compiled_decode._owners(model)
+        assert floats == kind and head is model.embed and {k for row in kinds for k in row} == {kind}
+    x, w = torch.randn(1, 1, 64), torch.randn(300, 64)
+    torch.testing.assert_close(compiled_decode._mm(x, ("loop",), (w,)), x @ w.T, rtol=1e-5, atol=1e-5)
+    assert compiled_decode._float_kind(None) == ("float",)
 
 
 def test_inductors_disk_cache_has_a_folder_per_isa_unless_the_user_chose_one(monkeypatch, tmp_path):

@@ -81,7 +81,9 @@ def test_interventions_work_while_generating(real_model):
     v = torch.randn(D, generator=torch.Generator().manual_seed(1))
     with real_model.hooks(steer("blocks.6.hook_resid_post", v, scale=8.0, positions=[n + 1])):
         res = real_model.generate(prompt, max_new_tokens=4, stop_ids=(), capture="blocks.6.hook_resid_post")
-    plain = real_model.generate(prompt, max_new_tokens=4, stop_ids=(), capture="blocks.6.hook_resid_post")
+    # recorded step by step as the steered run's are (fast steps would be recorded after them, in one forward)
+    plain = real_model.generate(prompt, max_new_tokens=4, stop_ids=(), capture="blocks.6.hook_resid_post",
+                                fast=False)
     a, b = res.captures["blocks.6.hook_resid_post"], plain.captures["blocks.6.hook_resid_post"]
     assert res.token_ids[:2] == plain.token_ids[:2]  # positions before the steered slot: same path
     assert torch.equal(a[n], b[n]) and not torch.equal(a[n + 1], b[n + 1])

@@ -76,7 +76,9 @@ def test_known_continuation(real_model):
 
 def _cached_vs_uncached(model, prompt, new_tokens=40):
     """Logits of each cached decode step and of one uncached forward over the final sequence."""
-    res = model.generate(prompt, max_new_tokens=new_tokens, stop_ids=(), capture=["hook_logits"])
+    # fast=False: the logits recorded are those of each cached step as it ran (a capture of
+    # fast steps is computed after them, in one forward: not what this compares)
+    res = model.generate(prompt, max_new_tokens=new_tokens, stop_ids=(), capture=["hook_logits"], fast=False)
     # the prompt runs in chunks: its last chunk's last row and each decode step give one token each
     steps = torch.cat([t[:, -1] for t in list(res.captures["hook_logits"])[-new_tokens:]])  # (new_tokens, V)
     full = torch.cat([prompt, torch.tensor([res.token_ids])], dim=1)

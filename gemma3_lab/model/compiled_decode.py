@@ -4,8 +4,9 @@ its matmuls (norms, q/k norms, RoPE, cache writes, softmax, residuals) run as a 
 loops instead of one dispatch each from Python, and the step record's reductions over the
 vocabulary (logsumexp, argmax) are fused into the graph's end.
 
-Which models: float32 activations on the CPU, with float32 projections (`F.linear`, MKL's
-gemv) or int8/int4 ones whose packed kernels apply (`kernels.packed_mm`, called inside the
+Which models: float32 activations on the CPU, with float32 projections (MKL's gemv, or
+Inductor's own threaded loop where MKL runs a row on one thread: `_float_kind`) or int8/int4
+ones whose packed kernels apply (`kernels.packed_mm`, called inside the
 graph); a quantized head runs its own kernels (the int4 screen) after the graph, a quantized
 table is looked up before it. A bfloat16 model keeps the eager lean step (`fast_decode`): on
 a 2-core Xeon (AVX-512-BF16, AMX) a compiled bfloat16 step took 41 ms against 34 ms eager
@@ -230,20 +231,30 @@ def _owners(net) -> tuple:
     the seven projections (in `_step_graph`'s order) and how each projection is computed
     (("float",) or a packed kernel's kind, static in the graph), then the final norm, and
     the head and embedding where the graph computes them (float tables; a quantized head
-    runs its own kernels after the graph, and so does a float head that `kernels.split_gemv`
-    reads faster; a quantized table is looked up before it).
+    runs its own kernels after the graph, a quantized table is looked up before it), and how
+    the graph multiplies by float weights (`_float_kind`).
     Weights are read afresh every step (an edit or a new Parameter is seen)."""
     norms = [(b.pre_attention_norm, b.attn.q_norm, b.attn.k_norm, b.post_attention_norm, b.pre_ffw_norm,
               b.post_ffw_norm) for b in net.blocks]
     projections = [_projections(b) for b in net.blocks]
-    kinds = tuple(tuple(("float",) if getattr(m, "decode_operands", None) is None else m.decode_operands()[0]
-                        for m in row) for row in projections)
     head = net.embed if net.lm_head is None else net.lm_head
     head = head if getattr(head, "decode_forward", None) is None else None
-    if head is not None and kernels.split_pays(head._parameters["weight"]):
-        head = None  # cut over the threads after the graph (`kernels.split_gemv`): inside, one thread reads it
+    floats = _float_kind(head)
+    kinds = tuple(tuple(floats if getattr(m, "decode_operands", None) is None else m.decode_operands()[0]
+                        for m in row) for row in projections)
     table = net.embed if _float32(net.embed) is not None else None
-    return norms, projections, kinds, net.final_norm, head, table
+    return norms, projections, kinds, net.final_norm, head, floats, table
+
+
+def _float_kind(head) -> tuple:
+    """How the graph multiplies by a float32 weight: ("float",) MKL's gemv, or ("loop",)
+    Inductor's own loop (a reduction over each row, its OpenMP threads sharing the rows) where
+    MKL's gemv runs a row on one thread, as the float head's timing (`kernels.split_pays`)
+    tells. On a 2-core AMD EPYC the loop read the 126 projections in 20 ms against MKL's 25
+    and the head in 22 against 44 (so the head stays in the graph, with the step record's
+    reductions fused after it); where MKL threads its gemv, it is kept."""
+    w = None if head is None else _float32(head)
+    return ("loop",) if w is not None and kernels.split_pays(w) else ("float",)
 
 
 def _operands(m) -> tuple[Tensor, ...]:
@@ -269,7 +280,7 @@ def _run(net, token_id: int, cache: KVCache, owners: tuple, guarded: bool = Fals
             raise RuntimeError("layers of one type disagree on their kept slots")
     lo_l, end_l = bounds.get(False, (0, 0))
     lo_g, end_g = bounds.get(True, (0, 0))
-    norms, projections, kinds, final, head, table = owners
+    norms, projections, kinds, final, head, floats, table = owners
     ids = torch.tensor([[token_id]])
     if table is None:  # a quantized table: its row looked up here, the graph starts from it
         first, table_w, scale = net._embed(ids, None), None, None
@@ -291,7 +302,7 @@ def _run(net, token_id: int, cache: KVCache, owners: tuple, guarded: bool = Fals
                        [lc._k for lc in cache.layers], [lc._v for lc in cache.layers],
                        lo_l + _SHIFT, end_l + _SHIFT, lo_g + _SHIFT, end_g + _SHIFT,
                        final._parameters["weight"], None if head is None else head._parameters["weight"],
-                       is_global, kinds, a0.n_heads, a0.n_kv, a0.head_dim, a0.scale, cfg.rms_norm_eps,
+                       is_global, kinds, floats, a0.n_heads, a0.n_kv, a0.head_dim, a0.scale, cfg.rms_norm_eps,
                        net.final_softcap)
     if guarded:
         cache.plan["guarded"] = buffers
@@ -300,7 +311,7 @@ def _run(net, token_id: int, cache: KVCache, owners: tuple, guarded: bool = Fals
         if lc.keep is not None:
             lc._start = max(lc._start, lc._end - lc.keep)
     cache.advance(1, None, None, positions)
-    if head is None:  # a quantized head's packed kernels, or a float one cut over the threads
+    if head is None:  # a quantized head: its packed kernels on the graph's final hidden state
         cache.plan["summary"] = None
         return net.softcap(kernels.linear(out, net.embed if net.lm_head is None else net.lm_head))[0, -1].float()
     cache.plan["summary"] = out  # read by `summary`
@@ -322,11 +333,15 @@ def _norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
 
 
 def _mm(x: Tensor, kind: tuple, parts: tuple[Tensor, ...]) -> Tensor:
-    return F.linear(x, parts[0]) if kind[0] == "float" else kernels.packed_mm(x, kind, parts)
+    if kind[0] == "float":
+        return F.linear(x, parts[0])
+    if kind[0] == "loop":  # fused by Inductor into one loop over the rows: no (rows, in) product is made
+        return (x.unsqueeze(-2) * parts[0]).sum(-1)
+    return kernels.packed_mm(x, kind, parts)
 
 
 def _step_graph(first, table, emb_scale, positions, freq_l, freq_g, weights, ks, vs, lo_l, end_l, lo_g, end_g,
-                final_w, head, is_global, kinds, N: int, K: int, H: int, scale: float, eps: float,
+                final_w, head, is_global, kinds, floats, N: int, K: int, H: int, scale: float, eps: float,
                 cap: float | None):
     """The lean step (`fast_decode.decode_step`, `_block`, `_attention`) over tensors: the new
     token's id (1, 1) with its float `table`, or its embedding (1, 1, D) where `table` is
@@ -358,7 +373,7 @@ def _step_graph(first, table, emb_scale, positions, freq_l, freq_g, weights, ks,
     h = _norm(h, final_w, eps)
     if head is None:
         return h
-    logits = soft_cap(F.linear(h, head), cap).view(-1).float()
+    logits = soft_cap(_mm(h, floats, (head,)), cap).view(-1).float()
     # what the step record and a greedy choice read off all 262,144 logits, in the same two
     # fused passes here rather than as separate eager ops after the graph (0.5 ms a token)
     return logits, torch.logsumexp(logits, -1), torch.argmax(logits)

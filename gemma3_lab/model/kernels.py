@@ -144,7 +144,9 @@ def rows_times(x: Tensor, weight: Tensor) -> Tensor:
     """
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
-    if n == 1 and split_pays(weight):
+    # the blocks are written into one tensor from other threads: no autograd graph (gradients
+    # through the head, for input attribution, take the plain F.linear)
+    if n == 1 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and split_pays(weight):
         return split_gemv(rows, weight).view(*x.shape[:-1], weight.shape[0])
     if n == 1 or n > FEW_ROWS or weight.dtype != torch.float32 or os.environ.get(FORCE_PLAIN) == "1":
         return F.linear(x, weight)
