@@ -313,7 +313,7 @@ def _run(net, token_id: int, cache: KVCache, owners: tuple, guarded: bool = Fals
     cache.advance(1, None, None, positions)
     if head is None:  # a quantized head: its packed kernels on the graph's final hidden state
         cache.plan["summary"] = None
-        return net.softcap(kernels.linear(out, net.embed if net.lm_head is None else net.lm_head))[0, -1].float()
+        return net.softcap(kernels.linear(out, net.lm_head))[0, -1].float()
     cache.plan["summary"] = out  # read by `summary`
     return out[0]
 

@@ -1,6 +1,9 @@
 """Matmul kernels for decode-sized products (one token, a weight read once), chosen by what
 the CPU runs fast; the plain path (`F.linear`) is the reference they are tested against.
 
+float32: one row against the head is cut over the threads where MKL's sgemv would read it on
+one thread (`split_gemv`, below); a few rows go weight @ x.T (`rows_times`).
+
 bfloat16: torch's `F.linear` with one bfloat16 row reorders the weight on every call and
 runs at a fraction of float32's bandwidth; oneDNN on a weight packed once (into its
 blocked layout) reads it at about twice float32's speed where the CPU has AVX-512. The
@@ -64,7 +67,7 @@ FEW_ROWS = 128  # up to this many rows, `rows_times` computes weight @ x.T (see 
 SPLIT_MIN = 1 << 24  # weights of at least this many elements (the head: 168 M; a projection: 1.3 M)
 SPLIT_ENV = "GEMMA3_LAB_SPLIT_GEMV"  # "1" / "0": always / never cut (default: measured)
 _SPLIT: dict[tuple, bool] = {}  # (rows, cols, threads) -> cut pays
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool): the threads beside the caller's
 _POOL_LOCK = threading.Lock()
 
 
@@ -125,9 +128,10 @@ def _rows_into(x: Tensor, weight: Tensor, a: int, b: int, out: Tensor) -> None:
 def _pool(parts: int) -> ThreadPoolExecutor:
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < parts - 1:
-            _POOL = ThreadPoolExecutor(max(parts - 1, 1), thread_name_prefix="gemma3-lab-gemv")
-        return _POOL
+        if _POOL is None or _POOL[0] < parts - 1:
+            workers = max(parts - 1, 1)
+            _POOL = (workers, ThreadPoolExecutor(workers, thread_name_prefix="gemma3-lab-gemv"))
+        return _POOL[1]
 
 
 def rows_times(x: Tensor, weight: Tensor) -> Tensor:
