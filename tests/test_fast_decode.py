@@ -224,7 +224,10 @@ def test_where_a_gemv_is_cut_is_measured_once_or_forced(monkeypatch):
     big = torch.randn(kernels.SPLIT_MIN // 512, 512)
     kernels._SPLIT.clear()
     choice = kernels.split_pays(big)
-    assert kernels._SPLIT == {(*big.shape, torch.get_num_threads()): choice}
+    assert kernels._SPLIT[(*big.shape, torch.get_num_threads())] is choice  # kept: asked again, not timed again
+    kernels._SPLIT[(*big.shape, torch.get_num_threads())] = not choice
+    assert kernels.split_pays(big) is (not choice)
+    kernels._SPLIT.clear()
     assert not kernels.split_pays(big[:1000]) and not kernels.split_pays(big.bfloat16())
     x = torch.randn(1, 1, 512)
     for forced, cut in (("1", True), ("0", False)):
