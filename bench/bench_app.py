@@ -71,11 +71,11 @@ def both_against_one(client, model) -> None:
           f"{t_plain / t_one:.2f}x faster; decode {res.tokens_per_second:.1f} tok/s")
     step = res.decode_seconds / max(len(res.steps) - 1, 1)
     t_both, firsts = _both(client)
-    model.fast_decode = False  # the app's model is this one: every step on the plain forward, recorded as it runs
+    before, model.fast_decode = model.fast_decode, False  # the app's model: every step plain, recorded as it runs
     try:
         t_both_plain, _ = _both(client)
     finally:
-        model.fast_decode = True
+        model.fast_decode = before
     print(f"generate both (same model, {N_NEW} tokens): {t_both:.2f} s; one column alone {t_one:.2f} s -> "
           f"{t_both / t_one:.2f}x (target <= 1.3x); with every step on the plain forward {t_both_plain:.2f} s "
           f"({t_both_plain / t_both:.2f}x the fast steps' time)")

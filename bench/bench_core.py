@@ -102,12 +102,13 @@ def _head_bandwidth(model, tries: int = 10, way=None) -> float:
     """Bytes/s of the float32 head's fastest gemv: each decode step reads every weight once (the
     tied 262k x 640 head is 2/3 of them), so tokens/s cannot exceed this over the bytes stored.
     Both gemvs count, MKL's own and the one cut over the threads (`kernels.split_gemv`, 1.8x
-    MKL's on an AMD EPYC whose MKL sgemv runs on one thread), so the ceiling is never the slower."""
+    MKL's on an AMD EPYC whose MKL sgemv runs on one thread), so the ceiling is never the slower.
+    `way(h)`, given, is timed alone instead (h: a random (1, 640) row)."""
     from gemma3_lab.model import kernels
 
     head = model.embed.weight
     h = torch.randn(1, head.shape[1])
-    ways = [way] if way else [lambda: h @ head.T, lambda: kernels.split_gemv(h, head)]
+    ways = [lambda: way(h)] if way else [lambda: h @ head.T, lambda: kernels.split_gemv(h, head)]
     best = float("inf")
     with torch.no_grad():
         for f in ways:
@@ -155,8 +156,8 @@ def bench_decode(n: int) -> None:
     bw = max(seen)
     ceiling32 = bw / tensor_bytes(model)
     head = model.embed.weight
-    mkl = _head_bandwidth(model, way=lambda: torch.randn(1, head.shape[1]) @ head.T)
-    stream = _head_bandwidth(model, way=head.sum)
+    mkl = _head_bandwidth(model, way=lambda h: h @ head.T)
+    stream = _head_bandwidth(model, way=lambda h: head.sum())
     print(f"  memory bandwidth (head gemv) {bw / 1e9:5.1f} GB/s over {tensor_bytes(model) / 1e9:4.2f} GB of fp32 weights "
           f"(the fastest of {len(seen)} measurements, {min(seen) / 1e9:4.1f} the slowest): ceiling {ceiling32:5.2f} tok/s "
           f"fp32, {2 * ceiling32:5.2f} tok/s bf16; MKL's own gemv alone {mkl / 1e9:5.1f} GB/s; a plain streaming read "

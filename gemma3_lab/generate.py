@@ -198,8 +198,9 @@ def watch_prefill(model, capture, store: dict[str, Capture], cache: KVCache, fas
 def capture_fed(model, capture, prompt: dict[str, Capture], cache: KVCache, fed: list[int],
                 chunk: int | None = None) -> dict[str, Capture]:
     """The captures of a generation whose decode steps ran unrecorded: `prompt`'s (the
-    prefill's own records, shared, not copied), then the `fed` tokens run from a copy of the
-    prompt's `cache` in one forward (chunks of `chunk`) under the same recording hooks. It
+    prefill's own records, shared, not copied), then the `fed` tokens run on from the
+    prompt's `cache` (which they advance: pass a copy to keep it) in one forward (chunks of
+    `chunk`) under the same recording hooks. It
     equals recording every step as it ran up to float rounding (one product of many rows
     instead of many of one row). It costs a prefill of the fed tokens, a few decode steps'
     time for a few dozen tokens (one read of the weights for them all), while every step of
@@ -207,7 +208,6 @@ def capture_fed(model, capture, prompt: dict[str, Capture], cache: KVCache, fed:
     store = {name: cap.continued() for name, cap in prompt.items()}
     if not fed:
         return store
-    cache = cache.copy()
     ids = torch.tensor([fed], device=model.device)
     every = any(n == "hook_logits" for n in model.select_hook_names(capture))  # a step recorded its logits
     step = chunk or len(fed)

@@ -125,7 +125,7 @@ def generate_batch(
             text=row.text, token_ids=row.ids, steps=row.steps, prompt_ids=inputs.input_ids[0].tolist(),
             stop_reason=row.reason, inputs=inputs, prefill_seconds=t_first - t0, decode_seconds=t_end - t_first,
             captures=(row_captures(captures, r, n_prompt + max(len(row.ids) - 1, 0)) if prompt_cache is None
-                      else capture_fed(model, capture, captures, prompt_cache, row.ids[:-1], prefill_chunk)),
+                      else capture_fed(model, capture, captures, prompt_cache.copy(), row.ids[:-1], prefill_chunk)),
             decode_paths=(dict(cache.paths) if R == 1 else {path: len(row.ids) - 1}) if len(row.ids) > 1 else {},
         )
         for r, row in enumerate(state)
