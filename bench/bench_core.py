@@ -123,9 +123,11 @@ def _head_bandwidth(model, tries: int = 10, way=None) -> float:
 
 # label -> (dtype, quantize_model keywords); quantize_model's DEFAULTS are what load uses. The
 # defaults are measured with their decode step compiled (as `compile_decode` gives it), the others eager.
-COMPILED = ("int8 (load's default)", "int4 (load's default)")
+# bfloat16's one-row products take the C gemv where it is built (`gemv_bf16`, said below).
+COMPILED = ("bf16", "int8 (load's default)", "int4 (load's default)")
 VARIANTS = {
-    "bf16": ("bfloat16", None),
+    "bf16": ("bfloat16", None),  # compiled where the CPU has native bfloat16 products
+    "bf16 eager": ("bfloat16", None),
     "int8 (load's default)": ("float32", dict(mode="int8")),
     "int8 row, int8 head": ("float32", dict(mode="int8", screen=False)),
     "int4 (load's default)": ("float32", dict(mode="int4")),
@@ -138,7 +140,11 @@ def bench_decode(n: int) -> None:
     import gemma3_lab as gl
     from gemma3_lab.loading.quantize import decode_bytes, quantize_model, tensor_bytes
 
+    from gemma3_lab.model import gemv_bf16
+
     print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: every ratio below is measured in turns in one process")
+    print(f"  CPU capability {torch.backends.cpu.get_cpu_capability()}; bfloat16 one-row products: "
+          + ("the C gemv (gemv_bf16)" if gemv_bf16.available() else f"oneDNN or F.linear ({gemv_bf16.why_not()})"))
     model = gl.load(progress=False)
     hf = _hf_model()
     ids = model.to_inputs(PROMPT).input_ids

@@ -97,8 +97,9 @@ class Gemma3(HookedMixin, TransformerLensMixin, Gemma3Network):
         """Compile the decode step with torch.compile (half a minute to a minute, once per
         process): in a background thread by default, after which `generate`'s unhooked steps
         take it. Returns the status (`.describe()` says it in words); CPU models with float32
-        activations (float32, or int8/int4 weights with packed kernels) only, anything else
-        reports why not and keeps the eager lean step. `announce(status)` is called when the
+        activations (float32, or int8/int4 weights with packed kernels), or bfloat16 ones where
+        the CPU has native bfloat16 products, only; anything else reports why not and keeps the
+        eager lean step. `announce(status)` is called when the
         compile ends."""
         return compiled_decode.start(self, background, announce)
 

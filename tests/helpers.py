@@ -40,3 +40,18 @@ def greedy_steps(model, ids, n: int, fast: bool, cache=None):
         for _ in range(n):
             logits.append(decode_one(model, int(logits[-1].argmax()), cache, fast))
     return torch.stack(logits)
+
+
+def bf16_noise_check(fast, plain, reference) -> None:
+    """A bfloat16 step (`fast`) that rounds elsewhere than the plain bfloat16 path (its products
+    summed in another order, its fused loops rounding at their ends) against the plain path,
+    both (n + 1, V) logits of the same greedy tokens: the same tokens, and no further from
+    float32's logits (`reference`) than the plain path is, give or take bfloat16 noise. On the
+    270M the plain bfloat16 logits lie 2.3% from float32's, the C gemv's lean step 2.9%, and
+    2.2% from each other."""
+    def rel(a, b):
+        return float(((a.float() - b.float()).norm(dim=-1) / b.float().norm(dim=-1)).max())
+
+    assert torch.equal(fast.argmax(-1), plain.argmax(-1)) and torch.equal(plain.argmax(-1), reference.argmax(-1))
+    ours, theirs = rel(fast, reference), rel(plain, reference)
+    assert ours <= 1.5 * theirs + 5e-3 and rel(fast, plain) <= 2 * theirs + 5e-3, (ours, theirs, rel(fast, plain))

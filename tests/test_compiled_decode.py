@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import greedy_steps, tiny_decoder
+from helpers import bf16_noise_check, greedy_steps, tiny_decoder
 
 from gemma3_lab.generate import decode_one, prefill
 from gemma3_lab.model import compiled_decode
@@ -112,9 +112,15 @@ def test_a_failing_compiler_leaves_the_eager_step_in_charge(monkeypatch):
 
 
 def test_what_cannot_be_compiled_says_why(monkeypatch):
-    bf16 = tiny_decoder(seed=2).to(torch.bfloat16)
-    assert bf16.compile_decode().state == "unavailable"
-    assert "bfloat16" in bf16.compile_status.reason
+    from gemma3_lab.model import kernels
+
+    half = tiny_decoder(seed=2).to(torch.float16)
+    assert half.compile_decode().state == "unavailable" and "float16" in half.compile_status.reason
+    with monkeypatch.context() as m:  # a CPU without native bfloat16 products (AVX2)
+        m.setattr(kernels, "bf16_native", lambda: False)
+        bf16 = tiny_decoder(seed=2).to(torch.bfloat16)
+        assert bf16.compile_decode().state == "unavailable"
+        assert "bfloat16" in bf16.compile_status.reason and "natively" in bf16.compile_status.reason
     from gemma3_lab.loading.quantize import quantize_model
 
     # int8 in groups: torch's int8 kernel reads one scale per row, so nothing packed to call
@@ -197,6 +203,31 @@ def test_real_compiled_greedy_is_the_plain_greedy(real_model, monkeypatch):
         plain = real_model.generate(prompt, max_new_tokens=24, stop_ids=(), fast=False)
         assert fast.token_ids == plain.token_ids, prompt
     assert counted.n == 2 * 23
+
+
+@pytest.mark.real
+def test_real_compiled_bfloat16_stays_within_rounding_of_the_plain_path(real_model, monkeypatch):
+    """A bfloat16 model where the CPU has native bfloat16 products compiles too, each product
+    (`kernels.bf16_product`) called whole from the graph. Its fused loops round to bfloat16 at
+    their ends only, so it is held to what the eager bfloat16 step is held to against the
+    plain path (tests/test_fast_decode.py): the same greedy tokens, logits as near float32's."""
+    import gemma3_lab as gl
+    from gemma3_lab.model import kernels
+
+    model = gl.load(dtype="bfloat16", progress=False)
+    status = model.compile_decode(background=False)
+    if not kernels.bf16_native():
+        assert status.state == "unavailable" and "natively" in status.reason
+        return
+    assert status.state == "ready", status.describe()
+    counted = _Counted(monkeypatch)
+    ids = model.to_inputs("The capital of France is").input_ids
+    cache = KVCache(model.config.text)
+    fast, plain = greedy_steps(model, ids, 8, True, cache), greedy_steps(model, ids, 8, False)
+    assert counted.n == 8 and cache.paths == {"compiled": 8}
+    bf16_noise_check(fast, plain, greedy_steps(real_model, ids, 8, fast=False))
+    assert model.generate(ids, max_new_tokens=12, stop_ids=()).token_ids == \
+        model.generate(ids, max_new_tokens=12, stop_ids=(), fast=False).token_ids
 
 
 AVX2 = """

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from gemma3_lab.config.paths import cache_root
 from gemma3_lab.errors import Gemma3LabError
 from gemma3_lab.loading.gguf import hf_name, open_gguf, read_gguf_config, read_gguf_state_dict
 from gemma3_lab.loading.gguf_tokenizer import tokenizer_from_gguf
@@ -102,10 +103,6 @@ def check_tensors(g, cfg) -> None:
         elif internal is not None:  # None: dropped on purpose
             found[internal] = (t.shape, name)
     validate(cfg, found, unknown=unknown, where=f"{g.path} (its tensors against its own metadata)")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("GEMMA3_LAB_CACHE") or Path.home() / ".cache" / "gemma3_lab")
 
 
 def cached_conversion(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,

@@ -4,15 +4,20 @@ its matmuls (norms, q/k norms, RoPE, cache writes, softmax, residuals) run as a 
 loops instead of one dispatch each from Python, and the step record's reductions over the
 vocabulary (logsumexp, argmax) are fused into the graph's end.
 
-Which models: float32 activations on the CPU, with float32 projections (MKL's gemv, or
-Inductor's own threaded loop where MKL runs a row on one thread: `_float_kind`) or int8/int4
-ones whose packed kernels apply (`kernels.packed_mm`, called inside the
-graph); a quantized head runs its own kernels (the int4 screen) after the graph, a quantized
-table is looked up before it. A bfloat16 model keeps the eager lean step (`fast_decode`): on
-a 2-core Xeon (AVX-512-BF16, AMX) a compiled bfloat16 step took 41 ms against 34 ms eager
-(Inductor's bfloat16 loops and an opaque packed matmul lose there). On the same machine the
-compiled step took 43 ms against 50 eager in float32, 18 against 22 at int4 and 22 against 27
-at int8 (bench/bench_core.py prints today's).
+Which models: CPU models with float32 activations, whose float32 products are MKL's gemv
+(or Inductor's own threaded loop where MKL runs a row on one thread: `_float_kind`) or
+int8/int4 ones whose packed kernels apply (`kernels.packed_mm`, called inside the graph; a
+quantized head runs its own kernels (the int4 screen) after the graph, a quantized table is
+looked up before it); and bfloat16 models where the CPU has native bfloat16 products, every
+product `kernels.bf16_product` (the C gemv of `gemv_bf16`, or oneDNN) called whole from the
+graph as an op of its own. The bfloat16 graph's fused loops round to bfloat16 only at their
+ends, not after every op as the eager step does, so its logits differ from the eager step's
+by bfloat16 noise (tested as the eager step is against the plain path).
+
+Measured on a 2-core Xeon (AVX10.1, AMX) on 2026-12-07, a token of the 270M: float32 57 ms
+compiled against 77 eager; bfloat16 36 ms compiled against 48 eager (bench/bench_core.py
+prints today's). An earlier bfloat16 graph, with Inductor's own bfloat16 products, ran
+slower than the eager step (41 against 34 ms): the products must stay whole.
 
 Compiling costs half a minute to a minute on two cores, once per process and model shape
 (and kind of projection): the
@@ -92,11 +97,19 @@ def unsupported(net) -> str | None:
     w = net.final_norm.weight
     if w.device.type != "cpu":
         return f"the model is on {w.device.type}, and only the CPU step is compiled"
-    if w.dtype != torch.float32:
-        return (f"the model is {str(w.dtype).removeprefix('torch.')}; only float32 activations are compiled "
-                "(a compiled bfloat16 step measured slower than the eager one)")
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        return f"the model is {str(w.dtype).removeprefix('torch.')}; only float32 and bfloat16 activations are compiled"
+    if w.dtype == torch.bfloat16 and not kernels.bf16_native():
+        return "bfloat16 is compiled only where the CPU runs bfloat16 products natively (AVX-512 and up)"
     if net.vision is not None:
         return "multimodal models decode with the eager lean step"
+    head = net.embed if net.lm_head is None else net.lm_head
+    if w.dtype == torch.bfloat16:  # every product bfloat16 (`kernels.bf16_product`)
+        for m in [p for b in net.blocks for p in _projections(b)] + [head]:
+            v = m._parameters.get("weight")
+            if getattr(m, "decode_forward", None) is not None or v is None or v.dtype != torch.bfloat16:
+                return "a bfloat16 model with a quantized or non-bfloat16 product keeps the eager lean step"
+        return None
     for m in (p for b in net.blocks for p in _projections(b)):
         if getattr(m, "decode_operands", None) is not None:
             if m.decode_operands() is None:
@@ -104,7 +117,6 @@ def unsupported(net) -> str | None:
                         "GEMMA3_LAB_PLAIN_KERNELS=1)")
         elif _float32(m) is None:
             return "a projection is neither float32 nor quantized with a packed kernel"
-    head = net.embed if net.lm_head is None else net.lm_head
     if getattr(head, "decode_forward", None) is None and _float32(head) is None:
         return "the head is neither float32 nor quantized"
     return None
@@ -239,10 +251,11 @@ def _owners(net) -> tuple:
     projections = [_projections(b) for b in net.blocks]
     head = net.embed if net.lm_head is None else net.lm_head
     head = head if getattr(head, "decode_forward", None) is None else None
-    floats = _float_kind(head)
+    floats = ("bf16",) if net.final_norm.weight.dtype == torch.bfloat16 else _float_kind(head)
     kinds = tuple(tuple(floats if getattr(m, "decode_operands", None) is None else m.decode_operands()[0]
                         for m in row) for row in projections)
-    table = net.embed if _float32(net.embed) is not None else None
+    w = net.embed._parameters.get("weight")
+    table = net.embed if w is not None and w.dtype in (torch.float32, torch.bfloat16) else None
     return norms, projections, kinds, net.final_norm, head, floats, table
 
 
@@ -335,6 +348,8 @@ def _norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
 def _mm(x: Tensor, kind: tuple, parts: tuple[Tensor, ...]) -> Tensor:
     if kind[0] == "float":
         return F.linear(x, parts[0])
+    if kind[0] == "bf16":  # one call of an op the graph does not look into
+        return kernels.bf16_product_op(x.reshape(-1, x.shape[-1]), parts[0]).view(*x.shape[:-1], -1)
     if kind[0] == "loop":  # fused by Inductor into one loop over the rows: no (rows, in) product is made
         return (x.unsqueeze(-2) * parts[0]).sum(-1)
     return kernels.packed_mm(x, kind, parts)
@@ -364,9 +379,9 @@ def _step_graph(first, table, emb_scale, positions, freq_l, freq_g, weights, ks,
         kk, vv = ks[i][0, :, lo:end + 1], vs[i][0, :, lo:end + 1]  # (K, T, H)
         # grouped_matmul's products as plain bmm: matmul's folding of 4-d operands guards on
         # sizes (T * H != 1024, say), and a real cache soon fails such a guard
-        scores = torch.bmm(q.reshape(K, N // K, H), kk.transpose(1, 2)) * scale  # (K, N/K, T)
-        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        z = torch.bmm(pattern, vv)  # (K, N/K, H): query heads in order, as grouped_matmul's
+        scores = torch.bmm(q.reshape(K, N // K, H).float(), kk.transpose(1, 2).float()).to(q.dtype) * scale
+        pattern = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)  # (K, N/K, T)
+        z = torch.bmm(pattern.float(), vv.float()).to(q.dtype)  # (K, N/K, H): query heads in order
         h = h + _norm(_mm(z.reshape(1, 1, N * H), ko, wo), n2, eps)
         y = _norm(h, n3, eps)
         h = h + _norm(_mm(F.gelu(_mm(y, kg, wg), approximate="tanh") * _mm(y, ku, wu), kd, wd), n4, eps)

@@ -4,12 +4,13 @@ the CPU runs fast; the plain path (`F.linear`) is the reference they are tested 
 float32: one row against the head is cut over the threads where MKL's sgemv would read it on
 one thread (`split_gemv`, below); a few rows go weight @ x.T (`rows_times`).
 
-bfloat16: torch's `F.linear` with one bfloat16 row reorders the weight on every call and
-runs at a fraction of float32's bandwidth; oneDNN on a weight packed once (into its
-blocked layout) reads it at about twice float32's speed where the CPU has AVX-512. The
-packed copy is made on first use and remade whenever the weight changes (an edit in place
-bumps its version), so interventions on weights are always seen. Quantized projections
-bring their own packed kernels (`decode_forward`, in gemma3_lab.loading.quantize).
+bfloat16 (where the CPU runs it natively, `bf16_native`): torch's `F.linear` with one
+bfloat16 row reorders the weight on every call. One row takes the C loop of `gemv_bf16`
+where it is built (oneDNN's AMX kernel is slow for a single row inside a decode step); several
+rows, or a CPU without AVX512-BF16, take oneDNN on a copy of the weight packed once into its
+blocked layout (`onednn_packed`). Packed copies are remade whenever the weight changes (an
+edit in place bumps its version), so interventions on weights are always seen. Quantized
+projections bring their own packed kernels (`decode_forward`, in gemma3_lab.loading.quantize).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gemma3_lab.model import gemv_bf16
+
 # module -> ((data_ptr, version, dtype, shape) of the weight it was made from, packed form)
 _PACKS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, object]]" = weakref.WeakKeyDictionary()
-FORCE_PLAIN = "GEMMA3_LAB_PLAIN_KERNELS"  # set to 1: every product takes the plain F.linear
+FORCE_PLAIN = gemv_bf16.PLAIN  # set to 1: every product takes the plain F.linear
 
 
 def bf16_native() -> bool:
@@ -50,8 +53,45 @@ def packed(module: nn.Module, weight: Tensor, make: Callable[[Tensor], object]) 
     return value
 
 
-def _onednn_pack(weight: Tensor) -> Tensor:
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+# data_ptr -> (weakref to the bfloat16 weight, its version, shape, oneDNN's packed copy). Keyed by
+# the weight itself rather than its module: the compiled step's graph sees only tensors.
+_ONEDNN: dict[int, tuple] = {}
+
+
+def onednn_packed(weight: Tensor) -> Tensor:
+    """oneDNN's blocked copy of a bfloat16 weight (made once, remade after an edit in place),
+    dropped when the weight is freed."""
+    ptr = weight.data_ptr()
+    hit = _ONEDNN.get(ptr)
+    if hit is not None:
+        ref, version, shape, pk = hit
+        # the weight that owns this address is alive, so no other storage can sit there
+        if ref() is not None and version == weight._version and shape == weight.shape:
+            return pk
+    pk = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    _ONEDNN[ptr] = (weakref.ref(weight, lambda _, ptr=ptr: _ONEDNN.pop(ptr, None)), weight._version, weight.shape, pk)
+    return pk
+
+
+def bf16_product(x: Tensor, weight: Tensor) -> Tensor:
+    """x (rows, in) @ weight.T, both bfloat16, on a CPU where `bf16_native()`: one row through
+    the C loop where it is built (`gemv_bf16`: oneDNN's AMX kernel is slow for one row), else
+    oneDNN on its packed copy of the weight."""
+    if x.shape[0] == 1 and gemv_bf16.available():
+        return gemv_bf16.gemv(x, weight)
+    return torch.ops.mkldnn._linear_pointwise(x, onednn_packed(weight), None, "none", [], "")
+
+
+# `bf16_product` as an op of its own, for the compiled decode step: the graph passes the plain
+# weight (a packed oneDNN tensor cannot enter a graph) and Inductor calls the op whole. Declared
+# through torch.library.Library rather than `custom_op`, whose wrapper cost 18 us a call
+# against 3.5 here (127 calls a token).
+_OPS = torch.library.Library("gemma3_lab", "DEF")
+_OPS.define("bf16_product(Tensor x, Tensor weight) -> Tensor")
+_OPS.impl("bf16_product", bf16_product, "CPU")
+torch.library.register_fake("gemma3_lab::bf16_product", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0]),
+                            lib=_OPS)
+bf16_product_op = torch.ops.gemma3_lab.bf16_product.default
 
 
 FEW_ROWS = 128  # up to this many rows, `rows_times` computes weight @ x.T (see there)
@@ -63,7 +103,10 @@ FEW_ROWS = 128  # up to this many rows, `rows_times` computes weight @ x.T (see 
 # per thread, each block's sgemv on its own core, it took 25 ms, with the same bits (each
 # output is the same dot product). Where MKL threads its sgemv itself, cutting gains nothing
 # and could cost: so the first product of each such shape times both ways (a quarter of a
-# second, once per process) and keeps the faster. Either gives the same numbers.
+# second, once per process) and keeps the faster. Where MKL threads its sgemv, the rows at its
+# own cuts take another kernel, so its last bits depend on how it cut; the cut taken here then
+# agrees with F.linear to float32 reordering (the plain forward and the lean step still agree
+# to the bit: both multiply through `rows_times`, and so the same way).
 SPLIT_MIN = 1 << 24  # weights of at least this many elements (the head: 168 M; a projection: 1.3 M)
 SPLIT_ENV = "GEMMA3_LAB_SPLIT_GEMV"  # "1" / "0": always / never cut (default: measured)
 _SPLIT: dict[tuple, bool] = {}  # (rows, cols, threads) -> cut pays
@@ -105,7 +148,8 @@ def _measure(weight: Tensor) -> bool:
 
 def split_gemv(x: Tensor, weight: Tensor) -> Tensor:
     """x (1, in) @ weight.T as one sgemv per thread over its own block of weight rows (the
-    calling thread takes the first block); bit-for-bit `F.linear(x, weight)`."""
+    calling thread takes the first block); bit-for-bit `F.linear(x, weight)` where MKL's sgemv
+    runs a row on one thread (where the cut is chosen; see above)."""
     parts = torch.get_num_threads()
     N = weight.shape[0]
     out = x.new_empty(1, N)
@@ -180,8 +224,7 @@ def linear(x: Tensor, module: nn.Module, weight: Tensor | None = None) -> Tensor
     w = module.weight if weight is None else weight
     if x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu" and bf16_native():
         shape = x.shape
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), packed(module, w, _onednn_pack), None,
-                                                 "none", [], "")
+        out = bf16_product(x.reshape(-1, shape[-1]), w)
         return out.view(*shape[:-1], -1)
     return rows_times(x, w)
 
