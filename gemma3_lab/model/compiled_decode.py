@@ -14,8 +14,8 @@ graph as an op of its own. The bfloat16 graph's fused loops round to bfloat16 on
 ends, not after every op as the eager step does, so its logits differ from the eager step's
 by bfloat16 noise (tested as the eager step is against the plain path).
 
-Measured on a 2-core Xeon (AVX10.1, AMX) on 2026-12-07, a token of the 270M: float32 57 ms
-compiled against 77 eager; bfloat16 36 ms compiled against 48 eager (bench/bench_core.py
+Measured on a 2-core Xeon (AVX10.1, AMX) on 2026-12-07, a token of the 270M: float32 63 ms
+compiled against 81 eager; bfloat16 38 ms compiled against 48 eager (bench/bench_core.py
 prints today's). An earlier bfloat16 graph, with Inductor's own bfloat16 products, ran
 slower than the eager step (41 against 34 ms): the products must stay whole.
 
