@@ -143,20 +143,48 @@ def test_bfloat16_fallback_without_native_kernels(real_folder):
     assert native == "False" and same == "True"
 
 
+@pytest.mark.parametrize("transposed", ["1", "0"])
 @pytest.mark.parametrize("rows", [1, 2, 5, kernels.FEW_ROWS, kernels.FEW_ROWS + 1])
-def test_few_rows_product_equals_the_plain_one(rows, monkeypatch):
-    """`rows_times` (weight @ x.T for a few rows) gives x @ weight.T: bit for bit for one row
-    (both are one GEMV) and to float32 rounding otherwise, in the input's leading shape; forced
-    plain, it is the plain product itself."""
+def test_few_rows_product_equals_the_plain_one(rows, transposed, monkeypatch):
+    """`rows_times` (weight @ x.T for a few rows where that is faster, forced both ways here)
+    gives x @ weight.T: bit for bit for one row (both are one GEMV) and where it is not
+    transposed, to float32 rounding otherwise, in the input's leading shape; forced plain, it
+    is the plain product itself."""
+    monkeypatch.setenv(kernels.FEW_ENV, transposed)
     torch.manual_seed(rows)
     w, x = torch.randn(3000, 64), torch.randn(rows, 1, 64)
     got, plain = kernels.rows_times(x, w), x @ w.T
     assert got.shape == plain.shape == (rows, 1, 3000) and got.is_contiguous()
-    if rows == 1:
+    if rows == 1 or rows > kernels.FEW_ROWS or transposed == "0":
         assert torch.equal(got, plain)
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv(kernels.FORCE_PLAIN, "1")
     assert torch.equal(kernels.rows_times(x, w), plain)
+
+
+def test_how_a_few_rows_multiply_is_measured_once_per_shape_or_forced(monkeypatch):
+    """Each float32 weight's shape is timed both ways on its first few-row product and keeps
+    its way for the process (so the plain forward and the lean step keep multiplying alike);
+    the environment forces either way; bfloat16 and FORCE_PLAIN never transpose."""
+    monkeypatch.delenv(kernels.FEW_ENV, raising=False)
+    w, x = torch.randn(700, 96), torch.randn(2, 96)
+    key = (*w.shape, torch.get_num_threads())
+    kernels._FEW.pop(key, None)
+    choice = kernels.few_rows_pay(w)
+    assert kernels._FEW[key] is choice  # kept: asked again, not timed again
+    for kept in (True, False):
+        kernels._FEW[key] = kept
+        assert kernels.few_rows_pay(w) is kept
+        got = kernels.rows_times(x, w)
+        assert torch.equal(got, (w @ x.T).T.contiguous() if kept else torch.nn.functional.linear(x, w))
+    kernels._FEW.pop(key)
+    assert not kernels.few_rows_pay(w.bfloat16())
+    for forced, way in (("1", True), ("0", False)):
+        monkeypatch.setenv(kernels.FEW_ENV, forced)
+        assert kernels.few_rows_pay(w) is way and key not in kernels._FEW
+    monkeypatch.setenv(kernels.FORCE_PLAIN, "1")
+    monkeypatch.setenv(kernels.FEW_ENV, "1")
+    assert not kernels.few_rows_pay(w)
 
 
 def test_the_head_of_a_two_row_batch_gives_each_rows_logits(tiny):

@@ -94,7 +94,9 @@ torch.library.register_fake("gemma3_lab::bf16_product", lambda x, weight: x.new_
 bf16_product_op = torch.ops.gemma3_lab.bf16_product.default
 
 
-FEW_ROWS = 128  # up to this many rows, `rows_times` computes weight @ x.T (see there)
+FEW_ROWS = 128  # up to this many rows, `rows_times` may compute weight @ x.T (see there)
+FEW_ENV = "GEMMA3_LAB_FEW_ROWS"  # "1" / "0": always / never weight @ x.T for a few rows (default: measured)
+_FEW: dict[tuple, bool] = {}  # (rows, cols, threads) -> weight @ x.T pays
 
 
 # One row against a large float32 weight (the tied head, 262,144 x 640). MKL's sgemv runs it
@@ -125,25 +127,34 @@ def split_pays(weight: Tensor) -> bool:
         return True
     if weight.numel() < SPLIT_MIN:
         return False
-    key = (*weight.shape, torch.get_num_threads())
-    if key not in _SPLIT:
-        _SPLIT[key] = _measure(weight)
-    return _SPLIT[key]
+    return _measured(_SPLIT, weight, 1, split_gemv)
+
+
+_MEASURE_LOCK = threading.Lock()  # one timing at a time, and each shape's choice made once
 
 
 @torch.no_grad()
-def _measure(weight: Tensor) -> bool:
-    x = torch.randn(1, weight.shape[1])
-    ways = {False: lambda: F.linear(x, weight), True: lambda: split_gemv(x, weight)}
-    best = dict.fromkeys(ways, float("inf"))
-    for f in ways.values():
-        f()  # warm: pages, threads
-    for _ in range(3):  # in turns, so a busy moment slows both
-        for split, f in ways.items():
-            t = time.perf_counter()
-            f()
-            best[split] = min(best[split], time.perf_counter() - t)
-    return best[True] < 0.9 * best[False]
+def _measured(memo: dict, weight: Tensor, rows: int, other: Callable[[Tensor, Tensor], Tensor]) -> bool:
+    """Is `other(x, weight)` faster than F.linear for `rows` rows of x against this weight?
+    Timed both ways on the first ask for its shape (and thread count), kept for the process,
+    so that every product of that shape takes the same way (the same bits) from then on."""
+    key = (*weight.shape, torch.get_num_threads())
+    if key in memo:
+        return memo[key]
+    with _MEASURE_LOCK:
+        if key not in memo:
+            x = torch.randn(rows, weight.shape[1])
+            ways = {False: lambda: F.linear(x, weight), True: lambda: other(x, weight)}
+            best = dict.fromkeys(ways, float("inf"))
+            for f in ways.values():
+                f()  # warm: pages, threads
+            for _ in range(3):  # in turns, so a busy moment slows both
+                for pays, f in ways.items():
+                    t = time.perf_counter()
+                    f()
+                    best[pays] = min(best[pays], time.perf_counter() - t)
+            memo[key] = best[True] < 0.9 * best[False]
+    return memo[key]
 
 
 def split_gemv(x: Tensor, weight: Tensor) -> Tensor:
@@ -182,11 +193,14 @@ def rows_times(x: Tensor, weight: Tensor) -> Tensor:
     """x (..., in) @ weight.T, fast for 2..FEW_ROWS rows of x against a float32 weight read
     from memory (a projection of a batch decoding together, a short prompt, the head).
 
-    MKL's float32 GEMM with a handful of rows against a transposed weight runs at a fraction
-    of the speed of the same product written weight @ x.T: on a 2-core AVX2 EPYC, two rows
-    through the 262k-row head took 220 ms that way and 73 ms this way, and the 18 layers'
-    projections of a two-row decode step 59 ms against 27 ms (one row: 37 ms either way).
-    One row takes `split_gemv` where that pays (the head on some CPUs: the same bits), else,
+    On some CPUs MKL's float32 GEMM with a handful of rows against a transposed weight runs
+    at a fraction of the speed of the same product written weight @ x.T: on a 2-core AVX2
+    EPYC, two rows through the 262k-row head took 220 ms that way and 73 ms this way, and the
+    18 layers' projections of a two-row decode step 59 ms against 27 ms (one row: 37 ms either
+    way). On others it is the other way round: on a 2-core AVX-512 Xeon, two rows through the
+    head took 24 ms through F.linear and 61 ms as weight @ x.T, the projections 21 ms and 47.
+    So each weight's shape is timed both ways once (`few_rows_pay`; GEMMA3_LAB_FEW_ROWS=1 or
+    =0 forces it). One row takes `split_gemv` where that pays (the head on some CPUs), else,
     like more than FEW_ROWS rows, other dtypes or FORCE_PLAIN, the plain F.linear, so a
     one-row decode step keeps its bits.
     """
@@ -196,9 +210,23 @@ def rows_times(x: Tensor, weight: Tensor) -> Tensor:
     # through the head, for input attribution, take the plain F.linear)
     if n == 1 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and split_pays(weight):
         return split_gemv(rows, weight).view(*x.shape[:-1], weight.shape[0])
-    if n == 1 or n > FEW_ROWS or weight.dtype != torch.float32 or os.environ.get(FORCE_PLAIN) == "1":
+    if n == 1 or n > FEW_ROWS or not few_rows_pay(weight):
         return F.linear(x, weight)
-    return (weight @ rows.T).T.contiguous().view(*x.shape[:-1], weight.shape[0])
+    return _transposed(rows, weight).view(*x.shape[:-1], weight.shape[0])
+
+
+def few_rows_pay(weight: Tensor) -> bool:
+    """Does a product of a few rows with this weight take weight @ x.T? (See `rows_times`.)"""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+        return False
+    forced = os.environ.get(FEW_ENV)
+    if os.environ.get(FORCE_PLAIN) == "1" or forced == "0":
+        return False
+    return forced == "1" or _measured(_FEW, weight, 2, _transposed)
+
+
+def _transposed(x: Tensor, weight: Tensor) -> Tensor:
+    return (weight @ x.T).T.contiguous()
 
 
 class Projection(nn.Linear):
