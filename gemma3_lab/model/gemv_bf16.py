@@ -4,14 +4,14 @@ products of a bfloat16 decode step on CPUs with AVX512-BF16.
 Why not oneDNN, which torch already carries: on a CPU with AMX, oneDNN runs a one-row
 bfloat16 product on its AMX kernel. Measured on a 2-core Xeon (AVX10.1, AMX) inside a decode
 step, whose products alternate with other work, the 127 products took 50-59 ms a token; the
-same products capped at oneDNN's AVX-512 kernels 36 ms; this loop 20 ms (the head 14 ms at
-23 GB/s, the 126 projections 5 ms: at bfloat16 they fit the 300 MB L3). Capping oneDNN for
+same products capped at oneDNN's AVX-512 kernels 36 ms; this loop about 25 ms (the head 14.5
+ms at 23 GB/s; the 126 projections 10-11 ms, about 20 GB/s, timed alone). Capping oneDNN for
 the whole process is no way out: a 512-token bfloat16 prefill took 2.3 s on the AVX-512
 kernels against 0.4 s on AMX. Several rows (a prefill, a batch) keep oneDNN (`kernels`).
 
 The C is built once per machine with the system's C compiler (the compiled decode step needs
 one too) into gemma3_lab's cache folder, linked against the OpenMP runtime torch has loaded
-(one thread pool for both), and checked against float32 arithmetic once per process before
+(one thread pool for both), and checked against exact arithmetic once per process before
 use. Where the CPU lacks AVX512-BF16 (or torch is held to AVX2 by ATEN_CPU_CAPABILITY), no
 compiler is found, the build fails, GEMMA3_LAB_PLAIN_KERNELS=1 or GEMMA3_LAB_BF16_GEMV=0,
 `available()` is False, `why_not()` says why, and the products take oneDNN as before.
@@ -42,8 +42,7 @@ _LOCK = threading.Lock()
 
 def available() -> bool:
     """Can one-row bfloat16 products take the C loop here? (Built and checked on first ask.)"""
-    lib = _STATE.get("lib") or _load()  # asked 127 times a token: the quick answer first
-    return lib is not None and os.environ.get(ENV) != "0" and os.environ.get(PLAIN) != "1"
+    return why_not() is None
 
 
 def why_not() -> str | None:
@@ -122,9 +121,9 @@ def _build_and_check():
 
 
 def _check(fn) -> None:
-    """The built loop against float32 arithmetic, on a shape with a ragged end in both
-    dimensions: every output within one bfloat16 rounding of the float32 dot product (of
-    bfloat16 inputs, so exact apart from the order of the sum)."""
+    """The built loop against exact (float64) arithmetic, on a shape with a ragged end in both
+    dimensions: every output within one bfloat16 rounding of the dot product, give or take the
+    float32 sum's own rounding."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(203, 700, generator=g).bfloat16()
     x = torch.randn(1, 700, generator=g).bfloat16()
@@ -132,4 +131,4 @@ def _check(fn) -> None:
     fn(w.data_ptr(), x.data_ptr(), out.data_ptr(), 203, 700)
     exact = x.double() @ w.double().T
     if not torch.allclose(out.double(), exact, rtol=2 ** -7, atol=1e-3):
-        raise _NotHere("the built loop disagreed with float32 arithmetic on this CPU")
+        raise _NotHere("the built loop disagreed with exact arithmetic on this CPU")
