@@ -100,13 +100,34 @@ def fill_number(page, selector: str, value, tries: int = 5) -> None:
     expect(box).to_have_value(str(value), timeout=WAIT_MS)
 
 
-def start(page, prompt: str, n: int, b_ablation: str | None = None) -> None:
-    page.locator("#prompt textarea").fill(prompt)
+def set_both(page, n: int, rounds: int = 5) -> None:
+    """Both columns' max-new-tokens boxes hold `n` as Generate is pressed. Filling B can come
+    seconds after A held its value, and on a starved CI machine A has then gone back to its
+    default (a CI run saw A at 24 after it had held 3, with another page generating): so every
+    round types into each box that lost its value, until a round finds both holding it."""
+    from playwright.sync_api import Error
+
     for col in "AB":
         open_settings(page, col)
-        fill_number(page, f"#max-{col} input", n)
-    for col in "AB":  # both still read n as Generate is pressed (a CI run once saw B start with 24)
+    for attempt in range(rounds):
+        for col in "AB":
+            box = page.locator(f"#max-{col} input")
+            if box.input_value() != str(n):
+                fill_number(page, f"#max-{col} input", n)
+        try:
+            for col in "AB":
+                expect(page.locator(f"#max-{col} input")).to_have_value(str(n), timeout=3_000)
+            return
+        except (AssertionError, Error):
+            shown = {c: page.locator(f"#max-{c} input").input_value() for c in "AB"}
+            print(f"max new tokens: wanted {n} in both columns, the page shows {shown}; again ({attempt + 1})")
+    for col in "AB":
         expect(page.locator(f"#max-{col} input")).to_have_value(str(n), timeout=WAIT_MS)
+
+
+def start(page, prompt: str, n: int, b_ablation: str | None = None) -> None:
+    page.locator("#prompt textarea").fill(prompt)
+    set_both(page, n)
     if b_ablation:
         page.locator("#intervention-B").get_by_text("B: intervention").click()
         page.locator("#kind-B").get_by_text("ablate heads").click()
