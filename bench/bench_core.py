@@ -101,14 +101,17 @@ def _hf_tps(hf, ids, n) -> float:
 def _head_bandwidth(model, tries: int = 10, way=None) -> float:
     """Bytes/s of the float32 head's fastest gemv: each decode step reads every weight once (the
     tied 262k x 640 head is 2/3 of them), so tokens/s cannot exceed this over the bytes stored.
-    Both gemvs count, MKL's own and the one cut over the threads (`kernels.split_gemv`, 1.8x
-    MKL's on an AMD EPYC whose MKL sgemv runs on one thread), so the ceiling is never the slower.
+    Every gemv at hand counts: MKL's own, the one cut over the threads (`kernels.split_gemv`,
+    1.8x MKL's on an AMD EPYC whose MKL sgemv runs on one thread) and the C loop (`gemv`, where
+    the CPU has AVX-512: 1.15-1.25x MKL's on a Xeon), so the ceiling is the fastest reader's.
     `way(h)`, given, is timed alone instead (h: a random (1, 640) row)."""
-    from gemma3_lab.model import kernels
+    from gemma3_lab.model import gemv, kernels
 
     head = model.embed.weight
     h = torch.randn(1, head.shape[1])
     ways = [lambda: way(h)] if way else [lambda: h @ head.T, lambda: kernels.split_gemv(h, head)]
+    if not way and gemv.available(torch.float32):
+        ways.append(lambda: gemv.gemv(h, head))
     best = float("inf")
     with torch.no_grad():
         for f in ways:
@@ -123,7 +126,7 @@ def _head_bandwidth(model, tries: int = 10, way=None) -> float:
 
 # label -> (dtype, quantize_model keywords); quantize_model's DEFAULTS are what load uses. The
 # defaults are measured with their decode step compiled (as `compile_decode` gives it), the others eager.
-# bfloat16's one-row products take the C gemv where it is built (`gemv_bf16`, said below).
+# one-row products take the C gemv where it is built (`gemv`, said below).
 COMPILED = ("bf16", "int8 (load's default)", "int4 (load's default)")
 VARIANTS = {
     "bf16": ("bfloat16", None),  # compiled where the CPU has native bfloat16 products
@@ -140,11 +143,12 @@ def bench_decode(n: int) -> None:
     import gemma3_lab as gl
     from gemma3_lab.loading.quantize import decode_bytes, quantize_model, tensor_bytes
 
-    from gemma3_lab.model import gemv_bf16
+    from gemma3_lab.model import gemv
 
     print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: every ratio below is measured in turns in one process")
-    print(f"  CPU capability {torch.backends.cpu.get_cpu_capability()}; bfloat16 one-row products: "
-          + ("the C gemv (gemv_bf16)" if gemv_bf16.available() else f"oneDNN or F.linear ({gemv_bf16.why_not()})"))
+    print(f"  CPU capability {torch.backends.cpu.get_cpu_capability()}; one-row products: float32 "
+          + ("the C gemv (gemv)" if gemv.available(torch.float32) else f"MKL ({gemv.why_not(torch.float32)})")
+          + "; bfloat16 " + ("the C gemv" if gemv.available() else f"oneDNN or F.linear ({gemv.why_not()})"))
     model = gl.load(progress=False)
     hf = _hf_model()
     ids = model.to_inputs(PROMPT).input_ids

@@ -264,13 +264,18 @@ def test_the_compiled_step_built_for_avx2_matches_too():
     assert lines[-1] == "avx2 {'compiled': 12} True True", out.stdout
 
 
-def test_float_products_follow_how_fast_mkls_gemv_is_here(monkeypatch):
-    """Where MKL's gemv runs a row on one thread (the head's timing, forced here both ways),
-    the graph multiplies every float weight in its own loop, head included; elsewhere by MKL's
-    gemv. A quantized head is never timed: its projections are packed anyway."""
-    from gemma3_lab.model import kernels
+def test_float_products_follow_the_c_loop_or_how_fast_mkls_gemv_is_here(monkeypatch):
+    """Where the float32 C loop is used (`gemv`: AVX-512), the graph calls it as an op for every
+    float weight, head included; where it is not, and MKL's gemv runs a row on one thread (the
+    head's timing, forced here both ways), the graph multiplies every float weight in its own
+    loop; elsewhere by MKL's gemv. A quantized head is never timed: its projections are packed anyway."""
+    from gemma3_lab.model import gemv, kernels
 
     model = tiny_decoder()
+    if gemv.available(torch.float32):
+        norms, projections, kinds, final, head, floats, table = compiled_decode._owners(model)
+        assert floats == ("gemv",) and {k for row in kinds for k in row} == {("gemv",)}
+    monkeypatch.setenv(gemv.F32_ENV, "0")
     for forced, kind in (("1", ("loop",)), ("0", ("float",))):
         monkeypatch.setenv(kernels.SPLIT_ENV, forced)
         norms, projections, kinds, final, head, floats, table = compiled_decode._owners(model)
@@ -278,6 +283,27 @@ def test_float_products_follow_how_fast_mkls_gemv_is_here(monkeypatch):
     x, w = torch.randn(1, 1, 64), torch.randn(300, 64)
     torch.testing.assert_close(compiled_decode._mm(x, ("loop",), (w,)), x @ w.T, rtol=1e-5, atol=1e-5)
     assert compiled_decode._float_kind(None) == ("float",)
+    monkeypatch.delenv(gemv.F32_ENV)
+    monkeypatch.setenv(kernels.SPLIT_ENV, "0")
+    assert torch.equal(compiled_decode._mm(x, ("gemv",), (w,)), kernels.rows_times(x, w))  # the plain product's bits
+
+
+def test_the_compiled_step_on_mkls_gemv_matches_too(monkeypatch):
+    """The graph of a CPU whose float32 products are MKL's (no C loop: forced off here where it
+    is used; the tests above take the C loop on such a CPU, the AVX2 run below the loop)."""
+    from gemma3_lab.model import gemv, kernels
+
+    monkeypatch.setenv(gemv.F32_ENV, "0")
+    monkeypatch.setenv(kernels.SPLIT_ENV, "0")
+    model = tiny_decoder()
+    assert compiled_decode._float_kind(model.embed) == ("float",)
+    assert model.compile_decode(background=False).state == "ready"
+    counted = _Counted(monkeypatch)
+    ids = torch.tensor([[2, 17, 33, 5, 80]])
+    fast, plain = greedy_steps(model, ids, 12, True), greedy_steps(model, ids, 12, False)
+    assert counted.n == 12
+    assert torch.equal(fast.argmax(-1), plain.argmax(-1))
+    assert float((fast - plain).abs().max() / plain.abs().max()) < 1e-4
 
 
 def test_inductors_disk_cache_has_a_folder_per_isa_unless_the_user_chose_one(monkeypatch, tmp_path):

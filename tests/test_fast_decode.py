@@ -13,7 +13,7 @@ import torch
 from helpers import bf16_noise_check, greedy_steps, tiny_decoder
 
 from gemma3_lab.generate import decode_one, prefill
-from gemma3_lab.model import kernels
+from gemma3_lab.model import gemv, kernels
 from gemma3_lab.model.fast_decode import decode_step
 from gemma3_lab.model.kv_cache import KVCache, LayerCache
 
@@ -95,11 +95,11 @@ def bf16_model(real_folder):
 
 @pytest.mark.real
 def test_bfloat16_fast_steps_stay_within_rounding_of_plain_ones(bf16_model, real_model):
-    """The C gemv (`gemv_bf16`, where built) sums its products in another order than torch's
+    """The C gemv (`gemv`, where built) sums its products in another order than torch's
     bfloat16 matmul, and the attention products run in float32: the same greedy tokens, and
     logits as near float32's as the plain bfloat16 path's are. With the gemv turned off the
     lean step multiplies as the plain path does (oneDNN), to the bit."""
-    from gemma3_lab.model import gemv_bf16
+    from gemma3_lab.model import gemv
 
     ids = bf16_model.to_inputs(PROMPTS[0]).input_ids
     cache = KVCache(bf16_model.config.text)
@@ -110,7 +110,7 @@ def test_bfloat16_fast_steps_stay_within_rounding_of_plain_ones(bf16_model, real
     bf16_noise_check(fast, plain, greedy_steps(real_model, ids, 6, fast=False))
     if kernels.bf16_native():
         with pytest.MonkeyPatch.context() as m:
-            m.setenv(gemv_bf16.ENV, "0")
+            m.setenv(gemv.ENV, "0")
             assert torch.equal(greedy_steps(bf16_model, ids, 6, fast=True), plain)
 
 
@@ -147,9 +147,10 @@ def test_bfloat16_fallback_without_native_kernels(real_folder):
 @pytest.mark.parametrize("rows", [1, 2, 5, kernels.FEW_ROWS, kernels.FEW_ROWS + 1])
 def test_few_rows_product_equals_the_plain_one(rows, transposed, monkeypatch):
     """`rows_times` (weight @ x.T for a few rows where that is faster, forced both ways here)
-    gives x @ weight.T: bit for bit for one row (both are one GEMV) and where it is not
-    transposed, to float32 rounding otherwise, in the input's leading shape; forced plain, it
-    is the plain product itself."""
+    gives x @ weight.T: bit for bit for one row (both are one GEMV; the C loop, where the CPU
+    takes it, is tested in test_gemv) and where it is not transposed, to float32 rounding
+    otherwise, in the input's leading shape; forced plain, it is the plain product itself."""
+    monkeypatch.setenv(gemv.F32_ENV, "0")
     monkeypatch.setenv(kernels.FEW_ENV, transposed)
     torch.manual_seed(rows)
     w, x = torch.randn(3000, 64), torch.randn(rows, 1, 64)
@@ -165,8 +166,10 @@ def test_few_rows_product_equals_the_plain_one(rows, transposed, monkeypatch):
 def test_how_a_few_rows_multiply_is_measured_once_per_shape_or_forced(monkeypatch):
     """Each float32 weight's shape is timed both ways on its first few-row product and keeps
     its way for the process (so the plain forward and the lean step keep multiplying alike);
-    the environment forces either way; bfloat16 and FORCE_PLAIN never transpose."""
+    the environment forces either way; bfloat16 and FORCE_PLAIN never transpose. (Two rows take
+    the float32 C loop first where the CPU takes it: turned off here.)"""
     monkeypatch.delenv(kernels.FEW_ENV, raising=False)
+    monkeypatch.setenv(gemv.F32_ENV, "0")
     w, x = torch.randn(700, 96), torch.randn(2, 96)
     key = (*w.shape, torch.get_num_threads())
     kernels._FEW.pop(key, None)
@@ -189,13 +192,22 @@ def test_how_a_few_rows_multiply_is_measured_once_per_shape_or_forced(monkeypatc
 
 def test_the_head_of_a_two_row_batch_gives_each_rows_logits(tiny):
     """The unembedding of two rows (a batch of two decoding together) equals each row alone
-    to float32 rounding, and one row alone is the plain product."""
+    to float32 rounding, to the bit where both take the float32 C loop; one row alone is the
+    plain product (the C loop's where the CPU takes it)."""
     net = tiny  # the explorer is the network
     h = torch.randn(2, 1, net.embed.weight.shape[1])
+    with torch.no_grad():  # as decoding runs (a product that records gradients is F.linear's)
+        check_two_rows(net, h)
+
+
+def check_two_rows(net, h):
     both = net._unembed(h)
+    c_loop = gemv.available(torch.float32)
     for i in range(2):
         alone = net._unembed(h[i:i + 1])
-        assert torch.equal(alone, h[i:i + 1] @ net.embed.weight.T)
+        assert torch.equal(alone, gemv.gemv(h[i], net.embed.weight)[None] if c_loop else h[i:i + 1] @ net.embed.weight.T)
+        if c_loop:
+            assert torch.equal(both[i:i + 1], alone)
         torch.testing.assert_close(both[i:i + 1], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -262,8 +274,10 @@ def test_a_gemv_cut_over_the_threads_is_the_plain_one_to_the_bit(threads):
 
 def test_where_a_gemv_is_cut_is_measured_once_or_forced(monkeypatch):
     """Only a large float32 weight is timed both ways, once per shape; the environment forces
-    either way; bfloat16 and FORCE_PLAIN never cut; `rows_times` follows the choice."""
+    either way; bfloat16 and FORCE_PLAIN never cut; `rows_times` follows the choice where the
+    float32 C loop is not used (turned off here; where it is, it comes first)."""
     monkeypatch.delenv(kernels.SPLIT_ENV, raising=False)
+    monkeypatch.setenv(gemv.F32_ENV, "0")
     big = torch.randn(kernels.SPLIT_MIN // 512, 512)
     kernels._SPLIT.clear()
     choice = kernels.split_pays(big)
@@ -282,6 +296,7 @@ def test_where_a_gemv_is_cut_is_measured_once_or_forced(monkeypatch):
         assert calls == ([1] if cut else [])
         monkeypatch.undo()
         monkeypatch.delenv(kernels.SPLIT_ENV, raising=False)
+        monkeypatch.setenv(gemv.F32_ENV, "0")
     monkeypatch.setenv(kernels.FORCE_PLAIN, "1")
     monkeypatch.setenv(kernels.SPLIT_ENV, "1")
     assert not kernels.split_pays(big)
@@ -291,7 +306,9 @@ def test_lean_and_plain_steps_keep_their_bits_with_the_head_cut(tiny, monkeypatc
     """The head cut over the threads (forced: the tiny head is below where it is timed) or not,
     in the lean step and in the plain forward: lean and plain agree to the bit either way, and
     the cut gives the logits of no cut, to the bit where MKL's gemv does not cut the head's
-    rows over its own threads (see the test above), else to float32 reordering."""
+    rows over its own threads (see the test above), else to float32 reordering. (The float32 C
+    loop, which comes before the cut where the CPU takes it, is turned off.)"""
+    monkeypatch.setenv(gemv.F32_ENV, "0")
     ids = torch.tensor([[2, 17, 33, 5, 80]])
     runs = []
     for forced in ("0", "1"):
@@ -312,7 +329,8 @@ def test_lean_and_plain_steps_keep_their_bits_with_the_head_cut(tiny, monkeypatc
 
 @pytest.mark.real
 def test_the_real_head_cut_keeps_its_bits(real_model, monkeypatch):
-    """The 270M's head, cut or not (the CPU's timing decides; both forced here): the same logits."""
+    """The 270M's head, cut or not (the CPU's timing decides; both forced here, the C loop off): the same logits."""
+    monkeypatch.setenv(gemv.F32_ENV, "0")
     ids = real_model.to_inputs(PROMPTS[1]).input_ids
     runs = []
     for forced in ("1", "0"):

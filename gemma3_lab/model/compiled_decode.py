@@ -4,12 +4,13 @@ its matmuls (norms, q/k norms, RoPE, cache writes, softmax, residuals) run as a 
 loops instead of one dispatch each from Python, and the step record's reductions over the
 vocabulary (logsumexp, argmax) are fused into the graph's end.
 
-Which models: CPU models with float32 activations, whose float32 products are MKL's gemv
-(or Inductor's own threaded loop where MKL runs a row on one thread: `_float_kind`) or
+Which models: CPU models with float32 activations, whose float32 products are the C loop of
+`gemv` where the CPU has AVX-512 (called whole, as an op), else MKL's gemv (or Inductor's own
+threaded loop where MKL runs a row on one thread): `_float_kind`; or
 int8/int4 ones whose packed kernels apply (`kernels.packed_mm`, called inside the graph; a
 quantized head runs its own kernels (the int4 screen) after the graph, a quantized table is
 looked up before it); and bfloat16 models where the CPU has native bfloat16 products, every
-product `kernels.bf16_product` (the C gemv of `gemv_bf16`, or oneDNN) called whole from the
+product `kernels.bf16_product` (the C gemv of `gemv`, or oneDNN) called whole from the
 graph as an op of its own. The bfloat16 graph's fused loops round to bfloat16 only at their
 ends, not after every op as the eager step does, so its logits differ from the eager step's
 by bfloat16 noise (tested as the eager step is against the plain path).
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gemma3_lab.config import AttentionType
-from gemma3_lab.model import kernels
+from gemma3_lab.model import gemv, kernels
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.model.network import embed_scale, soft_cap
 from gemma3_lab.model.norm import fused_rms_norm
@@ -260,12 +261,15 @@ def _owners(net) -> tuple:
 
 
 def _float_kind(head) -> tuple:
-    """How the graph multiplies by a float32 weight: ("float",) MKL's gemv, or ("loop",)
-    Inductor's own loop (a reduction over each row, its OpenMP threads sharing the rows) where
-    MKL's gemv runs a row on one thread, as the float head's timing (`kernels.split_pays`)
+    """How the graph multiplies by a float32 weight: ("gemv",) the C loop (`kernels.rows_times`
+    as an op, so the graph has the plain forward's bits) where the CPU has AVX-512; else
+    ("float",) MKL's gemv, or ("loop",) Inductor's own loop (a reduction over each row, its
+    OpenMP threads sharing the rows) where MKL's gemv runs a row on one thread, as the float head's timing (`kernels.split_pays`)
     tells. On a 2-core AMD EPYC the loop read the 126 projections in 20 ms against MKL's 25
     and the head in 22 against 44 (so the head stays in the graph, with the step record's
     reductions fused after it); where MKL threads its gemv, it is kept."""
+    if gemv.available(torch.float32):
+        return ("gemv",)
     w = None if head is None else _float32(head)
     return ("loop",) if w is not None and kernels.split_pays(w) else ("float",)
 
@@ -350,6 +354,8 @@ def _mm(x: Tensor, kind: tuple, parts: tuple[Tensor, ...]) -> Tensor:
         return F.linear(x, parts[0])
     if kind[0] == "bf16":  # one call of an op the graph does not look into
         return kernels.bf16_product_op(x.reshape(-1, x.shape[-1]), parts[0]).view(*x.shape[:-1], -1)
+    if kind[0] == "gemv":  # likewise
+        return kernels.float_product_op(x.reshape(-1, x.shape[-1]), parts[0]).view(*x.shape[:-1], -1)
     if kind[0] == "loop":  # fused by Inductor into one loop over the rows: no (rows, in) product is made
         return (x.unsqueeze(-2) * parts[0]).sum(-1)
     return kernels.packed_mm(x, kind, parts)

@@ -1,11 +1,12 @@
 """Matmul kernels for decode-sized products (one token, a weight read once), chosen by what
 the CPU runs fast; the plain path (`F.linear`) is the reference they are tested against.
 
-float32: one row against the head is cut over the threads where MKL's sgemv would read it on
-one thread (`split_gemv`, below); a few rows go weight @ x.T (`rows_times`).
+float32: one row takes the C loop of `gemv` where the CPU has AVX-512 (it reads memory faster
+than MKL's sgemv there), else the head is cut over the threads where MKL's sgemv would read it
+on one thread (`split_gemv`, below); a few rows go weight @ x.T where that is faster (`rows_times`).
 
 bfloat16 (where the CPU runs it natively, `bf16_native`): torch's `F.linear` with one
-bfloat16 row reorders the weight on every call. One row takes the C loop of `gemv_bf16`
+bfloat16 row reorders the weight on every call. One row takes the C loop of `gemv`
 where it is built (oneDNN's AMX kernel is slow for a single row inside a decode step); several
 rows, or a CPU without AVX512-BF16, take oneDNN on a copy of the weight packed once into its
 blocked layout (`onednn_packed`). Packed copies are remade whenever the weight changes (an
@@ -26,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gemma3_lab.model import gemv_bf16
+from gemma3_lab.model import gemv
 
 # module -> ((data_ptr, version, dtype, shape) of the weight it was made from, packed form)
 _PACKS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, object]]" = weakref.WeakKeyDictionary()
-FORCE_PLAIN = gemv_bf16.PLAIN  # set to 1: every product takes the plain F.linear
+FORCE_PLAIN = gemv.PLAIN  # set to 1: every product takes the plain F.linear
 
 
 def bf16_native() -> bool:
@@ -75,10 +76,10 @@ def onednn_packed(weight: Tensor) -> Tensor:
 
 def bf16_product(x: Tensor, weight: Tensor) -> Tensor:
     """x (rows, in) @ weight.T, both bfloat16, on a CPU where `bf16_native()`: one row through
-    the C loop where it is built (`gemv_bf16`: oneDNN's AMX kernel is slow for one row), else
+    the C loop where it is built (`gemv`: oneDNN's AMX kernel is slow for one row), else
     oneDNN on its packed copy of the weight."""
-    if x.shape[0] == 1 and gemv_bf16.available():
-        return gemv_bf16.gemv(x, weight)
+    if x.shape[0] == 1 and gemv.available(torch.bfloat16):
+        return gemv.gemv(x, weight)
     return torch.ops.mkldnn._linear_pointwise(x, onednn_packed(weight), None, "none", [], "")
 
 
@@ -200,19 +201,38 @@ def rows_times(x: Tensor, weight: Tensor) -> Tensor:
     way). On others it is the other way round: on a 2-core AVX-512 Xeon, two rows through the
     head took 24 ms through F.linear and 61 ms as weight @ x.T, the projections 21 ms and 47.
     So each weight's shape is timed both ways once (`few_rows_pay`; GEMMA3_LAB_FEW_ROWS=1 or
-    =0 forces it). One row takes `split_gemv` where that pays (the head on some CPUs), else,
-    like more than FEW_ROWS rows, other dtypes or FORCE_PLAIN, the plain F.linear, so a
-    one-row decode step keeps its bits.
+    =0 forces it). Up to `gemv.MAX_ROWS` rows take the C loop of `gemv` where the CPU has
+    AVX-512 (each row with its own one-row bits); else one row takes `split_gemv` where that
+    pays (the head on some CPUs), else, like more than FEW_ROWS rows, other dtypes or
+    FORCE_PLAIN, the plain F.linear; the plain forward and every decode step multiply here,
+    so they keep the same bits.
     """
     rows = x.reshape(-1, x.shape[-1])
     n = rows.shape[0]
-    # the blocks are written into one tensor from other threads: no autograd graph (gradients
-    # through the head, for input attribution, take the plain F.linear)
-    if n == 1 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and split_pays(weight):
-        return split_gemv(rows, weight).view(*x.shape[:-1], weight.shape[0])
+    # neither the C loop nor the cut records an autograd graph (gradients through the head,
+    # for input attribution, take the plain F.linear)
+    if n <= gemv.MAX_ROWS and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        if _f32_gemv(x, weight):
+            return gemv.gemv(rows, weight).view(*x.shape[:-1], weight.shape[0])
+        if n == 1 and split_pays(weight):
+            return split_gemv(rows, weight).view(*x.shape[:-1], weight.shape[0])
     if n == 1 or n > FEW_ROWS or not few_rows_pay(weight):
         return F.linear(x, weight)
     return _transposed(rows, weight).view(*x.shape[:-1], weight.shape[0])
+
+
+def _f32_gemv(x: Tensor, weight: Tensor) -> bool:
+    return (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
+            and weight.dim() == 2 and gemv.available(torch.float32))
+
+
+# `rows_times` as an op of its own, for the compiled float32 step where the C loop is used:
+# Inductor calls it whole, so the graph's products have the plain forward's bits
+_OPS.define("float_product(Tensor x, Tensor weight) -> Tensor")
+_OPS.impl("float_product", lambda x, weight: rows_times(x, weight), "CPU")
+torch.library.register_fake("gemma3_lab::float_product",
+                            lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_OPS)
+float_product_op = torch.ops.gemma3_lab.float_product.default
 
 
 def few_rows_pay(weight: Tensor) -> bool:

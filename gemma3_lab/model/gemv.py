@@ -1,0 +1,199 @@
+"""One row times a weight in a few lines of C (`gemv.c`), for the one-row products of a decode
+step: bfloat16 on CPUs with AVX512-BF16, float32 on CPUs with AVX-512.
+
+bfloat16, why not oneDNN, which torch already carries: on a CPU with AMX, oneDNN runs a
+one-row bfloat16 product on its AMX kernel. Measured on a 2-core Xeon (AVX10.1, AMX) inside a
+decode step, whose products alternate with other work, the 127 products took 50-59 ms a
+token; the same products capped at oneDNN's AVX-512 kernels 36 ms; this loop about 25 ms (the
+head 14.5 ms at 23 GB/s; the 126 projections 10-11 ms, about 20 GB/s, timed alone). Capping
+oneDNN for the whole process is no way out: a 512-token bfloat16 prefill took 2.3 s on the
+AVX-512 kernels against 0.4 s on AMX. Several rows (a prefill, a batch) keep oneDNN (`kernels`).
+
+float32, why not MKL's sgemv: on the same Xeon the loop read the 262k x 640 head at 25-28
+GB/s against MKL's 22-23, and the 126 projections (distinct weights, 0.4 GB) in 16-17.5 ms
+against 18-20; a float32 decode step went from 10.6 to 11.7 tokens/s eager. Every output is
+one thread's dot product in one fixed order, so its bits do not depend on the thread count:
+the plain forward and the decode steps, which all take it for one row (`kernels.rows_times`),
+agree to the bit. Up to MAX_ROWS rows (a batch decoding together, as the app's two columns
+do) take a variant that reads each weight row once for all of them and sums each output as
+the one-row loop does: each row of the batch has the bits of that row alone. More rows keep
+MKL.
+
+The C is built once per machine with the system's C compiler (the compiled decode step needs
+one too) into gemma3_lab's cache folder, linked against the OpenMP runtime torch has loaded
+(one thread pool for both), and each loop is checked against exact arithmetic once per
+process before use. Where the CPU lacks the instructions (or torch is held below AVX-512 by
+ATEN_CPU_CAPABILITY), no compiler is found, the build fails, GEMMA3_LAB_PLAIN_KERNELS=1, or
+GEMMA3_LAB_BF16_GEMV=0 / GEMMA3_LAB_F32_GEMV=0, `available(dtype)` is False, `why_not(dtype)`
+says why, and the products take oneDNN or MKL as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from gemma3_lab.config.paths import cache_root
+
+SOURCE = Path(__file__).with_name("gemv.c")
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the instructions are named per function in the C
+PLAIN = "GEMMA3_LAB_PLAIN_KERNELS"  # kernels.FORCE_PLAIN (which imports this module): "1", every product plain
+
+
+MAX_ROWS = 4  # float32: up to this many rows of x in one read of the weight (MAX_M in the C)
+
+
+@dataclass(frozen=True)
+class Loop:
+    symbol: str  # the C function for one row: (W, x, y, N, K)
+    env: str  # "0" there: never use it
+    flag: str  # the /proc/cpuinfo flag it needs
+    needs: str  # that flag in words, for why_not
+    rows_symbol: str | None = None  # for 1..MAX_ROWS rows: (W, x, y, M, N, K)
+
+
+LOOPS = {
+    torch.bfloat16: Loop("gemv_bf16", "GEMMA3_LAB_BF16_GEMV", "avx512_bf16", "AVX512-BF16"),
+    torch.float32: Loop("gemv_f32", "GEMMA3_LAB_F32_GEMV", "avx512f", "AVX-512", "gemv_f32_rows"),
+}
+ENV = LOOPS[torch.bfloat16].env
+F32_ENV = LOOPS[torch.float32].env
+# "lib": the loaded library, or "lib why": why none; per dtype: its checked functions (one row,
+# several rows or None), or (dtype, "why")
+_STATE: dict[object, object] = {}
+_LOCK = threading.Lock()
+
+
+def available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Can one-row products in `dtype` take the C loop here? (Built and checked on first ask.)"""
+    return why_not(dtype) is None
+
+
+def why_not(dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """Why the loop for `dtype` is not used (None: it is)."""
+    loop = LOOPS.get(dtype)
+    if loop is None:
+        return f"no C loop for {dtype}"
+    if os.environ.get(loop.env) == "0":
+        return f"{loop.env}=0"
+    if os.environ.get(PLAIN) == "1":
+        return f"{PLAIN}=1"
+    return None if _load(dtype) is not None else _STATE.get((dtype, "why"))
+
+
+def gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """x (M, K) @ weight (N, K).T, both bfloat16 (M = 1) or both float32 (M <= MAX_ROWS) on the
+    CPU, as (M, N) of that dtype. The caller has checked `available(weight.dtype)`."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not weight.is_contiguous():
+        weight = weight.contiguous()
+    (N, K), M = weight.shape, x.shape[0]
+    one, rows = _STATE[weight.dtype]
+    out = torch.empty(M, N, dtype=weight.dtype)
+    if M == 1:  # the GIL is let go meanwhile
+        one(weight.data_ptr(), x.data_ptr(), out.data_ptr(), N, K)
+    else:
+        rows(weight.data_ptr(), x.data_ptr(), out.data_ptr(), M, N, K)
+    return out
+
+
+def _cpu_has(flag: str) -> bool:
+    cap = torch.backends.cpu.get_cpu_capability()  # AVX2 where ATEN_CPU_CAPABILITY=avx2 holds torch back
+    if not (cap.startswith("AVX512") or cap.startswith("AMX")):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:  # not Linux: no way to ask without risking an illegal instruction
+        return False
+    return flag in flags.split()
+
+
+def _load(dtype: torch.dtype):
+    if dtype in _STATE or (dtype, "why") in _STATE:
+        return _STATE.get(dtype)
+    with _LOCK:
+        if dtype not in _STATE and (dtype, "why") not in _STATE:
+            try:
+                _STATE[dtype] = _checked(dtype)
+            except _NotHere as e:
+                _STATE[(dtype, "why")] = str(e)
+    return _STATE.get(dtype)
+
+
+class _NotHere(Exception):
+    pass
+
+
+def _checked(dtype: torch.dtype):
+    loop = LOOPS[dtype]
+    if not _cpu_has(loop.flag):
+        raise _NotHere(f"the CPU has no {loop.needs} (or torch is held below AVX-512)")
+    lib = _library()
+    one = getattr(lib, loop.symbol)
+    one.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    one.restype = None
+    _check(lambda w, x, y, M, N, K: one(w, x, y, N, K), dtype, 1)
+    rows = None
+    if loop.rows_symbol:
+        rows = getattr(lib, loop.rows_symbol)
+        rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+        rows.restype = None
+        _check(rows, dtype, MAX_ROWS)
+    return one, rows
+
+
+def _library():
+    """The built library, built on the first call (one answer per process, built or why not)."""
+    if "lib" not in _STATE and "lib why" not in _STATE:
+        try:
+            _STATE["lib"] = _build()
+        except _NotHere as e:
+            _STATE["lib why"] = str(e)
+    if "lib why" in _STATE:
+        raise _NotHere(_STATE["lib why"])
+    return _STATE["lib"]
+
+
+def _build():
+    cc = next((c for c in (os.environ.get("CC"), "gcc", "cc") if c and shutil.which(c)), None)
+    if cc is None:
+        raise _NotHere("no C compiler (gcc or cc) on this machine")
+    source = SOURCE.read_bytes()
+    tag = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
+    lib_path = cache_root() / "kernels" / f"gemv-{tag}.so"
+    if not lib_path.is_file():
+        lib_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib_path.with_name(f"{lib_path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        if done.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            first = (done.stderr.strip().splitlines() or ["no message"])[0]
+            raise _NotHere(f"{cc} could not build {SOURCE.name}: {first[:200]}")
+        os.replace(tmp, lib_path)  # whole or not at all, whoever builds it at the same time
+    return ctypes.CDLL(str(lib_path))
+
+
+def _check(fn, dtype: torch.dtype, M: int) -> None:
+    """The built loop against exact (float64) arithmetic, on a shape with a ragged end in both
+    dimensions: every output within one rounding of the dot product (bfloat16's, or the
+    float32 sum's own)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(203, 700, generator=g).to(dtype)
+    x = torch.randn(M, 700, generator=g).to(dtype)
+    out = torch.empty(M, 203, dtype=dtype)
+    fn(w.data_ptr(), x.data_ptr(), out.data_ptr(), M, 203, 700)
+    exact = x.double() @ w.double().T
+    rtol, atol = (2 ** -7, 1e-3) if dtype == torch.bfloat16 else (1e-5, 1e-4)
+    if not torch.allclose(out.double(), exact, rtol=rtol, atol=atol):
+        raise _NotHere("the built loop disagreed with exact arithmetic on this CPU")
