@@ -124,6 +124,30 @@ def _head_bandwidth(model, tries: int = 10, way=None) -> float:
     return head.numel() * head.element_size() / best
 
 
+@torch.no_grad()
+def _step_products(model, tries: int = 5) -> float:
+    """Seconds of the fastest pass over every float32 weight a decode step reads, in the step's
+    order (each layer's seven projections, then the head), one row each through the products
+    the step uses (`kernels.rows_times`), nothing else: the step's own products with its
+    other work taken away. On the Xeon this pass read at about 21 GB/s where the head alone
+    read at 27: the 126 projections are small (0.6-5 MB each), and each product starts its
+    threads and its prefetch stream anew. (Not the L3 keeping part of the head between
+    repeats: read right after 400 MB of other memory, the head still read at 25.4 GB/s
+    against 26.6 back to back.)"""
+    from gemma3_lab.model import kernels
+
+    weights = [m.weight for b in model.blocks for p in (b.attn, b.mlp) for m in p.children() if isinstance(m, torch.nn.Linear)]
+    weights.append(model.embed.weight)
+    rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+    best = float("inf")
+    for _ in range(tries):
+        t = time.perf_counter()
+        for w in weights:
+            kernels.rows_times(rows[w.shape[1]], w)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 # label -> (dtype, quantize_model keywords); quantize_model's DEFAULTS are what load uses. The
 # defaults are measured with their decode step compiled (as `compile_decode` gives it), the others eager.
 # one-row products take the C gemv where it is built (`gemv`, said below).
@@ -174,6 +198,11 @@ def bench_decode(n: int) -> None:
           f"of the head (head.sum()) {stream / 1e9:5.1f} GB/s")
     best = "compiled" if "compiled" in runs else "lean"
     fast32 = ours32[best]
+    products = _step_products(model)
+    after = _in_turns({best: runs[best]}, ids, n, 1)[best]  # the same moment's step
+    print(f"  the step's products alone (every weight once, in the step's order, nothing else): {products * 1e3:5.1f} ms, "
+          f"{tensor_bytes(model) / products / 1e9:5.1f} GB/s, {1 / products:5.2f} tok/s; the {best} step right after "
+          f"them {after:5.2f} tok/s = {after * products:4.0%} of that (the rest is the step's other work)")
     print(f"greedy decode fp32:   ours ({best}) {fast32:6.2f} tok/s  transformers {theirs:6.2f} tok/s   ratio "
           f"{fast32 / theirs:5.2f}x;  {fast32 / ceiling32:4.0%} of ceiling (target >= 85%); eager lean step "
           f"{ours32['lean']:6.2f} ({ours32['lean'] / ceiling32:4.0%}), plain path {ours32['plain']:6.2f} tok/s "
