@@ -14,8 +14,16 @@
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-/* threads only where there is enough to share (a tiny test model's rows are not) */
-#define SHARE(N, K) ((N) * (K) >= (1 << 16))
+/* How the N weight rows are shared over the threads, for both loops: blocks of R rows, split
+ * statically, the last N % R rows after them; ROWS_AT(n0, r) computes rows n0..n0+r-1. Threads
+ * only where there is enough to share (a tiny test model's rows are not). */
+#define OVER_ROWS(R, N, K, ROWS_AT)                                          \
+    do {                                                                     \
+        int64_t blocks_ = (N) / (R);                                         \
+        _Pragma("omp parallel for schedule(static) if ((N) * (K) >= (1 << 16))") \
+        for (int64_t b_ = 0; b_ < blocks_; b_++) ROWS_AT(b_ * (R), (R));      \
+        if (blocks_ * (R) < (N)) ROWS_AT(blocks_ * (R), (int)((N) - blocks_ * (R))); \
+    } while (0)
 
 /* bfloat16: products of bfloat16 pairs accumulate in float32 (vdpbf16ps) and the sum is
  * rounded to nearest even once, as a bfloat16 matmul's output is. On a 2-core Xeon, 16 rows
@@ -54,55 +62,27 @@ AVX512_BF16 static void rows_bf16(const uint16_t *W, const uint16_t *x, uint16_t
     for (int i = 0; i < r; i++) y[n0 + i] = to_bf16(_mm512_reduce_add_ps(acc[i]));
 }
 
-AVX512_BF16 void gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t N, int64_t K) {
-    int64_t blocks = N / ROWS_BF16;
-    #pragma omp parallel for schedule(static) if (SHARE(N, K))
-    for (int64_t b = 0; b < blocks; b++) rows_bf16(W, x, y, b * ROWS_BF16, ROWS_BF16, K);
-    if (blocks * ROWS_BF16 < N) rows_bf16(W, x, y, blocks * ROWS_BF16, (int)(N - blocks * ROWS_BF16), K);
+/* y (1, N) = x (1, K) @ W.T (M is always 1: the signature is the float32 loop's) */
+AVX512_BF16 void gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K) {
+    (void)M;
+#define BF16_AT(n0, r) rows_bf16(W, x, y, n0, r, K)
+    OVER_ROWS(ROWS_BF16, N, K, BF16_AT);
+#undef BF16_AT
 }
 
-/* float32: fused multiply-adds in 16 float32 lanes. On the same Xeon, 8 rows prefetching 16
- * ahead read the head at 25-28 GB/s against 22-23 for MKL's sgemv, and the 126 projections
- * at 23-25 against 20-22 (16 rows, or 32 ahead, were within noise of it). */
-#define ROWS_F32 8
+/* float32: fused multiply-adds in 16 float32 lanes, for 1 to MAX_M rows of x (a batch decoding
+ * together, as the app's two columns do) in one read of W: each weight row is loaded once for
+ * all M rows, and every output is summed the same way whatever M is (the same lanes, the same
+ * order), so row m of a batch has the bits of x[m] alone. On the same Xeon, one row read the
+ * head at 25-28 GB/s against 22-23 for MKL's sgemv and the 126 projections at 23-25 against
+ * 20-22 (4 weight rows per block were as fast as 8 or 16; 16 rows ahead as 32); two rows took
+ * the head in 1.1x one row's time. */
+#define MAX_M 4
+#define ROWS_F32 4
 #define AHEAD_F32 16
 
-AVX512 static void rows_f32(const float *W, const float *x, float *y, int64_t n0, int r, int64_t K) {
-    __m512 acc[ROWS_F32];
-    for (int i = 0; i < r; i++) acc[i] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m512 xv = _mm512_loadu_ps(x + k);
-        for (int i = 0; i < r; i++) {
-            const float *p = W + (n0 + i) * K + k;
-            _mm_prefetch((const char *)(p + AHEAD_F32 * K), _MM_HINT_T1);
-            acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(p), xv, acc[i]);
-        }
-    }
-    if (k < K) {  /* the last K % 16 columns, the rest of each register zeroed */
-        __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
-        __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-        for (int i = 0; i < r; i++)
-            acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, W + (n0 + i) * K + k), xv, acc[i]);
-    }
-    for (int i = 0; i < r; i++) y[n0 + i] = _mm512_reduce_add_ps(acc[i]);
-}
-
-AVX512 void gemv_f32(const float *W, const float *x, float *y, int64_t N, int64_t K) {
-    int64_t blocks = N / ROWS_F32;
-    #pragma omp parallel for schedule(static) if (SHARE(N, K))
-    for (int64_t b = 0; b < blocks; b++) rows_f32(W, x, y, b * ROWS_F32, ROWS_F32, K);
-    if (blocks * ROWS_F32 < N) rows_f32(W, x, y, blocks * ROWS_F32, (int)(N - blocks * ROWS_F32), K);
-}
-
-/* A few rows of x (a batch decoding together: the app's two columns) against one read of W:
- * each weight row is loaded once for all M rows. Every output is summed exactly as rows_f32
- * sums it (the same lanes, the same order), so row m of the batch has the bits of x[m] alone. */
-#define MAX_M 4
-#define ROWS_FEW 4
-
-AVX512 static void rows_few(const float *W, const float *x, float *y, int64_t n0, int r, int64_t N, int64_t K, int M) {
-    __m512 acc[MAX_M][ROWS_FEW];
+AVX512 static void rows_f32(const float *W, const float *x, float *y, int64_t n0, int r, int64_t N, int64_t K, int M) {
+    __m512 acc[MAX_M][ROWS_F32];
     for (int m = 0; m < M; m++)
         for (int i = 0; i < r; i++) acc[m][i] = _mm512_setzero_ps();
     int64_t k = 0;
@@ -114,7 +94,7 @@ AVX512 static void rows_few(const float *W, const float *x, float *y, int64_t n0
             for (int m = 0; m < M; m++) acc[m][i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[m][i]);
         }
     }
-    if (k < K) {
+    if (k < K) {  /* the last K % 16 columns, the rest of each register zeroed */
         __mmask16 mk = (__mmask16)((1u << (K - k)) - 1);
         for (int i = 0; i < r; i++) {
             __m512 wv = _mm512_maskz_loadu_ps(mk, W + (n0 + i) * K + k);
@@ -126,9 +106,8 @@ AVX512 static void rows_few(const float *W, const float *x, float *y, int64_t n0
 }
 
 /* y (M, N) = x (M, K) @ W.T for 1 <= M <= MAX_M */
-AVX512 void gemv_f32_rows(const float *W, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
-    int64_t blocks = N / ROWS_FEW;
-    #pragma omp parallel for schedule(static) if (SHARE(N, K))
-    for (int64_t b = 0; b < blocks; b++) rows_few(W, x, y, b * ROWS_FEW, ROWS_FEW, N, K, (int)M);
-    if (blocks * ROWS_FEW < N) rows_few(W, x, y, blocks * ROWS_FEW, (int)(N - blocks * ROWS_FEW), N, K, (int)M);
+AVX512 void gemv_f32(const float *W, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
+#define F32_AT(n0, r) rows_f32(W, x, y, n0, r, N, K, (int)M)
+    OVER_ROWS(ROWS_F32, N, K, F32_AT);
+#undef F32_AT
 }

@@ -15,9 +15,8 @@ against 18-20; a float32 decode step went from 10.6 to 11.7 tokens/s eager. Ever
 one thread's dot product in one fixed order, so its bits do not depend on the thread count:
 the plain forward and the decode steps, which all take it for one row (`kernels.rows_times`),
 agree to the bit. Up to MAX_ROWS rows (a batch decoding together, as the app's two columns
-do) take a variant that reads each weight row once for all of them and sums each output as
-the one-row loop does: each row of the batch has the bits of that row alone. More rows keep
-MKL.
+do) are read against each weight row once, each output summed as for one row: each row of
+the batch has the bits of that row alone. More rows keep MKL.
 
 The C is built once per machine with the system's C compiler (the compiled decode step needs
 one too) into gemma3_lab's cache folder, linked against the OpenMP runtime torch has loaded
@@ -54,21 +53,20 @@ MAX_ROWS = 4  # float32: up to this many rows of x in one read of the weight (MA
 
 @dataclass(frozen=True)
 class Loop:
-    symbol: str  # the C function for one row: (W, x, y, N, K)
+    symbol: str  # the C function: (W, x, y, M, N, K)
+    rows: int  # the most rows of x it takes
     env: str  # "0" there: never use it
     flag: str  # the /proc/cpuinfo flag it needs
     needs: str  # that flag in words, for why_not
-    rows_symbol: str | None = None  # for 1..MAX_ROWS rows: (W, x, y, M, N, K)
 
 
 LOOPS = {
-    torch.bfloat16: Loop("gemv_bf16", "GEMMA3_LAB_BF16_GEMV", "avx512_bf16", "AVX512-BF16"),
-    torch.float32: Loop("gemv_f32", "GEMMA3_LAB_F32_GEMV", "avx512f", "AVX-512", "gemv_f32_rows"),
+    torch.bfloat16: Loop("gemv_bf16", 1, "GEMMA3_LAB_BF16_GEMV", "avx512_bf16", "AVX512-BF16"),
+    torch.float32: Loop("gemv_f32", MAX_ROWS, "GEMMA3_LAB_F32_GEMV", "avx512f", "AVX-512"),
 }
 ENV = LOOPS[torch.bfloat16].env
 F32_ENV = LOOPS[torch.float32].env
-# "lib": the loaded library, or "lib why": why none; per dtype: its checked functions (one row,
-# several rows or None), or (dtype, "why")
+# "lib": the loaded library, or "lib why": why none; per dtype: its checked function, or (dtype, "why")
 _STATE: dict[object, object] = {}
 _LOCK = threading.Lock()
 
@@ -98,12 +96,10 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
     if not weight.is_contiguous():
         weight = weight.contiguous()
     (N, K), M = weight.shape, x.shape[0]
-    one, rows = _STATE[weight.dtype]
+    if M > LOOPS[weight.dtype].rows:
+        raise ValueError(f"the {weight.dtype} loop takes at most {LOOPS[weight.dtype].rows} rows, not {M}")
     out = torch.empty(M, N, dtype=weight.dtype)
-    if M == 1:  # the GIL is let go meanwhile
-        one(weight.data_ptr(), x.data_ptr(), out.data_ptr(), N, K)
-    else:
-        rows(weight.data_ptr(), x.data_ptr(), out.data_ptr(), M, N, K)
+    _STATE[weight.dtype](weight.data_ptr(), x.data_ptr(), out.data_ptr(), M, N, K)  # the GIL is let go meanwhile
     return out
 
 
@@ -139,18 +135,11 @@ def _checked(dtype: torch.dtype):
     loop = LOOPS[dtype]
     if not _cpu_has(loop.flag):
         raise _NotHere(f"the CPU has no {loop.needs} (or torch is held below AVX-512)")
-    lib = _library()
-    one = getattr(lib, loop.symbol)
-    one.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
-    one.restype = None
-    _check(lambda w, x, y, M, N, K: one(w, x, y, N, K), dtype, 1)
-    rows = None
-    if loop.rows_symbol:
-        rows = getattr(lib, loop.rows_symbol)
-        rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-        rows.restype = None
-        _check(rows, dtype, MAX_ROWS)
-    return one, rows
+    fn = getattr(_library(), loop.symbol)
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    fn.restype = None
+    _check(fn, dtype, loop.rows)
+    return fn
 
 
 def _library():
