@@ -146,8 +146,8 @@ def looks(client, model, multimodal, png: str) -> None:
 
 
 def anon_rss() -> int:
-    """Resident private memory (bytes): RSS less the memory-mapped weights' file pages, which
-    count once touched but belong to the page cache."""
+    """Resident private memory (bytes): RSS less any file pages mapped (a model left mapped,
+    `loading.hf._copy_pays`), which count once touched but belong to the page cache."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024

@@ -119,7 +119,7 @@ def _load(name_or_path, dt: torch.dtype, dev: torch.device, progress: bool) -> G
 
 
 def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, progress: bool = True, name: str | None = None) -> Gemma3:
-    """GGUF files are converted once to a safetensors folder in the cache; later loads mmap it."""
+    """GGUF files are converted once to a safetensors folder in the cache; later loads read it."""
     name = name or Path(path).stem
     folder = cached_conversion(path, progress=progress)
     model = load_folder(folder, dtype, device, progress, label=name)  # not the cache folder's name
@@ -141,9 +141,9 @@ def load_folder(folder: Path, dtype: torch.dtype, device: torch.device, progress
 
 
 def build(config: Gemma3Config, state: dict[str, torch.Tensor], tokenizer=None) -> Gemma3:
-    """Construct on the meta device and adopt the (memory-mapped) tensors as they are.
+    """Construct on the meta device and adopt the tensors as they are.
 
-    Skipping random initialisation and copies is what makes a warm load of the 270M
+    Skipping random initialisation and further copies is what makes a warm load of the 270M
     take well under two seconds.
     """
     device = next(iter(state.values())).device

@@ -221,6 +221,36 @@ def test_dtype_casts(causal, dtype):
     assert_matches_hf(state, model, multimodal=False, dtype=getattr(torch, str(dtype).removeprefix("torch.")))
 
 
+
+def _file_backed(t: torch.Tensor) -> str | None:
+    """The file whose mapping holds t's first byte (None: the process's own memory)."""
+    addr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split()
+        lo, hi = (int(v, 16) for v in span.split("-"))
+        if lo <= addr < hi:
+            return rest[4] if len(rest) > 4 and rest[4].startswith("/") else None
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc to see mappings")
+def test_weights_leave_the_mapped_file_unless_asked(causal, monkeypatch):
+    """float32 weights stored as float32 are copied into process memory (a decode step reads
+    them every token, and the page cache's pages read slower); GEMMA3_LAB_MAPPED_WEIGHTS=1, or
+    a checkpoint over half the available memory, keeps them mapped. The values are the file's."""
+    from gemma3_lab.loading import hf
+
+    path, model = causal
+    _, state = load_hf_state_dict(path)
+    assert all(_file_backed(t) is None for t in state.values())
+    assert_matches_hf(state, model, multimodal=False)
+    monkeypatch.setenv("GEMMA3_LAB_MAPPED_WEIGHTS", "1")
+    _, mapped = load_hf_state_dict(path)
+    assert {_file_backed(t) for t in mapped.values()} == {str(path / "model.safetensors")}
+    assert all(torch.equal(mapped[n], state[n]) for n in state)
+    monkeypatch.delenv("GEMMA3_LAB_MAPPED_WEIGHTS")
+    assert hf._copy_pays(1) and not hf._copy_pays(10**15)
+
 # --- round trip ---------------------------------------------------------------------------
 @pytest.mark.parametrize("shard", [None, "20KB"])
 def test_round_trip_multimodal(tmp_path, multimodal, shard):
