@@ -147,15 +147,29 @@ def test_stop_at_end_of_turn_false_stops_where_transformers_does(real_model, hf_
     assert runs[True].token_ids == [106] and runs[True].stop_reason == "eos"  # the default ends with the turn
 
 
-@pytest.mark.parametrize("k", [0, 1, 5, 8, 9])
-@pytest.mark.parametrize("n", [262144, 300, 65536 + 64 * 3])
+@pytest.mark.parametrize("k", [0, 1, 5, 8, 9, 64])
+@pytest.mark.parametrize("n", [262144, 300, 65536 + 256 * 3, 65536 + 64 * 3])
 def test_top_few_is_torch_topk(k, n):
-    """The two-round top-k of a step record: the same values and (with no ties) the same ids."""
+    """The two-round top-k of a step record and the int4 screen: the same values and (with no
+    ties) the same ids."""
     from gemma3_lab.generate import top_few
 
     x = torch.randn(n, generator=torch.Generator().manual_seed(n + k)) * 3
-    x[n // 3] = 50.0  # the winner in a late chunk, the runner-up in the last
+    x[n // 3] = 50.0  # the winner in a late block, the runner-up in the last
     x[-1] = 49.0
+    x[7:7 + 40] = 48.0 - torch.arange(40.0) / 64  # many of the top in one block
     values, ids = top_few(x, k)
     ref = torch.topk(x, k)
     assert torch.equal(values, ref.values) and torch.equal(ids, ref.indices)
+
+
+@pytest.mark.parametrize("k", [5, 64])
+def test_top_few_with_ties_keeps_torch_topks_values(k):
+    """Logits on a coarse grid (many ties, the k-th value shared across blocks): the same
+    values as torch.topk, each at an index that holds it, none twice."""
+    from gemma3_lab.generate import top_few
+
+    x = torch.randint(0, 40, (262144,), generator=torch.Generator().manual_seed(k)).float()
+    values, ids = top_few(x, k)
+    assert torch.equal(values, torch.topk(x, k).values)
+    assert torch.equal(x[ids], values) and len(set(ids.tolist())) == k

@@ -166,7 +166,7 @@ class ScreenedHead(nn.Module):
         if approx is None:  # no int4 kernel here: the table's own product
             return self.forward(h)
         flat = approx.view(-1, approx.shape[-1])
-        top = flat.topk(min(SCREEN_TOP, flat.shape[-1]), dim=-1).indices  # (rows, SCREEN_TOP)
+        top = torch.stack([kernels.top_few(r, min(SCREEN_TOP, r.shape[-1]))[1] for r in flat])  # (rows, SCREEN_TOP)
         h2 = h.reshape(-1, h.shape[-1])
         exact = torch.stack([self.rows(t) @ r for t, r in zip(top, h2)])  # the table's logits there
         return flat.scatter_(-1, top, exact.to(flat.dtype)).view_as(approx)

@@ -111,3 +111,76 @@ AVX512 void gemv_f32(const float *W, const float *x, float *y, int64_t M, int64_
     OVER_ROWS(ROWS_F32, N, K, F32_AT);
 #undef F32_AT
 }
+
+/* int4 in groups of 32 (`loading.lowbit`): row n holds K/2 bytes, byte j = column j (low
+ * nibble) and column j + K/2 (high nibble), and per group g a bfloat16 step S[n, g] and lo
+ * S[n, G + g], w = lo + code * step. Then
+ *     y[n] = sum_g step[g] * (codes of g . x of g) + sum_g lo[g] * (sum of x over g).
+ * x comes in bfloat16 (as torch's int4 kernel takes it); codes become bfloat16 exactly by a
+ * 16-entry table (vpermw), each group's dot product is one vdpbf16ps of 32 pairs, scaled by
+ * its step in 16 float32 lanes. K/2 must be a multiple of 32 (each 32 bytes: one group of
+ * low nibbles, one of high). The lo term's group sums of x are made once per call. */
+#define ROWS_I4 8
+#define AHEAD_I4 32
+
+AVX512_BF16 static inline __m512 widen_bf16(__m256i h) {  /* 16 bfloat16 -> 16 float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+AVX512_BF16 static void rows_int4(const uint8_t *Q, const uint16_t *S, const uint16_t *x, const float *xs,
+                                  float *y, int64_t n0, int r, int64_t K) {
+    const int64_t B = K / 2, G = K / 32, H = G / 2;
+    static const uint16_t table[32] = {0, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0,
+                                       0x4100, 0x4110, 0x4120, 0x4130, 0x4140, 0x4150, 0x4160, 0x4170};
+    const __m512i T = _mm512_loadu_si512((const void *)table);
+    const __m512i low = _mm512_set1_epi16(0x0f);
+    __m512 acc[ROWS_I4];
+    for (int i = 0; i < r; i++) {
+        const uint16_t *s = S + (n0 + i) * 2 * G;
+        _mm_prefetch((const char *)(s + AHEAD_I4 * 2 * G), _MM_HINT_T1);
+        _mm_prefetch((const char *)(s + AHEAD_I4 * 2 * G) + 64, _MM_HINT_T1);
+        __m512 a = _mm512_setzero_ps();  /* the lo term: lo . (group sums of x), 16 groups a time */
+        for (int64_t g = 0; g < G; g += 16) {
+            __mmask16 m = (G - g >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (G - g)) - 1);
+            a = _mm512_fmadd_ps(widen_bf16(_mm256_maskz_loadu_epi16(m, s + G + g)), _mm512_maskz_loadu_ps(m, xs + g), a);
+        }
+        acc[i] = a;
+    }
+    for (int64_t c = 0; c < H; c++) {  /* bytes 32c..32c+31: groups c (low) and c + H (high) */
+        __m512bh xl = (__m512bh)_mm512_loadu_si512((const void *)(x + 32 * c));
+        __m512bh xh = (__m512bh)_mm512_loadu_si512((const void *)(x + B + 32 * c));
+        for (int i = 0; i < r; i++) {
+            const uint8_t *p = Q + (n0 + i) * B + 32 * c;
+            const uint16_t *s = S + (n0 + i) * 2 * G;
+            if ((c & 1) == 0) _mm_prefetch((const char *)(p + AHEAD_I4 * B), _MM_HINT_T1);
+            __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+            __m512bh cl = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(w, low), T);
+            __m512bh ch = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), T);
+            uint32_t sl = (uint32_t)s[c] << 16, sh = (uint32_t)s[c + H] << 16;
+            float fl, fh;
+            memcpy(&fl, &sl, 4);
+            memcpy(&fh, &sh, 4);
+            acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), cl, xl), _mm512_set1_ps(fl), acc[i]);
+            acc[i] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), ch, xh), _mm512_set1_ps(fh), acc[i]);
+        }
+    }
+    for (int i = 0; i < r; i++) y[n0 + i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+/* y (N) float32 = x (K, bfloat16) @ w.T for the int4 weight (Q, S) above */
+AVX512_BF16 void gemv_int4(const uint8_t *Q, const uint16_t *S, const uint16_t *x, float *y, int64_t N, int64_t K) {
+    float xs[64];  /* group sums of x: K <= 2048 (checked by the caller) */
+    for (int64_t g = 0; g < K / 32; g++) {
+        float t = 0;
+        for (int k = 0; k < 32; k++) {
+            uint32_t u = (uint32_t)x[32 * g + k] << 16;
+            float f;
+            memcpy(&f, &u, 4);
+            t += f;
+        }
+        xs[g] = t;
+    }
+#define I4_AT(n0, r) rows_int4(Q, S, x, xs, y, n0, r, K)
+    OVER_ROWS(ROWS_I4, N, K / 4, I4_AT);
+#undef I4_AT
+}
