@@ -66,20 +66,34 @@ def _hf_model(folder=None, impl="sdpa"):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=impl).eval()
 
 
-def _in_turns(runs: dict, ids, n, rounds: int, bandwidths: list[float] | None = None, model=None) -> dict:
+def _in_turns(runs: dict, ids, n, rounds: int, bandwidths: list[float] | None = None, model=None,
+              moments: dict | None = None) -> dict:
     """Best tok/s of each (model, fast) run, run in turns so that a busy machine slows all alike.
     With `bandwidths`, the head gemv is measured again before every run and appended: this
-    VM's speed drifts by a tenth within minutes, and a fraction is then taken of the fastest
-    gemv seen in the whole run (never of a slow moment's, which would flatter it)."""
+    VM's speed drifts by a quarter within minutes, and the targets' fraction is then taken of
+    the fastest gemv seen in the whole run (never of a slow moment's, which would flatter it).
+    `moments` (key -> [(that gemv's bytes/s, the run's tok/s)]) keeps each run beside the gemv
+    measured just before it, for the fraction at the same moment (`_same_moment`)."""
     for m, fast in runs.values():
         m.generate(ids, max_new_tokens=4, stop_ids=(), fast=fast)  # warm-up, packs kernels' weights
     best = dict.fromkeys(runs, 0.0)
     for _ in range(rounds):
         for key, (m, fast) in runs.items():
-            if bandwidths is not None:
-                bandwidths.append(_head_bandwidth(model, tries=5))
-            best[key] = max(best[key], m.generate(ids, max_new_tokens=n, stop_ids=(), fast=fast).tokens_per_second)
+            bw = _head_bandwidth(model, tries=5) if bandwidths is not None else None
+            if bw is not None:
+                bandwidths.append(bw)
+            tps = m.generate(ids, max_new_tokens=n, stop_ids=(), fast=fast).tokens_per_second
+            best[key] = max(best[key], tps)
+            if moments is not None and bw is not None:
+                moments.setdefault(key, []).append((bw, tps))
     return best
+
+
+def _same_moment(pairs: list[tuple[float, float]], read: float) -> str:
+    """Each run's tok/s over the ceiling of the gemv measured just before it (`read` bytes a
+    step): the median and the best of those fractions."""
+    fractions = sorted(tps * read / bw for bw, tps in pairs)
+    return f"at the same moment (each run over the head gemv just before it) {fractions[len(fractions) // 2]:4.0%} median, {fractions[-1]:4.0%} best of {len(fractions)}"
 
 
 @torch.no_grad()
@@ -184,7 +198,8 @@ def bench_decode(n: int) -> None:
     if status.state == "ready":
         runs["compiled"] = (compiled, True)
     seen: list[float] = []  # every head-gemv bandwidth measured in this run
-    ours32 = _in_turns(runs, ids, n, 3, seen, model)
+    moments: dict = {}
+    ours32 = _in_turns(runs, ids, n, 3, seen, model, moments)
     theirs = _hf_tps(hf, ids, n)
     seen.append(_head_bandwidth(model))
     bw = max(seen)
@@ -207,6 +222,7 @@ def bench_decode(n: int) -> None:
           f"{fast32 / theirs:5.2f}x;  {fast32 / ceiling32:4.0%} of ceiling (target >= 85%); eager lean step "
           f"{ours32['lean']:6.2f} ({ours32['lean'] / ceiling32:4.0%}), plain path {ours32['plain']:6.2f} tok/s "
           f"({ours32['plain'] / ceiling32:4.0%})")
+    print(f"  fp32 ({best}) {_same_moment(moments[best], tensor_bytes(model))}")
     reference = compiled if best == "compiled" else model  # the fastest float32: what the ratios below are to
     for label, (dtype, quant) in VARIANTS.items():
         m = gl.load(dtype=dtype, progress=False)
@@ -222,11 +238,14 @@ def bench_decode(n: int) -> None:
             print(f"  {label}: {st.describe()} ({time.perf_counter() - t:4.1f} s here)")
         # in turns with float32 again: the ratio is to the float32 run beside it
         read = decode_bytes(m)
-        tps = _in_turns({"fp32": (reference, True), label: (m, True)}, ids, n, 3, seen, model)
+        moments = {}
+        tps = _in_turns({"fp32": (reference, True), label: (m, True)}, ids, n, 3, seen, model, moments)
         ceiling = max(seen) / read
         print(f"greedy decode {label:<26} ({path:>8}) {tps[label]:6.2f} tok/s = {tps[label] / tps['fp32']:5.2f}x fp32 ({best}) beside it "
               f"({tps['fp32']:5.2f}), {tps[label] / ceiling:4.0%} of its ceiling {ceiling:5.1f} tok/s "
               f"({read / 1e9:4.2f} GB read a step, {tensor_bytes(m) / 1e9:4.2f} GB stored)" + (f"; quantized in {made:4.1f} s" if quant else ""))
+        if label == "bf16":
+            print(f"  bf16 {_same_moment(moments[label], read)}")
         del m
     print(f"  targets: bf16 >= 70% of its ceiling and >= fp32; int8 >= 1.5x fp32; int4 >= 2x fp32 "
           f"(ceilings: the fastest of {len(seen)} head gemvs, {max(seen) / 1e9:4.1f} GB/s)")
