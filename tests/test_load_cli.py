@@ -67,7 +67,7 @@ def test_tokenizer_is_parsed_on_first_use(real_folder, tmp_path):
 
 @pytest.mark.real
 def test_warm_load_builds_without_torch_dynamo(real_model):
-    """A warm load maps the cached conversion and builds on the meta device. Any meta-device arithmetic
+    """A warm load reads the cached conversion and builds on the meta device. Any meta-device arithmetic
     (an init's normal_, a RoPE arange) runs through torch._refs and imports torch._dynamo: 3 of the 3.5 s
     a warm load used to take. Checked by module presence, not by a clock."""
     code = ("import sys, gemma3_lab as gl; m = gl.load(progress=False); "
