@@ -139,27 +139,44 @@ def _head_bandwidth(model, tries: int = 10, way=None) -> float:
 
 
 @torch.no_grad()
-def _step_products(model, tries: int = 5) -> float:
+def _step_products(model, tries: int = 5) -> tuple[float, float | None]:
     """Seconds of the fastest pass over every float32 weight a decode step reads, in the step's
-    order (each layer's seven projections, then the head), one row each through the products
-    the step uses (`kernels.rows_times`), nothing else: the step's own products with its
-    other work taken away. On the Xeon this pass read at about 21 GB/s where the head alone
-    read at 27: the 126 projections are small (0.6-5 MB each), and each product starts its
-    threads and its prefetch stream anew. (Not the L3 keeping part of the head between
-    repeats: read right after 400 MB of other memory, the head still read at 25.4 GB/s
-    against 26.6 back to back.)"""
-    from gemma3_lab.model import kernels
+    order (each layer's seven projections, then the head), one row each, nothing else: the
+    step's own products with its other work taken away. Two ways, in turns: through the op the
+    compiled graph calls (`kernels.float_product_op`, or `rows_times` where the C loop is not
+    built), and the C loop called straight from ctypes on outputs made beforehand (None where
+    it is not built): the difference is what calling from Python costs, 127 times a token.
+    (Not the L3 keeping part of the head between repeats: read right after 400 MB of other
+    memory, the head still read at 25.4 GB/s against 26.6 back to back.)"""
+    from gemma3_lab.model import gemv, kernels
 
     weights = [m.weight for b in model.blocks for p in (b.attn, b.mlp) for m in p.children() if isinstance(m, torch.nn.Linear)]
     weights.append(model.embed.weight)
     rows = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
-    best = float("inf")
-    for _ in range(tries):
-        t = time.perf_counter()
+    loop = gemv.available(torch.float32)
+    product = kernels.float_product_op if loop else kernels.rows_times
+
+    def through_op():
         for w in weights:
-            kernels.rows_times(rows[w.shape[1]], w)
-        best = min(best, time.perf_counter() - t)
-    return best
+            product(rows[w.shape[1]], w)
+
+    ways = {"op": through_op}
+    if loop:
+        fn, outs = gemv._STATE[torch.float32], [torch.empty(1, w.shape[0]) for w in weights]
+        calls = [(w.data_ptr(), rows[w.shape[1]].data_ptr(), o.data_ptr(), 1, *w.shape) for w, o in zip(weights, outs)]
+
+        def straight():
+            for c in calls:
+                fn(*c)
+
+        ways["c"] = straight
+    best = dict.fromkeys(ways, float("inf"))
+    for _ in range(tries):
+        for key, f in ways.items():
+            t = time.perf_counter()
+            f()
+            best[key] = min(best[key], time.perf_counter() - t)
+    return best["op"], best.get("c")
 
 
 # label -> (dtype, quantize_model keywords); quantize_model's DEFAULTS are what load uses. The
@@ -213,11 +230,15 @@ def bench_decode(n: int) -> None:
           f"of the head (head.sum()) {stream / 1e9:5.1f} GB/s")
     best = "compiled" if "compiled" in runs else "lean"
     fast32 = ours32[best]
-    products = _step_products(model)
+    products, straight = _step_products(model)
     after = _in_turns({best: runs[best]}, ids, n, 1)[best]  # the same moment's step
     print(f"  the step's products alone (every weight once, in the step's order, nothing else): {products * 1e3:5.1f} ms, "
           f"{tensor_bytes(model) / products / 1e9:5.1f} GB/s, {1 / products:5.2f} tok/s; the {best} step right after "
           f"them {after:5.2f} tok/s = {after * products:4.0%} of that (the rest is the step's other work)")
+    if straight is not None:
+        print(f"  the same products called straight from C (no Python between them): {straight * 1e3:5.1f} ms, "
+              f"{tensor_bytes(model) / straight / 1e9:5.1f} GB/s = {tensor_bytes(model) / straight / bw:4.0%} of the ceiling's "
+              f"rate; the calls from Python cost {(products - straight) / (7 * len(model.blocks) + 1) * 1e6:4.0f} us each over them")
     print(f"greedy decode fp32:   ours ({best}) {fast32:6.2f} tok/s  transformers {theirs:6.2f} tok/s   ratio "
           f"{fast32 / theirs:5.2f}x;  {fast32 / ceiling32:4.0%} of ceiling (target >= 85%); eager lean step "
           f"{ours32['lean']:6.2f} ({ours32['lean'] / ceiling32:4.0%}), plain path {ours32['plain']:6.2f} tok/s "
