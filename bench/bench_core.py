@@ -10,6 +10,7 @@ on this machine; run it on an otherwise idle machine (2 cores are easily disturb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -74,19 +75,39 @@ def _in_turns(runs: dict, ids, n, rounds: int, bandwidths: list[float] | None = 
     the fastest gemv seen in the whole run (never of a slow moment's, which would flatter it).
     `moments` (key -> [(that gemv's bytes/s, the run's tok/s)]) keeps each run beside the gemv
     measured just before it, for the fraction at the same moment (`_same_moment`)."""
-    for m, fast in runs.values():
-        m.generate(ids, max_new_tokens=4, stop_ids=(), fast=fast)  # warm-up, packs kernels' weights
+    for m, fast, *native in runs.values():
+        with _native(*native):
+            m.generate(ids, max_new_tokens=4, stop_ids=(), fast=fast)  # warm-up, packs kernels' weights
     best = dict.fromkeys(runs, 0.0)
     for _ in range(rounds):
-        for key, (m, fast) in runs.items():
+        for key, (m, fast, *native) in runs.items():
             bw = _head_bandwidth(model, tries=5) if bandwidths is not None else None
             if bw is not None:
                 bandwidths.append(bw)
-            tps = m.generate(ids, max_new_tokens=n, stop_ids=(), fast=fast).tokens_per_second
+            with _native(*native):
+                tps = m.generate(ids, max_new_tokens=n, stop_ids=(), fast=fast).tokens_per_second
             best[key] = max(best[key], tps)
             if moments is not None and bw is not None:
                 moments.setdefault(key, []).append((bw, tps))
     return best
+
+
+@contextlib.contextmanager
+def _native(on: bool = True):
+    """A run (model, fast[, native]) with native False takes the compiled or eager step: the
+    native step (`native_decode`) off for its length."""
+    from gemma3_lab.model import native_decode
+
+    old = os.environ.get(native_decode.ENV)
+    if not on:
+        os.environ[native_decode.ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(native_decode.ENV, None)
+        else:
+            os.environ[native_decode.ENV] = old
 
 
 def _same_moment(pairs: list[tuple[float, float]], read: float) -> str:
@@ -180,11 +201,15 @@ def _step_products(model, tries: int = 5) -> tuple[float, float | None]:
 
 
 # label -> (dtype, quantize_model keywords); quantize_model's DEFAULTS are what load uses. The
-# defaults are measured with their decode step compiled (as `compile_decode` gives it), the others eager.
+# defaults are measured with the step `generate` takes by default: the native step where it
+# applies (bfloat16 where the CPU has the bfloat16 C loop), else compiled (as `compile_decode`
+# gives it); COMPILED ones compiled, with the native step off; EAGER ones on the eager lean step.
 # one-row products take the C gemv where it is built (`gemv`, said below).
-COMPILED = ("bf16", "int8 (load's default)", "int4 (load's default)")
+COMPILED = ("bf16 compiled", "int8 (load's default)", "int4 (load's default)")
+EAGER = ("bf16 eager",)
 VARIANTS = {
-    "bf16": ("bfloat16", None),  # compiled where the CPU has native bfloat16 products
+    "bf16": ("bfloat16", None),  # the native step where the CPU has the bfloat16 C loop
+    "bf16 compiled": ("bfloat16", None),  # where the CPU has native bfloat16 products
     "bf16 eager": ("bfloat16", None),
     "int8 (load's default)": ("float32", dict(mode="int8")),
     "int8 row, int8 head": ("float32", dict(mode="int8", screen=False)),
@@ -198,7 +223,7 @@ def bench_decode(n: int) -> None:
     import gemma3_lab as gl
     from gemma3_lab.loading.quantize import decode_bytes, quantize_model, tensor_bytes
 
-    from gemma3_lab.model import gemv
+    from gemma3_lab.model import gemv, native_decode
 
     print(f"  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: every ratio below is measured in turns in one process")
     print(f"  CPU capability {torch.backends.cpu.get_cpu_capability()}; one-row products: float32 "
@@ -209,11 +234,16 @@ def bench_decode(n: int) -> None:
     ids = model.to_inputs(PROMPT).input_ids
     compiled = gl.load(progress=False)  # a second float32 model, its decode step compiled
     t = time.perf_counter()
-    status = compiled.compile_decode(background=False)
+    with _native(False):
+        status = compiled.compile_decode(background=False)
     print(f"  torch.compile of the float32 decode step: {status.describe()} ({time.perf_counter() - t:4.1f} s here)")
-    runs = {"plain": (model, False), "lean": (model, True)}
+    runs = {"plain": (model, False), "lean": (model, True, False)}
     if status.state == "ready":
-        runs["compiled"] = (compiled, True)
+        runs["compiled"] = (compiled, True, False)
+    why = native_decode.why_not(model)
+    print(f"  the native decode step (one C call a token): " + ("runs float32 here" if why is None else f"not here: {why}"))
+    if why is None:
+        runs["native"] = (model, True, True)
     seen: list[float] = []  # every head-gemv bandwidth measured in this run
     moments: dict = {}
     ours32 = _in_turns(runs, ids, n, 3, seen, model, moments)
@@ -228,7 +258,7 @@ def bench_decode(n: int) -> None:
           f"(the fastest of {len(seen)} measurements, {min(seen) / 1e9:4.1f} the slowest): ceiling {ceiling32:5.2f} tok/s "
           f"fp32, {2 * ceiling32:5.2f} tok/s bf16; MKL's own gemv alone {mkl / 1e9:5.1f} GB/s; a plain streaming read "
           f"of the head (head.sum()) {stream / 1e9:5.1f} GB/s")
-    best = "compiled" if "compiled" in runs else "lean"
+    best = next(k for k in ("native", "compiled", "lean") if k in runs)
     fast32 = ours32[best]
     products, straight = _step_products(model)
     after = _in_turns({best: runs[best]}, ids, n, 1)[best]  # the same moment's step
@@ -240,27 +270,31 @@ def bench_decode(n: int) -> None:
               f"{tensor_bytes(model) / straight / 1e9:5.1f} GB/s = {tensor_bytes(model) / straight / bw:4.0%} of the ceiling's "
               f"rate; the calls from Python cost {(products - straight) / (7 * len(model.blocks) + 1) * 1e6:4.0f} us each over them")
     print(f"greedy decode fp32:   ours ({best}) {fast32:6.2f} tok/s  transformers {theirs:6.2f} tok/s   ratio "
-          f"{fast32 / theirs:5.2f}x;  {fast32 / ceiling32:4.0%} of ceiling (target >= 85%); eager lean step "
+          f"{fast32 / theirs:5.2f}x;  {fast32 / ceiling32:4.0%} of ceiling (target >= 85%); "
+          + "".join(f"{k} {ours32[k]:6.2f} ({ours32[k] / ceiling32:4.0%}), " for k in ("compiled",) if k in runs and k != best)
+          + f"eager lean step "
           f"{ours32['lean']:6.2f} ({ours32['lean'] / ceiling32:4.0%}), plain path {ours32['plain']:6.2f} tok/s "
           f"({ours32['plain'] / ceiling32:4.0%})")
     print(f"  fp32 ({best}) {_same_moment(moments[best], tensor_bytes(model))}")
-    reference = compiled if best == "compiled" else model  # the fastest float32: what the ratios below are to
+    reference = runs[best]  # the fastest float32: what the ratios below are to
     for label, (dtype, quant) in VARIANTS.items():
         m = gl.load(dtype=dtype, progress=False)
         t = time.perf_counter()
         if quant:
             quantize_model(m, **quant)
         made = time.perf_counter() - t
-        path = "lean"
+        native = label not in COMPILED + EAGER and native_decode.why_not(m) is None
+        path = "native" if native else "lean"
         if label in COMPILED:
             t = time.perf_counter()
-            st = m.compile_decode(background=False)
+            with _native(False):
+                st = m.compile_decode(background=False)
             path = "compiled" if st.state == "ready" else "lean"
             print(f"  {label}: {st.describe()} ({time.perf_counter() - t:4.1f} s here)")
         # in turns with float32 again: the ratio is to the float32 run beside it
         read = decode_bytes(m)
         moments = {}
-        tps = _in_turns({"fp32": (reference, True), label: (m, True)}, ids, n, 3, seen, model, moments)
+        tps = _in_turns({"fp32": reference, label: (m, True, native)}, ids, n, 3, seen, model, moments)
         ceiling = max(seen) / read
         print(f"greedy decode {label:<26} ({path:>8}) {tps[label]:6.2f} tok/s = {tps[label] / tps['fp32']:5.2f}x fp32 ({best}) beside it "
               f"({tps['fp32']:5.2f}), {tps[label] / ceiling:4.0%} of its ceiling {ceiling:5.1f} tok/s "

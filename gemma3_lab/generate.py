@@ -51,7 +51,7 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     captures: dict[str, Capture] = field(default_factory=dict)  # hook name -> every forward, by position
-    # decode steps by the path that ran them: "compiled", "lean" (eager), "plain" (instrumented forward)
+    # decode steps by the path that ran them: "native" (C), "compiled", "lean" (eager), "plain" (instrumented forward)
     decode_paths: dict[str, int] = field(default_factory=dict)
 
     @property

@@ -15,8 +15,17 @@ import torch
 from helpers import bf16_noise_check, greedy_steps, tiny_decoder
 
 from gemma3_lab.generate import decode_one, prefill
-from gemma3_lab.model import compiled_decode
+from gemma3_lab.model import compiled_decode, native_decode
 from gemma3_lab.model.kv_cache import KVCache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_native_step():
+    """The native step (`native_decode`) runs these models first where the CPU has its C
+    loops, and then nothing is compiled: here it is off, so the compiled step is what runs."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv(native_decode.ENV, "0")
+        yield
 
 
 @pytest.fixture(scope="module")

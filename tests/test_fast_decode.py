@@ -13,11 +13,20 @@ import torch
 from helpers import bf16_noise_check, greedy_steps, tiny_decoder
 
 from gemma3_lab.generate import decode_one, prefill
-from gemma3_lab.model import gemv, kernels
+from gemma3_lab.model import gemv, kernels, native_decode
 from gemma3_lab.model.fast_decode import decode_step
 from gemma3_lab.model.kv_cache import KVCache, LayerCache
 
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_native_step():
+    """Steps of one row take the native step first where the CPU has its C loops
+    (tests/test_native_decode.py); here it is off, so the eager lean step is what runs."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv(native_decode.ENV, "0")
+        yield
 
 
 @pytest.fixture(scope="module")

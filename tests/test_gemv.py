@@ -86,7 +86,7 @@ def test_a_failed_build_says_why_and_is_not_retried(monkeypatch, tmp_path):
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
     assert not gemv.available()
-    assert gemv.why_not() == f"{broken} could not build gemv.c: cc: error: unrecognized option -mavx512bf16"
+    assert gemv.why_not() == f"{broken} could not build gemv.c step.c: cc: error: unrecognized option -mavx512bf16"
     assert gemv.why_not(torch.float32) == gemv.why_not()  # one library for both: one build, one answer
     assert not list(tmp_path.glob("kernels/*"))  # no half-written library left behind
     broken.write_text("#!/bin/sh\nexit 99\n")  # asked again: the first answer stands

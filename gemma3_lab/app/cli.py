@@ -78,9 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--compile", action="store_true",
                       help="compile the decode step first (torch.compile; float32, int8, int4, and bfloat16 on CPUs "
                       "with native bfloat16; 30-90 s on two "
-                      "cores, less with its disk cache warm; worth it for long generations) and decode with it")
+                      "cores, less with its disk cache warm; worth it for long generations) and decode with it; "
+                      "nothing to compile where the native C step runs the model (float32 and bfloat16 on CPUs "
+                      "with AVX-512): it is the default there")
     step.add_argument("--plain", action="store_true",
-                      help="decode every token through the plain instrumented forward (no lean or compiled step)")
+                      help="decode every token through the plain instrumented forward (no lean, native or compiled step)")
 
     m = command("masks", "print the attention mask of every distinct layer type")
     m.add_argument("prompt", help="the prompt text whose tokens the masks are drawn over")

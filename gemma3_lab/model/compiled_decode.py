@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gemma3_lab.config import AttentionType
-from gemma3_lab.model import gemv, kernels
+from gemma3_lab.model import gemv, kernels, native_decode
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.model.network import embed_scale, soft_cap
 from gemma3_lab.model.norm import fused_rms_norm
@@ -61,7 +61,7 @@ _SHIFT = 2
 class CompileStatus:
     """Where the compiled step of one model stands."""
 
-    state: str  # "off" (never asked) | "compiling" | "ready" | "failed" | "unavailable"
+    state: str  # "off" (never asked) | "compiling" | "ready" | "failed" | "unavailable" | "native" (not needed)
     seconds: float | None = None  # compile time, once ready or failed
     reason: str = ""  # why failed / unavailable
 
@@ -70,6 +70,8 @@ class CompileStatus:
             return f"compiled decode step ready (compiled in {self.seconds:.0f} s)"
         if self.state == "compiling":
             return "compiling the decode step in the background (the eager lean step runs meanwhile)"
+        if self.state == "native":
+            return "nothing to compile: the native decode step (C) runs this model"
         if self.state in ("failed", "unavailable"):
             return f"compiled decode step {self.state}: {self.reason}; the eager lean step runs"
         return "compiled decode step not started"
@@ -131,7 +133,11 @@ def _float32(m) -> Tensor | None:
 def start(net, background: bool = True, announce: Callable[[CompileStatus], None] | None = None) -> CompileStatus:
     """Compile the step for this model (once): in a background thread, or here and now with
     background=False. Returns the status at once; `status(net)` follows it, and `announce`
-    (if given) is called with the final status when the compile ends."""
+    (if given) is called with the final status when the compile ends. Where the native step
+    applies (`native_decode`), which every step of one row takes first, nothing is compiled: the
+    status says "native" (asked again, a model quantized since then compiles)."""
+    if native_decode.why_not(net) is None:
+        return CompileStatus("native")
     with _LOCK:
         entry = _ENTRIES.setdefault(net, _Entry())
         if entry.status.state != "off":

@@ -8,9 +8,10 @@ through `kernels.linear` (oneDNN-packed bfloat16, packed low-bit kernels).
 
 `decode_step` returns None whenever the plain forward must run instead: any hook on any
 module (instrumentation sees everything), an attention path forced explicit, padding or
-images in the cache, or a cache that was not filled by a prefill. Where the model's
-compiled float32 step is ready (`compiled_decode`, started by `Gemma3.compile_decode`), a
-step of one row that applies takes it. Several rows decoding from one prompt
+images in the cache, or a cache that was not filled by a prefill. A step of one row that
+applies takes the native step where it applies (`native_decode`: float32 or bfloat16 weights
+on a CPU with the C loops), else the model's compiled step where it is ready
+(`compiled_decode`, started by `Gemma3.compile_decode`). Several rows decoding from one prompt
 (`generate_batch`) take the lean step together: one pass over the weights for all of them.
 """
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gemma3_lab.model import compiled_decode, kernels
+from gemma3_lab.model import compiled_decode, kernels, native_decode
 from gemma3_lab.model.explicit import grouped_matmul
 from gemma3_lab.model.hook_point import LOCAL_HOOKS, _global_hooks_present
 from gemma3_lab.model.kv_cache import KVCache
@@ -64,8 +65,12 @@ def decode_step(net, token_id: int | list[int], cache: KVCache) -> Tensor | None
     ids = [token_id] if isinstance(token_id, int) else list(token_id)
     if not applies(net, cache) or cache.next_position.shape[0] != len(ids):
         return None
-    logits = compiled_decode.step(net, ids[0], cache) if len(ids) == 1 else None
-    cache.paths["lean" if logits is None else "compiled"] += 1
+    path, logits = "lean", None
+    if len(ids) == 1:  # one row: the native step where it applies, else the compiled one where ready
+        path, logits = "native", native_decode.step(net, ids[0], cache)
+        if logits is None:
+            path, logits = "compiled", compiled_decode.step(net, ids[0], cache)
+    cache.paths["lean" if logits is None else path] += 1
     if logits is not None:
         return logits if isinstance(token_id, int) else logits[None]
     cfg = net.config.text

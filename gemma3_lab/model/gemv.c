@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bfloat16.h"
+
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 /* How the N weight rows are shared over the threads, for both loops: blocks of R rows, split
@@ -31,15 +33,6 @@
  * 126 projections of the 270M from 14 ms to 11 (8 rows, 16 or 64 ahead, or L1 were slower). */
 #define ROWS_BF16 16
 #define AHEAD_BF16 32
-
-static inline uint16_t to_bf16(float s) {
-    uint32_t u;
-    memcpy(&u, &s, 4);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu))  /* NaN stays NaN */
-        return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 AVX512_BF16 static void rows_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t n0, int r, int64_t K) {
     __m512 acc[ROWS_BF16];

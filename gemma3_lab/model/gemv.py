@@ -19,7 +19,8 @@ do) are read against each weight row once, each output summed as for one row: ea
 the batch has the bits of that row alone. More rows keep MKL.
 
 The C is built once per machine with the system's C compiler (the compiled decode step needs
-one too) into gemma3_lab's cache folder, linked against the OpenMP runtime torch has loaded
+one too) into gemma3_lab's cache folder, in one library with `step.c` (the native decode step,
+`native_decode`, which calls these loops), linked against the OpenMP runtime torch has loaded
 (one thread pool for both), and each loop is checked against exact arithmetic once per
 process before use. Where the CPU lacks the instructions (or torch is held below AVX-512 by
 ATEN_CPU_CAPABILITY), no compiler is found, the build fails, GEMMA3_LAB_PLAIN_KERNELS=1, or
@@ -43,8 +44,11 @@ from torch import Tensor
 
 from gemma3_lab.config.paths import cache_root
 
-SOURCE = Path(__file__).with_name("gemv.c")
-FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]  # the instructions are named per function in the C
+# gemv.c's loops, and step.c's whole decode step (`native_decode`) that calls them
+SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "step.c")]
+HEADERS = [Path(__file__).with_name("bfloat16.h")]
+# the instructions are named per function in the C; no multiply-add fused unless written
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off"]
 PLAIN = "GEMMA3_LAB_PLAIN_KERNELS"  # kernels.FORCE_PLAIN (which imports this module): "1", every product plain
 
 
@@ -142,6 +146,11 @@ def _checked(dtype: torch.dtype):
     return fn
 
 
+def library():
+    """The loaded C library, for `native_decode`'s step (after `available` said yes)."""
+    return _library()
+
+
 def _library():
     """The built library, built on the first call (one answer per process, built or why not)."""
     if "lib" not in _STATE and "lib why" not in _STATE:
@@ -158,17 +167,17 @@ def _build():
     cc = next((c for c in (os.environ.get("CC"), "gcc", "cc") if c and shutil.which(c)), None)
     if cc is None:
         raise _NotHere("no C compiler (gcc or cc) on this machine")
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES + HEADERS)
     tag = hashlib.sha256(source + " ".join([cc, *FLAGS]).encode()).hexdigest()[:16]
     lib_path = cache_root() / "kernels" / f"gemv-{tag}.so"
     if not lib_path.is_file():
         lib_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib_path.with_name(f"{lib_path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
-        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            raise _NotHere(f"{cc} could not build {SOURCE.name}: {first[:200]}")
+            raise _NotHere(f"{cc} could not build {' '.join(p.name for p in SOURCES)}: {first[:200]}")
         os.replace(tmp, lib_path)  # whole or not at all, whoever builds it at the same time
     return ctypes.CDLL(str(lib_path))
 

@@ -101,7 +101,7 @@ class KVCache:
         # what the lean and compiled decode steps list at a generation's first step and reuse
         # (its modules do not change under it): hook dicts to watch, weights' owners
         self.plan: dict[str, object] = {}
-        self.paths: Counter[str] = Counter()  # decode steps taken, by path: "compiled" | "lean" | "plain"
+        self.paths: Counter[str] = Counter()  # decode steps taken, by path: "native" | "compiled" | "lean" | "plain"
 
     def kv_slots(self, layer_type: AttentionType, new: int) -> Tensor:
         """Slots a layer of this type attends over once `new` tokens are appended."""

@@ -1,0 +1,195 @@
+"""The whole decode step of one token in one C call (`step.c`), for float32 models where the
+CPU has AVX-512 and bfloat16 ones where it has AVX512-BF16: the step that `generate` takes
+there by default, before the compiled one (`compiled_decode`), with nothing to compile.
+
+Why: a float32 step of the 270M reads 1.07 GB of weights in 127 products. On a 2-core Xeon
+(AVX10.1, AMX) the products called back to back from C took 44-48 ms, at the head's own rate,
+but the compiled step took 57-60 ms: each product called from the graph cost up to 45 us more,
+and the graph's other work about 5 ms. Here the products run back to back, with the small ops
+between them (norms, RoPE, the cache write, one query's attention, gelu) as plain C loops on
+activations of a few thousand floats. bench/bench_core.py prints today's numbers.
+
+What it computes: the eager lean step's arithmetic (`fast_decode`), in the same order, with
+the same products (the C loops of `gemv`, as `kernels` takes for one row). Float32 elementwise
+ops round as torch's do; the sums inside a norm, a score and a softmax are reordered, and
+exp and tanh are a vector polynomial instead of torch's: float32 logits agree with the plain
+path's to ~1e-6 of their scale and greedy tokens are the same (tests). In a bfloat16 model the
+activations are rounded to bfloat16 wherever the eager step holds a bfloat16 tensor.
+
+It applies where every product is a float weight of the model's dtype (no quantized
+projection or head), batch 1, no vision tower, and `fast_decode.applies` (nothing hooked).
+The step reads and writes the caches' own buffers (`LayerCache`), so a generation can switch
+between this step, the compiled one, the eager one and the plain forward at any token.
+GEMMA3_LAB_NATIVE_STEP=0 turns it off; `why_not(net)` says why it does not apply.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+from torch import Tensor
+
+from gemma3_lab.model import gemv, kernels
+from gemma3_lab.model.kv_cache import KVCache
+from gemma3_lab.model.network import embed_scale
+from gemma3_lab.model.norm import RMSNorm
+from gemma3_lab.model.rope import rope_tables
+
+ENV = "GEMMA3_LAB_NATIVE_STEP"  # "0": never take it
+
+
+class Step(ctypes.Structure):
+    """step.c's `Step`, field for field (every field 8 bytes wide)."""
+
+    _fields_ = ([(n, ctypes.c_int64) for n in ("layers", "D", "N", "K", "H", "F", "V", "bf16", "token", "slots_max")]
+                + [(n, ctypes.c_double) for n in ("eps", "scale", "emb_scale", "softcap")]
+                + [(n, ctypes.c_void_p) for n in ("table", "head", "final_gain", "proj", "gain", "kc", "vc", "slots",
+                                                  "lo", "end", "rope", "work", "logits", "lse", "argmax")])
+
+
+_FUNCS: dict[str, object] = {}
+
+
+def _funcs() -> dict[str, object]:
+    """step_run and step_work from the C library `gemv` builds (found there once, after
+    `gemv.available` said it is built), or {"why": ...} where the library's `Step` is not this
+    file's (a build from another version of step.c)."""
+    if not _FUNCS:
+        lib = gemv.library()
+        run, work, size = lib.step_run, lib.step_work, lib.step_size
+        run.argtypes, run.restype = [ctypes.POINTER(Step)], None
+        work.argtypes, work.restype = [ctypes.POINTER(Step)], ctypes.c_int64
+        size.argtypes, size.restype = [], ctypes.c_int64
+        if size() != ctypes.sizeof(Step):
+            _FUNCS["why"] = f"step.c's Step has {size()} bytes and native_decode.Step {ctypes.sizeof(Step)}"
+        else:
+            _FUNCS.update(run=run, work=work)
+    return _FUNCS
+
+
+def _projections(b):
+    a, m = b.attn, b.mlp
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
+
+
+def _norms(b):
+    a = b.attn
+    return b.pre_attention_norm, a.q_norm, a.k_norm, b.post_attention_norm, b.pre_ffw_norm, b.post_ffw_norm
+
+
+def _float_weight(m, dtype: torch.dtype) -> Tensor | None:
+    """The module's plain weight where it is one of `dtype` this step can read in place."""
+    if getattr(m, "decode_operands", None) is not None or getattr(m, "decode_forward", None) is not None:
+        return None  # quantized
+    w = m._parameters.get("weight")  # not `.weight`: a quantized table's would build the float table
+    ok = w is not None and w.dtype == dtype and w.dim() == 2 and w.is_contiguous() and w.device.type == "cpu"
+    return w if ok else None
+
+
+def why_not(net) -> str | None:
+    """Why this model's decode steps cannot take the native step (None: they can). Asked at
+    each generation's first step: a model may be quantized or moved between generations."""
+    if os.environ.get(ENV) == "0":
+        return f"{ENV}=0"
+    w = net.final_norm.weight
+    if w.device.type != "cpu":
+        return f"the model is on {w.device.type}"
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        return f"the model is {str(w.dtype).removeprefix('torch.')}; the native step is float32 or bfloat16"
+    if not gemv.available(w.dtype):
+        return f"no C loop for {str(w.dtype).removeprefix('torch.')} products here: {gemv.why_not(w.dtype)}"
+    if "why" in _funcs():
+        return _funcs()["why"]
+    if net.vision is not None:
+        return "multimodal models decode with the compiled or eager step"
+    head = net.embed if net.lm_head is None else net.lm_head
+    if any(_float_weight(m, w.dtype) is None for b in net.blocks for m in _projections(b)) or \
+            _float_weight(head, w.dtype) is None or _float_weight(net.embed, w.dtype) is None:
+        return f"a product or the embedding is quantized or not {str(w.dtype).removeprefix('torch.')}"
+    a = net.blocks[0].attn
+    if a.n_heads % a.n_kv or a.head_dim % 2:
+        return "the attention's shape is not one the native step takes"
+    return None
+
+
+class _Plan:
+    """What a generation's steps pass the C step and keep alive: made at its first step (the
+    modules do not change under a generation); the cache's buffers, slots and this position's
+    RoPE tables are filled in at every step."""
+
+    def __init__(self, net) -> None:
+        cfg, a0 = net.config.text, net.blocks[0].attn
+        self.dtype = net.final_norm.weight.dtype
+        head = net.embed if net.lm_head is None else net.lm_head
+        self.table, self.head = _float_weight(net.embed, self.dtype), _float_weight(head, self.dtype)
+        weights = [_float_weight(m, self.dtype) for b in net.blocks for m in _projections(b)]
+        self.gains = [_gain(n) for b in net.blocks for n in _norms(b)]
+        self.final_gain = _gain(net.final_norm)
+        self.proj = torch.tensor([t.data_ptr() for t in weights], dtype=torch.int64)
+        self.gain = torch.tensor([t.data_ptr() for t in self.gains], dtype=torch.int64)
+        L = cfg.num_layers
+        self.is_global = [t.short == "global" for t in cfg.layer_types]
+        self.freqs = (net.inv_freq_local, net.inv_freq_global)
+        self.lo, self.end, self.slots = (ctypes.c_int64 * L)(), (ctypes.c_int64 * L)(), (ctypes.c_int64 * L)()
+        self.kc, self.vc, self.rope = (ctypes.c_void_p * L)(), (ctypes.c_void_p * L)(), (ctypes.c_void_p * L)()
+        self.work = torch.empty(0)
+        s = self.step = Step()
+        s.layers, s.D, s.N, s.K, s.H = L, cfg.hidden_size, a0.n_heads, a0.n_kv, a0.head_dim
+        s.F, s.V, s.bf16 = cfg.intermediate_size, cfg.vocab_size, int(self.dtype == torch.bfloat16)
+        s.eps, s.scale = cfg.rms_norm_eps, a0.scale
+        s.emb_scale = float(embed_scale(cfg, self.dtype))
+        s.softcap = net.final_softcap or 0.0
+        s.table, s.head, s.final_gain = self.table.data_ptr(), self.head.data_ptr(), self.final_gain.data_ptr()
+        s.proj, s.gain = self.proj.data_ptr(), self.gain.data_ptr()
+        for name in ("kc", "vc", "slots", "lo", "end", "rope"):
+            setattr(s, name, ctypes.cast(getattr(self, name), ctypes.c_void_p))
+
+
+def _gain(norm: RMSNorm) -> Tensor:
+    """(1 + w) in float32, as the eager step keeps it (remade after an edit of w)."""
+    return kernels.packed(norm, norm.weight, lambda w: 1.0 + w.detach().float())
+
+
+def _buffers_fit(cache: KVCache, dtype: torch.dtype) -> bool:
+    return all(lc._k is not None and lc._k.dtype == dtype and lc._k.shape[0] == 1 and lc._k.is_contiguous()
+               and lc._v.is_contiguous() for lc in cache.layers)
+
+
+@torch.no_grad()
+def step(net, token_id: int, cache: KVCache) -> Tensor | None:
+    """(V,) float32 logits for the token after `token_id`, appended at the cache's next slot;
+    None (nothing done) where the native step does not apply (the caller has already checked
+    that a lean step does: `fast_decode.applies`)."""
+    if "native" not in cache.plan:
+        cache.plan["native"] = None if why_not(net) else _Plan(net)
+    plan: _Plan | None = cache.plan["native"]
+    if plan is None or cache.next_position.shape[0] != 1 or not _buffers_fit(cache, plan.dtype):
+        return None
+    s = plan.step
+    like = plan.head.new_empty(1, s.K, 1, s.H)
+    positions = cache.next_position[:, None]  # (1, 1)
+    tables = [torch.cat(rope_tables(positions, f, plan.dtype)).float().contiguous() for f in plan.freqs]
+    for i, lc in enumerate(cache.layers):
+        lc._make_room(like, 1)
+        plan.lo[i], plan.end[i], plan.slots[i] = lc._start, lc._end, lc._k.shape[2]
+        plan.kc[i], plan.vc[i] = lc._k.data_ptr(), lc._v.data_ptr()
+        plan.rope[i] = tables[plan.is_global[i]].data_ptr()
+    s.token, s.slots_max = int(token_id), max(plan.slots)
+    funcs = _funcs()
+    need = funcs["work"](ctypes.byref(s))
+    if plan.work.numel() < need:
+        plan.work = torch.empty(need)
+        s.work = plan.work.data_ptr()
+    # fresh outputs each step: a generation keeps the logits it was given
+    logits, lse, argmax = torch.empty(s.V), torch.empty(()), torch.empty((), dtype=torch.int64)
+    s.logits, s.lse, s.argmax = logits.data_ptr(), lse.data_ptr(), argmax.data_ptr()
+    funcs["run"](ctypes.byref(s))  # the GIL is let go meanwhile
+    for lc in cache.layers:  # what LayerCache.update does after its write of one slot
+        lc._end += 1
+        if lc.keep is not None:
+            lc._start = max(lc._start, lc._end - lc.keep)
+    cache.advance(1, None, None, positions)
+    cache.plan["summary"] = (logits, lse, argmax)  # read by `compiled_decode.summary`
+    return logits

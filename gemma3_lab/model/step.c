@@ -1,0 +1,292 @@
+/* A whole decode step of one token in C: every layer's norms, products, RoPE, cache write and
+ * attention, the final norm, the head, and the step record's logsumexp and argmax, in one call
+ * with no Python between the products (built and called by native_decode.py; why it exists is
+ * written there). Float32 models take the float32 loop of gemv.c for every product, bfloat16
+ * models its bfloat16 loop.
+ *
+ * Activations are float32 here. In a bfloat16 model they are rounded to bfloat16 wherever the
+ * eager lean step (fast_decode.py) holds a bfloat16 tensor: after each norm, product, RoPE
+ * term, score, probability, residual sum; so it rounds where that step rounds. In a float32
+ * model each elementwise op is the eager op's float32 arithmetic in the same order (the file is
+ * built with -ffp-contract=off: no multiply-add is fused behind the code's back).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "bfloat16.h"
+
+void gemv_f32(const float *W, const float *x, float *y, int64_t M, int64_t N, int64_t K);
+void gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K);
+
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+enum { PROJECTIONS = 7, GAINS = 6 };            /* per layer, in the order below */
+enum { Q, KP, VP, O, GATE, UP, DOWN };          /* projections: (out, in) row-major */
+enum { PRE_ATTN, Q_NORM, K_NORM, POST_ATTN, PRE_FFW, POST_FFW };  /* gains (1 + w), float32 */
+
+/* Everything a step reads and writes. Mirrored field for field by native_decode.Step (all
+ * 8-byte fields, so that no padding can differ). */
+typedef struct {
+    int64_t layers, D, N, K, H, F, V, bf16;     /* sizes; bf16: weights, caches, activations */
+    int64_t token, slots_max;                   /* the new token; the most slots any layer holds */
+    double eps, scale, emb_scale, softcap;      /* softcap <= 0: none */
+    const void *table, *head;                   /* (V, D) embedding rows; head rows (the table if tied) */
+    const float *final_gain;                    /* (D) */
+    const void *const *proj;                    /* layers x PROJECTIONS weights */
+    const float *const *gain;                   /* layers x GAINS (q and k norms: H, the rest D) */
+    void *const *kc, *const *vc;                /* per layer: (K, slots[i], H) cache buffers */
+    const int64_t *slots, *lo, *end;            /* per layer: buffer slots, first kept slot, this token's slot */
+    const float *const *rope;                   /* per layer: (2, H) cos then sin at this position */
+    float *work;                                /* step_work floats */
+    float *logits;                              /* (V) */
+    float *lse;                                 /* (1) */
+    int64_t *argmax;                            /* (1) */
+} Step;
+
+/* Scratch: h, y, o (D); q, z (N H); k, v (K H); gate, up (F); bf16 in and out of a product
+ * (the widest input, and V outputs: the head's); scores (slots_max). */
+static int64_t widest(const Step *s) {
+    int64_t w = s->D;
+    if (s->F > w) w = s->F;
+    if (s->N * s->H > w) w = s->N * s->H;
+    return w;
+}
+
+int64_t step_size(void) { return (int64_t)sizeof(Step); }  /* checked against native_decode.Step */
+
+int64_t step_work(const Step *s) {
+    return 3 * s->D + 2 * s->N * s->H + 2 * s->K * s->H + 2 * s->F + (widest(s) + s->V) / 2 + 2 + s->slots_max + 16;
+}
+
+static inline float as_bf16(float f) { return bf16_float(to_bf16(f)); }
+
+static void round_all(const Step *s, float *x, int64_t n) {
+    if (s->bf16)
+        for (int64_t i = 0; i < n; i++) x[i] = as_bf16(x[i]);
+}
+
+/* 16 lanes of a float32 or bfloat16 array from element i on; m: which lanes are real */
+AVX512 static inline __m512 load16(const void *p, int64_t i, int bf16, __mmask16 m) {
+    if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
+    __m256i b = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+}
+
+static inline __mmask16 lanes(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
+
+/* e^x in 16 lanes: 2^n e^r with |r| <= ln 2 / 2, e^r by Cephes' expf polynomial (~1 ulp) */
+AVX512 static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* tanh(x) = 1 - 2 / (e^2x + 1): exact at the ends (e^2x overflows to inf, or is 0) */
+AVX512 static inline __m512 tanh16(__m512 x) {
+    __m512 e = exp16(_mm512_add_ps(x, x));
+    return _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+}
+
+AVX512 static float sum_squares(const float *x, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        __m512 v = _mm512_maskz_loadu_ps(lanes(n - i), x + i);
+        acc = _mm512_fmadd_ps(v, v, acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* y = (x / rms(x)) * gain over n, then the cast back (RMSNorm.forward) */
+AVX512 static void norm(const Step *s, const float *x, const float *gain, float *y, int64_t n) {
+    float r = 1.0f / sqrtf(sum_squares(x, n) / (float)n + (float)s->eps);
+    for (int64_t i = 0; i < n; i++) y[i] = (x[i] * r) * gain[i];
+    round_all(s, y, n);
+}
+
+/* y = x @ W.T, x and y float32 holding bfloat16 values in a bfloat16 model */
+static void product(const Step *s, const void *W, const float *x, float *y, int64_t N, int64_t K) {
+    if (!s->bf16) {
+        gemv_f32((const float *)W, x, y, 1, N, K);
+        return;
+    }
+    uint16_t *xb = (uint16_t *)(s->work + 3 * s->D + 2 * s->N * s->H + 2 * s->K * s->H + 2 * s->F);
+    uint16_t *yb = xb + widest(s) + 2;
+    for (int64_t i = 0; i < K; i++) xb[i] = to_bf16(x[i]);
+    gemv_bf16((const uint16_t *)W, xb, yb, 1, N, K);
+    for (int64_t i = 0; i < N; i++) y[i] = bf16_float(yb[i]);
+}
+
+/* x * cos + rotate_half(x) * sin for each of n heads of H, in place; each term rounded as the
+ * eager step's tensors are */
+static void rope(const Step *s, float *x, int64_t n, const float *cs) {
+    int64_t H = s->H, half = H / 2;
+    const float *c = cs, *sn = cs + H;
+    for (int64_t h = 0; h < n; h++, x += H)
+        for (int64_t j = 0; j < half; j++) {
+            float a = x[j], b = x[j + half];
+            float a1 = a * c[j], b1 = -b * sn[j], b2 = b * c[j + half], a2 = a * sn[j + half];
+            if (s->bf16) {
+                a1 = as_bf16(a1), b1 = as_bf16(b1), b2 = as_bf16(b2), a2 = as_bf16(a2);
+                x[j] = as_bf16(a1 + b1), x[j + half] = as_bf16(b2 + a2);
+            } else {
+                x[j] = a1 + b1, x[j + half] = b2 + a2;
+            }
+        }
+}
+
+AVX512 static float dot(const float *q, const void *k, int64_t at, int64_t H, int bf16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < H; i += 16) {
+        __mmask16 m = lanes(H - i);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), load16(k, at + i, bf16, m), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* One query (N heads, q: N x H) over slots lo..end of layer i: z (N x H). Query heads are
+ * grouped per kv head, N / K of them to each. */
+AVX512 static void attend(const Step *s, int64_t i, const float *q, float *z) {
+    int64_t H = s->H, lo = s->lo[i], T = s->end[i] - lo + 1, cap = s->slots[i], group = s->N / s->K;
+    float *p = s->work + step_work(s) - s->slots_max - 16;
+    for (int64_t n = 0; n < s->N; n++) {
+        int64_t base = ((n / group) * cap + lo) * H;
+        const float *qn = q + n * H;
+        float top = -INFINITY;
+        for (int64_t t = 0; t < T; t++) {
+            float d = dot(qn, s->kc[i], base + t * H, H, (int)s->bf16);
+            p[t] = s->bf16 ? as_bf16(as_bf16(d) * (float)s->scale) : d * (float)s->scale;
+            if (p[t] > top) top = p[t];
+        }
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t = 0; t < T; t += 16) {
+            __mmask16 m = lanes(T - t);
+            __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + t), _mm512_set1_ps(top)));
+            _mm512_mask_storeu_ps(p + t, m, e);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+        }
+        float total = _mm512_reduce_add_ps(sum);
+        for (int64_t t = 0; t < T; t++) p[t] = s->bf16 ? as_bf16(p[t] / total) : p[t] / total;
+        float *zn = z + n * H;
+        for (int64_t j = 0; j < H; j += 16) {
+            __mmask16 m = lanes(H - j);
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t t = 0; t < T; t++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load16(s->vc[i], base + t * H + j, (int)s->bf16, m), acc);
+            _mm512_mask_storeu_ps(zn + j, m, acc);
+        }
+    }
+    round_all(s, z, s->N * s->H);
+}
+
+/* this token's keys and values (K x H) into slot end of layer i */
+static void write_slot(const Step *s, int64_t i, const float *k, const float *v) {
+    int64_t H = s->H;
+    for (int64_t g = 0; g < s->K; g++) {
+        int64_t at = (g * s->slots[i] + s->end[i]) * H;
+        if (s->bf16) {
+            for (int64_t j = 0; j < H; j++) {
+                ((uint16_t *)s->kc[i])[at + j] = to_bf16(k[g * H + j]);
+                ((uint16_t *)s->vc[i])[at + j] = to_bf16(v[g * H + j]);
+            }
+        } else {
+            memcpy((float *)s->kc[i] + at, k + g * H, H * sizeof(float));
+            memcpy((float *)s->vc[i] + at, v + g * H, H * sizeof(float));
+        }
+    }
+}
+
+/* gelu(gate, tanh approximation) * up, into gate; the constants are torch's */
+AVX512 static void gelu_times(const Step *s, float *g, const float *u, int64_t n) {
+    const float beta = 0.7978845608028654f, kappa = 0.044715f;
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = lanes(n - i);
+        __m512 x = _mm512_maskz_loadu_ps(m, g + i);
+        __m512 inner = _mm512_mul_ps(_mm512_set1_ps(beta),
+                                     _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(kappa), _mm512_mul_ps(_mm512_mul_ps(x, x), x))));
+        __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), tanh16(inner)));
+        _mm512_mask_storeu_ps(g + i, m, y);
+    }
+    round_all(s, g, n);
+    for (int64_t i = 0; i < n; i++) g[i] = g[i] * u[i];
+    round_all(s, g, n);
+}
+
+/* a += b, rounded */
+static void add_into(const Step *s, float *a, const float *b, int64_t n) {
+    for (int64_t i = 0; i < n; i++) a[i] = a[i] + b[i];
+    round_all(s, a, n);
+}
+
+/* the soft cap, the logsumexp and the first argmax of the V logits */
+AVX512 static void finish(const Step *s) {
+    float *x = s->logits, cap = (float)s->softcap;
+    int64_t V = s->V, best = 0;
+    if (cap > 0)
+        for (int64_t i = 0; i < V; i++) x[i] = s->bf16 ? as_bf16(as_bf16(tanhf(as_bf16(x[i] / cap))) * cap) : tanhf(x[i] / cap) * cap;
+    float top = x[0];
+    for (int64_t i = 1; i < V; i++)
+        if (x[i] > top || (isnan(x[i]) && !isnan(top))) top = x[i], best = i;
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < V; i += 16) {
+        __mmask16 m = lanes(V - i);
+        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_set1_ps(top)))));
+    }
+    *s->lse = isfinite(top) ? top + logf(_mm512_reduce_add_ps(sum)) : top;
+    *s->argmax = best;
+}
+
+AVX512 void step_run(const Step *s) {
+    int64_t D = s->D, NH = s->N * s->H, KH = s->K * s->H, F = s->F;
+    float *h = s->work, *y = h + D, *o = y + D, *q = o + D, *z = q + NH, *k = z + NH, *v = k + KH, *g = v + KH, *u = g + F;
+    for (int64_t j = 0; j < D; j++) {
+        float e = s->bf16 ? bf16_float(((const uint16_t *)s->table)[s->token * D + j]) : ((const float *)s->table)[s->token * D + j];
+        h[j] = e * (float)s->emb_scale;
+    }
+    round_all(s, h, D);
+    for (int64_t i = 0; i < s->layers; i++) {
+        const void *const *w = s->proj + i * PROJECTIONS;
+        const float *const *gn = s->gain + i * GAINS;
+        norm(s, h, gn[PRE_ATTN], y, D);
+        product(s, w[Q], y, q, NH, D);
+        product(s, w[KP], y, k, KH, D);
+        product(s, w[VP], y, v, KH, D);
+        for (int64_t n = 0; n < s->N; n++) norm(s, q + n * s->H, gn[Q_NORM], q + n * s->H, s->H);
+        for (int64_t n = 0; n < s->K; n++) norm(s, k + n * s->H, gn[K_NORM], k + n * s->H, s->H);
+        rope(s, q, s->N, s->rope[i]);
+        rope(s, k, s->K, s->rope[i]);
+        write_slot(s, i, k, v);
+        attend(s, i, q, z);
+        product(s, w[O], z, o, D, NH);
+        norm(s, o, gn[POST_ATTN], o, D);
+        add_into(s, h, o, D);
+        norm(s, h, gn[PRE_FFW], y, D);
+        product(s, w[GATE], y, g, F, D);
+        product(s, w[UP], y, u, F, D);
+        gelu_times(s, g, u, F);
+        product(s, w[DOWN], g, o, D, F);
+        norm(s, o, gn[POST_FFW], o, D);
+        add_into(s, h, o, D);
+    }
+    norm(s, h, s->final_gain, y, D);
+    if (s->bf16) {  /* the head's bfloat16 outputs land in the work area, then widen into logits */
+        uint16_t *xb = (uint16_t *)(s->work + 3 * D + 2 * NH + 2 * KH + 2 * F), *yb = xb + widest(s) + 2;
+        for (int64_t j = 0; j < D; j++) xb[j] = to_bf16(y[j]);
+        gemv_bf16((const uint16_t *)s->head, xb, yb, 1, s->V, D);
+        for (int64_t j = 0; j < s->V; j++) s->logits[j] = bf16_float(yb[j]);
+    } else {
+        gemv_f32((const float *)s->head, y, s->logits, 1, s->V, D);
+    }
+    finish(s);
+}

@@ -1,0 +1,184 @@
+"""The native decode step (`native_decode`, one C call a token) computes what the plain
+forward computes: float32 greedy identical, logits within float32 reordering, across the
+sliding window and a cache buffer that grows; bfloat16 as the eager bfloat16 step; its step
+record is the eager one's; it steps aside for hooks, quantized products and CPUs without its
+C loops (forced here by the loops' switches), and then the compiled or eager step runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import bf16_noise_check, greedy_steps, tiny_decoder
+
+from gemma3_lab.generate import decode_one, prefill
+from gemma3_lab.model import gemv, native_decode
+from gemma3_lab.model.kv_cache import KVCache
+
+pytestmark = pytest.mark.skipif(not gemv.available(torch.float32), reason=f"no C loop here: {gemv.why_not(torch.float32)}")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_decoder()
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+class _Counted:
+    """Counts the steps the C step actually ran."""
+
+    def __init__(self, monkeypatch):
+        self.n, run = 0, native_decode.step
+
+        def counted(*a, **kw):
+            out = run(*a, **kw)
+            self.n += out is not None
+            return out
+
+        monkeypatch.setattr(native_decode, "step", counted)
+
+
+def test_native_steps_match_plain_ones_past_the_window_and_a_grown_buffer(tiny):
+    """70 steps: the local layers' buffers slide several times, the global one grows past its
+    first 64 slots (and the step's scratch with it)."""
+    ids = torch.tensor([[2, 17, 33, 5, 80]])
+    cache = KVCache(tiny.config.text)
+    fast, plain = greedy_steps(tiny, ids, 70, True, cache), greedy_steps(tiny, ids, 70, False)
+    assert cache.paths == {"native": 70}  # every step: no silent fallback
+    assert cache.layers[1]._k.shape[2] > 64  # the global layer's buffer grew
+    assert torch.equal(fast.argmax(-1), plain.argmax(-1))
+    assert _rel(fast, plain) < 1e-5, _rel(fast, plain)
+
+
+def test_a_step_switches_between_native_eager_and_plain_mid_generation(tiny, monkeypatch):
+    """All three read and write the same cache buffers: mixing them gives the plain logits."""
+    ids = torch.tensor([[7, 3, 250, 9]])
+    cache = KVCache(tiny.config.text)
+    got = []
+    with torch.no_grad():
+        logits = prefill(tiny, tiny.to_inputs(ids), cache)
+        for i in range(21):
+            got.append(logits)
+            nxt = int(logits.argmax())
+            with monkeypatch.context() as m:
+                if i % 3 == 1:  # the eager lean step
+                    m.setattr(native_decode, "step", lambda *a: None)
+                logits = decode_one(tiny, nxt, cache, i % 3 != 2)  # native, lean, plain
+    assert cache.paths == {"native": 7, "lean": 7, "plain": 7}
+    got, plain = torch.stack(got), greedy_steps(tiny, ids, 20, False)
+    assert torch.equal(got.argmax(-1), plain.argmax(-1))
+    assert _rel(got, plain) < 1e-5
+
+
+def test_the_step_record_is_the_eager_one(tiny, monkeypatch):
+    """The logsumexp and argmax the C step computes after its head (what `generate` records and
+    chooses from) against the eager step's logits reduced by torch."""
+    ids = torch.tensor([[2, 17, 33]])
+    fast = tiny.generate(ids, max_new_tokens=20, stop_ids=(), record_top_k=5)
+    with monkeypatch.context() as m:
+        m.setenv(native_decode.ENV, "0")
+        lean = tiny.generate(ids, max_new_tokens=20, stop_ids=(), record_top_k=5)
+    assert fast.decode_paths == {"native": 19} and lean.decode_paths == {"lean": 19}
+    assert fast.token_ids == lean.token_ids
+    assert [s.logprob for s in fast.steps] == pytest.approx([s.logprob for s in lean.steps], abs=2e-6)
+    assert [s.top_k_ids for s in fast.steps] == [s.top_k_ids for s in lean.steps]
+    with torch.no_grad():  # the reductions alone, on one step's own logits
+        cache = KVCache(tiny.config.text)
+        prefill(tiny, tiny.to_inputs(ids), cache)
+        logits = decode_one(tiny, 5, cache, True)
+    lse, best = cache.plan["summary"][1:]
+    assert int(best) == int(logits.argmax()) and float(lse) == pytest.approx(float(torch.logsumexp(logits, 0)), abs=1e-6)
+
+
+def test_bfloat16_steps_are_the_eager_bfloat16_steps(tiny, monkeypatch):
+    """Activations rounded to bfloat16 where the eager step holds bfloat16 tensors: on the tiny
+    model the two agree to the bit over 30 steps; held, as the eager step is, to the plain
+    bfloat16 path within bfloat16 noise."""
+    if not gemv.available(torch.bfloat16):
+        pytest.skip(f"no bfloat16 C loop here: {gemv.why_not(torch.bfloat16)}")
+    bf = tiny_decoder().to(torch.bfloat16)
+    ids = torch.tensor([[2, 17, 33, 5, 80]])
+    cache = KVCache(bf.config.text)
+    fast = greedy_steps(bf, ids, 30, True, cache)
+    assert cache.paths == {"native": 30}
+    monkeypatch.setenv(native_decode.ENV, "0")
+    lean = greedy_steps(bf, ids, 30, True)
+    assert torch.equal(fast, lean)
+    bf16_noise_check(fast, greedy_steps(bf, ids, 30, False), greedy_steps(tiny, ids, 30, False))
+
+
+def test_hooks_send_every_step_to_the_plain_forward_and_captures_still_see_every_token(tiny, monkeypatch):
+    counted = _Counted(monkeypatch)
+    ids = torch.tensor([[2, 17, 33]])
+    plain = tiny.generate(ids, max_new_tokens=8, stop_ids=(), fast=False)
+    res = tiny.generate(ids, max_new_tokens=8, stop_ids=(), capture="blocks.2.hook_resid_post")
+    assert counted.n == 7 and res.decode_paths == {"native": 7}  # a capture is recorded after the steps
+    assert res.captures["blocks.2.hook_resid_post"].tensor().shape[:2] == (1, 3 + 7)
+    seen = []
+    with tiny.hooks([("blocks.2.hook_resid_post", lambda t, hook: seen.append(t.shape[1]))]):
+        hooked = tiny.generate(ids, max_new_tokens=6, stop_ids=())
+    assert counted.n == 7 and hooked.decode_paths == {"plain": 5}
+    assert seen == [3, 1, 1, 1, 1, 1] and res.token_ids == plain.token_ids and hooked.token_ids == plain.token_ids[:6]
+
+
+def test_what_the_native_step_cannot_run_says_why_and_decodes_another_way(monkeypatch):
+    from gemma3_lab.loading.quantize import quantize_model
+
+    model = tiny_decoder(seed=2)
+    ids = torch.tensor([[2, 17, 33]])
+    assert native_decode.why_not(model) is None
+    assert model.compile_decode().state == "native" and "nothing to compile" in model.compile_decode().describe()
+    with monkeypatch.context() as m:
+        m.setenv(native_decode.ENV, "0")
+        assert native_decode.why_not(model) == "GEMMA3_LAB_NATIVE_STEP=0"
+    with monkeypatch.context() as m:  # as on a CPU without AVX-512: the loop's own switch
+        m.setenv(gemv.F32_ENV, "0")
+        assert "no C loop for float32" in native_decode.why_not(model)
+        assert model.generate(ids, max_new_tokens=4, stop_ids=()).decode_path == "lean"
+    half = tiny_decoder(seed=2).to(torch.float16)
+    assert "float16" in native_decode.why_not(half)
+    q = tiny_decoder(seed=2)
+    quantize_model(q, mode="int8")
+    assert "quantized" in native_decode.why_not(q)
+    assert q.generate(ids, max_new_tokens=4, stop_ids=()).decode_path == "lean"
+
+
+def test_the_library_and_this_files_step_agree_on_its_layout():
+    """step.c's struct and native_decode.Step, field for field: the library says its size."""
+    import ctypes
+
+    assert gemv.library().step_size() == ctypes.sizeof(native_decode.Step) == 8 * len(native_decode.Step._fields_)
+
+
+@pytest.mark.real
+def test_real_native_greedy_is_the_plain_greedy(real_model):
+    for prompt in ["The capital of France is", "Once upon a time"]:
+        fast = real_model.generate(prompt, max_new_tokens=24, stop_ids=())
+        plain = real_model.generate(prompt, max_new_tokens=24, stop_ids=(), fast=False)
+        assert fast.decode_paths == {"native": 23}
+        assert fast.token_ids == plain.token_ids, prompt
+        assert [s.logprob for s in fast.steps] == pytest.approx([s.logprob for s in plain.steps], abs=1e-4)
+
+
+@pytest.mark.real
+def test_real_native_bfloat16_stays_within_rounding_of_the_plain_path(real_model):
+    import gemma3_lab as gl
+
+    if not gemv.available(torch.bfloat16):
+        pytest.skip(f"no bfloat16 C loop here: {gemv.why_not(torch.bfloat16)}")
+    model = gl.load(dtype="bfloat16", progress=False)
+    ids = model.to_inputs("The capital of France is").input_ids
+    cache = KVCache(model.config.text)
+    fast, plain = greedy_steps(model, ids, 8, True, cache), greedy_steps(model, ids, 8, False)
+    assert cache.paths == {"native": 8}
+    bf16_noise_check(fast, plain, greedy_steps(real_model, ids, 8, fast=False))
+    # longer, the same tokens up to the plain path's first exact tie: bfloat16 logits near 17
+    # lie 1/8 apart, and at its 12th token the plain path's top two are both 16.875
+    plain = greedy_steps(model, ids, 16, False)
+    top2 = plain.topk(2, dim=-1).values
+    ties = (top2[:, 0] == top2[:, 1]).nonzero()
+    n = int(ties[0]) if len(ties) else plain.shape[0]
+    assert n >= 8
+    assert model.generate(ids, max_new_tokens=n, stop_ids=()).token_ids == plain.argmax(-1)[:n].tolist()
