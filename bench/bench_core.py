@@ -205,15 +205,17 @@ def _step_products(model, tries: int = 5) -> tuple[float, float | None]:
 # applies (bfloat16 where the CPU has the bfloat16 C loop), else compiled (as `compile_decode`
 # gives it); COMPILED ones compiled, with the native step off; EAGER ones on the eager lean step.
 # one-row products take the C gemv where it is built (`gemv`, said below).
-COMPILED = ("bf16 compiled", "int8 (load's default)", "int4 (load's default)")
+COMPILED = ("bf16 compiled", "int8 compiled", "int4 compiled")
 EAGER = ("bf16 eager",)
 VARIANTS = {
     "bf16": ("bfloat16", None),  # the native step where the CPU has the bfloat16 C loop
     "bf16 compiled": ("bfloat16", None),  # where the CPU has native bfloat16 products
     "bf16 eager": ("bfloat16", None),
     "int8 (load's default)": ("float32", dict(mode="int8")),
+    "int8 compiled": ("float32", dict(mode="int8")),
     "int8 row, int8 head": ("float32", dict(mode="int8", screen=False)),
     "int4 (load's default)": ("float32", dict(mode="int4")),
+    "int4 compiled": ("float32", dict(mode="int4")),
     "int4 g32, int8 head": ("float32", dict(mode="int4", screen=False)),
     "int4 g128 plain, int8 head": ("float32", dict(mode="int4", group_size=128, screen=False, calibration=None)),
 }

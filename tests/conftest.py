@@ -42,6 +42,14 @@ def real_model(real_folder):
     return gl.load(progress=False)
 
 
+@pytest.fixture(scope="session")
+def int4_model(real_folder):
+    """load's int4 default (calibrated ranges: 15 s to make), shared by the files that read it."""
+    import gemma3_lab as gl
+
+    return gl.load(quantize="int4", progress=False)
+
+
 def _hf(folder, impl):
     from transformers import AutoModelForCausalLM
 

@@ -139,10 +139,40 @@ def test_what_the_native_step_cannot_run_says_why_and_decodes_another_way(monkey
         assert model.generate(ids, max_new_tokens=4, stop_ids=()).decode_path == "lean"
     half = tiny_decoder(seed=2).to(torch.float16)
     assert "float16" in native_decode.why_not(half)
-    q = tiny_decoder(seed=2)
-    quantize_model(q, mode="int8")
-    assert "quantized" in native_decode.why_not(q)
-    assert q.generate(ids, max_new_tokens=4, stop_ids=()).decode_path == "lean"
+    bq = tiny_decoder(seed=2).to(torch.bfloat16)
+    quantize_model(bq, mode="int8")
+    if gemv.available(torch.bfloat16):
+        assert "quantized" in native_decode.why_not(bq)  # quantized projections: float32 models only
+    assert bq.generate(ids, max_new_tokens=4, stop_ids=()).decode_path == "lean"
+
+
+@pytest.mark.parametrize("mode, options", [("int8", {}), ("int4", dict(group_size=16)),
+                                           ("int4", dict(group_size=32, embedding="float", screen=False))])
+def test_quantized_projections_read_their_codes_and_follow_the_plain_forward(tiny, mode, options):
+    """int8 per row and int4 in groups, read by the C loops from the codes (float32
+    activations, float32 lo and step): the plain forward's arithmetic on its dequantized
+    weights, reordered. With a float head the logits agree to ~1e-5; a quantized head and
+    table run in torch around the call, and the head's packed kernel takes bfloat16
+    activations, as the eager step's does."""
+    from gemma3_lab.loading.quantize import quantize_model
+
+    q = quantize_model(tiny_decoder(), mode=mode, **options)
+    assert native_decode.why_not(q) is None
+    ids = torch.tensor([[2, 17, 33, 5, 80]])
+    cache = KVCache(q.config.text)
+    fast, plain = greedy_steps(q, ids, 40, True, cache), greedy_steps(q, ids, 40, False)
+    assert cache.paths == {"native": 40}
+    assert torch.equal(fast.argmax(-1), plain.argmax(-1))
+    gap = float((torch.log_softmax(fast, -1) - torch.log_softmax(plain, -1)).abs().max())
+    assert gap < (1e-4 if q.lm_head is None else 0.05), gap
+
+
+def test_quantized_layouts_the_loops_do_not_read_take_the_other_steps():
+    from gemma3_lab.loading.quantize import quantize_model
+
+    q = quantize_model(tiny_decoder(), mode="int8", group_size=32)  # int8 in groups: only per row is read
+    assert "int8/int4 in a layout" in native_decode.why_not(q)
+    assert q.generate(torch.tensor([[2, 17, 33]]), max_new_tokens=3, stop_ids=()).decode_path != "native"
 
 
 def test_the_library_and_this_files_step_agree_on_its_layout():
@@ -160,6 +190,22 @@ def test_real_native_greedy_is_the_plain_greedy(real_model):
         assert fast.decode_paths == {"native": 23}
         assert fast.token_ids == plain.token_ids, prompt
         assert [s.logprob for s in fast.steps] == pytest.approx([s.logprob for s in plain.steps], abs=1e-4)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_real_quantized_native_greedy_is_the_plain_greedy(mode, request):
+    """load's int8 and int4 defaults (per-row int8 or calibrated int4 g32 projections, int8
+    table, int4 head screen): the native step's greedy tokens are the plain forward's."""
+    import gemma3_lab as gl
+
+    model = request.getfixturevalue("int4_model") if mode == "int4" else gl.load(quantize="int8", progress=False)
+    for prompt in ["The capital of France is", "Once upon a time"]:
+        fast = model.generate(prompt, max_new_tokens=16, stop_ids=())
+        plain = model.generate(prompt, max_new_tokens=16, stop_ids=(), fast=False)
+        assert fast.decode_paths == {"native": 15}
+        assert fast.token_ids == plain.token_ids, prompt
+        assert [s.logprob for s in fast.steps] == pytest.approx([s.logprob for s in plain.steps], abs=0.05)
 
 
 @pytest.mark.real

@@ -254,11 +254,6 @@ def test_float16_matches_transformers_until_both_overflow(real_folder, real_mode
         assert (ours[i] - ref[i]).norm() / ref[i].norm() <= 5e-3, i
 
 
-@pytest.fixture(scope="module")
-def int4_model(real_folder):
-    return gl.load(quantize="int4", progress=False)
-
-
 @pytest.fixture(scope="module", params=["int8", "int4"])
 def quantized(request, real_folder):
     if request.param == "int4":

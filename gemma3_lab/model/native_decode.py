@@ -1,6 +1,7 @@
 """The whole decode step of one token in one C call (`step.c`), for float32 models where the
-CPU has AVX-512 and bfloat16 ones where it has AVX512-BF16: the step that `generate` takes
-there by default, before the compiled one (`compiled_decode`), with nothing to compile.
+CPU has AVX-512 (their projections float32, or int8/int4 codes: `loading.lowbit`) and bfloat16
+ones where it has AVX512-BF16: the step that `generate` takes there by default, before the
+compiled one (`compiled_decode`), with nothing to compile.
 
 Why: a float32 step of the 270M reads 1.07 GB of weights in 127 products. On a 2-core Xeon
 (AVX10.1, AMX) the products called back to back from C took 44-48 ms, at the head's own rate,
@@ -16,8 +17,18 @@ exp and tanh are a vector polynomial instead of torch's: float32 logits agree wi
 path's to ~1e-6 of their scale and greedy tokens are the same (tests). In a bfloat16 model the
 activations are rounded to bfloat16 wherever the eager step holds a bfloat16 tensor.
 
-It applies where every product is a float weight of the model's dtype (no quantized
-projection or head), batch 1, no vision tower, and `fast_decode.applies` (nothing hooked).
+Quantized projections (float32 models): int8 per row and int4 in groups are read from their
+codes by C loops of their own, with float32 activations and float32 lo and step: the plain
+forward's arithmetic on the dequantized weights, reordered (the packed kernels of the eager
+and compiled steps round activations to bfloat16 on the way in). A quantized table's row is
+looked up by torch before the call, and a quantized head (the int4 screen, `ScreenedHead`) runs
+after it on the final hidden state. On the Xeon, load's int8 default decoded at 49-57 tok/s
+and its int4 default at 46-48, against 19-21 for float32 in turns (int4's loop does more work a
+byte than int8's).
+
+It applies where every projection is a float weight of the model's dtype or, in a float32
+model, int8/int4 codes in a layout the loops read; batch 1, no vision tower, and
+`fast_decode.applies` (nothing hooked).
 The step reads and writes the caches' own buffers (`LayerCache`), so a generation can switch
 between this step, the compiled one, the eager one and the plain forward at any token.
 GEMMA3_LAB_NATIVE_STEP=0 turns it off; `why_not(net)` says why it does not apply.
@@ -46,7 +57,8 @@ class Step(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_int64) for n in ("layers", "D", "N", "K", "H", "F", "V", "bf16", "token", "slots_max")]
                 + [(n, ctypes.c_double) for n in ("eps", "scale", "emb_scale", "softcap")]
                 + [(n, ctypes.c_void_p) for n in ("table", "head", "final_gain", "proj", "gain", "kc", "vc", "slots",
-                                                  "lo", "end", "rope", "work", "logits", "lse", "argmax")])
+                                                  "lo", "end", "rope", "kinds", "groups", "qlo", "qstep", "first",
+                                                  "work", "logits", "lse", "argmax")])
 
 
 _FUNCS: dict[str, object] = {}
@@ -88,6 +100,24 @@ def _float_weight(m, dtype: torch.dtype) -> Tensor | None:
     return w if ok else None
 
 
+def _quantized(m) -> tuple[int, Tensor, Tensor, Tensor, int] | None:
+    """(bits, codes, lo, step, group) of a quantized projection whose codes the C loops read:
+    int8 per row, or int4 in groups of a multiple of 16 columns that tile each half of a row
+    (the two halves share a byte); float32 lo and step."""
+    q, lo, st = (getattr(m, n, None) for n in ("qweight", "lo", "step"))
+    if getattr(m, "decode_operands", None) is None or q is None or lo is None:
+        return None
+    N, K = q.shape[0], m.in_features
+    G = K // lo.shape[1]
+    fits = (lo.dtype == st.dtype == torch.float32 and q.is_contiguous() and lo.is_contiguous()
+            and st.is_contiguous() and q.device.type == "cpu" and K % 32 == 0)
+    if fits and m.bits == 8 and G == K and q.dtype == torch.int8:
+        return 8, q, lo, st, G
+    if fits and m.bits == 4 and G % 16 == 0 and (K // 2) % G == 0 and q.dtype == torch.uint8:
+        return 4, q, lo, st, G
+    return None
+
+
 def why_not(net) -> str | None:
     """Why this model's decode steps cannot take the native step (None: they can). Asked at
     each generation's first step: a model may be quantized or moved between generations."""
@@ -105,9 +135,16 @@ def why_not(net) -> str | None:
     if net.vision is not None:
         return "multimodal models decode with the compiled or eager step"
     head = net.embed if net.lm_head is None else net.lm_head
-    if any(_float_weight(m, w.dtype) is None for b in net.blocks for m in _projections(b)) or \
-            _float_weight(head, w.dtype) is None or _float_weight(net.embed, w.dtype) is None:
-        return f"a product or the embedding is quantized or not {str(w.dtype).removeprefix('torch.')}"
+    name = str(w.dtype).removeprefix('torch.')
+    if w.dtype == torch.bfloat16:
+        if any(_float_weight(m, w.dtype) is None for b in net.blocks for m in _projections(b)) or \
+                _float_weight(head, w.dtype) is None or _float_weight(net.embed, w.dtype) is None:
+            return "a bfloat16 model with a quantized or non-bfloat16 product or embedding"
+    else:  # float32, int8 per row or int4 in groups; a quantized head or table runs in torch
+        if any(_float_weight(m, w.dtype) is None and _quantized(m) is None for b in net.blocks for m in _projections(b)):
+            return "a projection is neither float32 nor int8/int4 in a layout the C loops read"
+        if getattr(head, "decode_forward", None) is None and _float_weight(head, w.dtype) is None:
+            return f"the head is neither {name} nor quantized"
     a = net.blocks[0].attn
     if a.n_heads % a.n_kv or a.head_dim % 2:
         return "the attention's shape is not one the native step takes"
@@ -123,8 +160,16 @@ class _Plan:
         cfg, a0 = net.config.text, net.blocks[0].attn
         self.dtype = net.final_norm.weight.dtype
         head = net.embed if net.lm_head is None else net.lm_head
+        # a quantized table (its rows looked up by torch before the call) or head (run by torch after it)
         self.table, self.head = _float_weight(net.embed, self.dtype), _float_weight(head, self.dtype)
-        weights = [_float_weight(m, self.dtype) for b in net.blocks for m in _projections(b)]
+        stored = [_quantized(m) if _float_weight(m, self.dtype) is None else _float_weight(m, self.dtype)
+                  for b in net.blocks for m in _projections(b)]
+        weights = [t if isinstance(t, Tensor) else t[1] for t in stored]
+        self.quant = [(0, None, None, 0) if isinstance(t, Tensor) else (t[0], t[2], t[3], t[4]) for t in stored]
+        self.kinds = torch.tensor([b for b, *_ in self.quant], dtype=torch.int64)
+        self.groups = torch.tensor([g for *_, g in self.quant], dtype=torch.int64)
+        self.qlo = torch.tensor([0 if lo is None else lo.data_ptr() for _, lo, _, _ in self.quant], dtype=torch.int64)
+        self.qstep = torch.tensor([0 if st is None else st.data_ptr() for _, _, st, _ in self.quant], dtype=torch.int64)
         self.gains = [_gain(n) for b in net.blocks for n in _norms(b)]
         self.final_gain = _gain(net.final_norm)
         self.proj = torch.tensor([t.data_ptr() for t in weights], dtype=torch.int64)
@@ -141,8 +186,11 @@ class _Plan:
         s.eps, s.scale = cfg.rms_norm_eps, a0.scale
         s.emb_scale = float(embed_scale(cfg, self.dtype))
         s.softcap = net.final_softcap or 0.0
-        s.table, s.head, s.final_gain = self.table.data_ptr(), self.head.data_ptr(), self.final_gain.data_ptr()
-        s.proj, s.gain = self.proj.data_ptr(), self.gain.data_ptr()
+        s.table = None if self.table is None else self.table.data_ptr()
+        s.head = None if self.head is None else self.head.data_ptr()
+        s.final_gain, s.proj, s.gain = self.final_gain.data_ptr(), self.proj.data_ptr(), self.gain.data_ptr()
+        s.kinds, s.groups = self.kinds.data_ptr(), self.groups.data_ptr()
+        s.qlo, s.qstep = self.qlo.data_ptr(), self.qstep.data_ptr()
         for name in ("kc", "vc", "slots", "lo", "end", "rope"):
             setattr(s, name, ctypes.cast(getattr(self, name), ctypes.c_void_p))
 
@@ -168,7 +216,7 @@ def step(net, token_id: int, cache: KVCache) -> Tensor | None:
     if plan is None or cache.next_position.shape[0] != 1 or not _buffers_fit(cache, plan.dtype):
         return None
     s = plan.step
-    like = plan.head.new_empty(1, s.K, 1, s.H)
+    like = plan.final_gain.new_empty(1, s.K, 1, s.H, dtype=plan.dtype)
     positions = cache.next_position[:, None]  # (1, 1)
     tables = [torch.cat(rope_tables(positions, f, plan.dtype)).float().contiguous() for f in plan.freqs]
     for i, lc in enumerate(cache.layers):
@@ -177,6 +225,8 @@ def step(net, token_id: int, cache: KVCache) -> Tensor | None:
         plan.kc[i], plan.vc[i] = lc._k.data_ptr(), lc._v.data_ptr()
         plan.rope[i] = tables[plan.is_global[i]].data_ptr()
     s.token, s.slots_max = int(token_id), max(plan.slots)
+    first = None if plan.table is not None else net._embed(torch.tensor([[token_id]]), None).float().contiguous()
+    s.first = None if first is None else first.data_ptr()
     funcs = _funcs()
     need = funcs["work"](ctypes.byref(s))
     if plan.work.numel() < need:
@@ -191,5 +241,8 @@ def step(net, token_id: int, cache: KVCache) -> Tensor | None:
         if lc.keep is not None:
             lc._start = max(lc._start, lc._end - lc.keep)
     cache.advance(1, None, None, positions)
+    if plan.head is None:  # a quantized head: its own kernels on the final hidden state left in `logits`
+        cache.plan["summary"] = None
+        return net.softcap(kernels.linear(logits[:s.D].view(1, 1, s.D), net.lm_head))[0, -1].float()
     cache.plan["summary"] = (logits, lse, argmax)  # read by `compiled_decode.summary`
     return logits

@@ -9,6 +9,11 @@
  * term, score, probability, residual sum; so it rounds where that step rounds. In a float32
  * model each elementwise op is the eager op's float32 arithmetic in the same order (the file is
  * built with -ffp-contract=off: no multiply-add is fused behind the code's back).
+ *
+ * A float32 model may hold int8 or int4 projections (`loading.lowbit`: w = lo + code * step,
+ * per row or per group of columns): their products read the codes here (`rows_int8`,
+ * `rows_int4`); a quantized embedding's row is looked up before the call (`first`), and a
+ * quantized head runs after it, on the final hidden state left in `logits` (`head` NULL).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -23,6 +28,7 @@ void gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 enum { PROJECTIONS = 7, GAINS = 6 };            /* per layer, in the order below */
+enum { FLOAT = 0, INT4 = 4, INT8 = 8 };         /* how a projection is stored (kinds) */
 enum { Q, KP, VP, O, GATE, UP, DOWN };          /* projections: (out, in) row-major */
 enum { PRE_ATTN, Q_NORM, K_NORM, POST_ATTN, PRE_FFW, POST_FFW };  /* gains (1 + w), float32 */
 
@@ -39,6 +45,9 @@ typedef struct {
     void *const *kc, *const *vc;                /* per layer: (K, slots[i], H) cache buffers */
     const int64_t *slots, *lo, *end;            /* per layer: buffer slots, first kept slot, this token's slot */
     const float *const *rope;                   /* per layer: (2, H) cos then sin at this position */
+    const int64_t *kinds, *groups;              /* per projection: FLOAT, INT4 or INT8; columns per (lo, step) */
+    const float *const *qlo, *const *qstep;     /* per projection (quantized): (out, in / group) float32 */
+    const float *first;                         /* (D) this token's scaled embedding, or NULL: from `table` */
     float *work;                                /* step_work floats */
     float *logits;                              /* (V) */
     float *lse;                                 /* (1) */
@@ -115,8 +124,84 @@ AVX512 static void norm(const Step *s, const float *x, const float *gain, float 
     round_all(s, y, n);
 }
 
-/* y = x @ W.T, x and y float32 holding bfloat16 values in a bfloat16 model */
-static void product(const Step *s, const void *W, const float *x, float *y, int64_t N, int64_t K) {
+#define ROWS_Q 4
+#define AHEAD_Q 16
+
+/* int8 per row: w[n, k] = lo[n] + Q[n, k] * st[n], so y[n] = st[n] (Q[n] . x) + lo[n] sum(x) */
+AVX512 static void rows_int8(const int8_t *Q, const float *lo, const float *st, const float *x, float sum_x,
+                             float *y, int64_t n0, int r, int64_t K) {
+    for (int i = 0; i < r; i++) {
+        const int8_t *q = Q + (n0 + i) * K;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K; k += 16) {
+            if ((k & 63) == 0) _mm_prefetch((const char *)(q + k + AHEAD_Q * K), _MM_HINT_T1);
+            __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k))));
+            acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k), acc);
+        }
+        y[n0 + i] = st[n0 + i] * _mm512_reduce_add_ps(acc) + lo[n0 + i] * sum_x;
+    }
+}
+
+/* int4 in groups of G columns: row n holds K/2 bytes, byte j = column j (low nibble) and
+ * column j + K/2 (high nibble) (`lowbit.pack_int4`). Each group's codes . x is kept in 16
+ * lanes and scaled by its step as a whole; the lo terms are sum_g lo[n, g] sum(x in g), from
+ * the group sums `sx` made once per product. */
+AVX512 static void rows_int4(const uint8_t *Q, const float *lo, const float *st, const float *x, const float *sx,
+                             float *y, int64_t n0, int r, int64_t K, int64_t G) {
+    int64_t half = K / 2, groups = K / G;
+    const __m512i nibble = _mm512_set1_epi32(15);
+    for (int i = 0; i < r; i++) {
+        int64_t n = n0 + i;
+        const uint8_t *q = Q + n * half;
+        const float *sn = st + n * groups, *ln = lo + n * groups;
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t g0 = 0; g0 < half; g0 += G) {
+            __m512 al = _mm512_setzero_ps(), ah = _mm512_setzero_ps();
+            for (int64_t j = g0; j < g0 + G; j += 16) {
+                if ((j & 63) == 0) _mm_prefetch((const char *)(q + j + AHEAD_Q * half), _MM_HINT_T1);
+                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + j)));
+                al = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, nibble)), _mm512_loadu_ps(x + j), al);
+                ah = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(x + half + j), ah);
+            }
+            total = _mm512_fmadd_ps(al, _mm512_set1_ps(sn[g0 / G]), total);
+            total = _mm512_fmadd_ps(ah, _mm512_set1_ps(sn[(half + g0) / G]), total);
+        }
+        float off = 0.0f;
+        for (int64_t g = 0; g < groups; g++) off += ln[g] * sx[g];
+        y[n] = _mm512_reduce_add_ps(total) + off;
+    }
+}
+
+/* y (N) = x (K) @ w.T for projection p of a float32 model stored as int8 or int4 */
+static void quantized(const Step *s, int64_t p, const float *x, float *y, int64_t N, int64_t K) {
+    int64_t G = s->groups[p], blocks = N / ROWS_Q;
+    const float *lo = s->qlo[p], *st = s->qstep[p];
+    float *sx = (float *)(s->work + 3 * s->D + 2 * s->N * s->H + 2 * s->K * s->H + 2 * s->F);  /* the bf16 area: free here */
+    for (int64_t g = 0; g < K / G; g++) {
+        float t = 0.0f;
+        for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[k];
+        sx[g] = t;
+    }
+    if (s->kinds[p] == INT8) {
+        const int8_t *Q = (const int8_t *)s->proj[p];
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
+        for (int64_t b = 0; b < blocks; b++) rows_int8(Q, lo, st, x, sx[0], y, b * ROWS_Q, ROWS_Q, K);
+        if (blocks * ROWS_Q < N) rows_int8(Q, lo, st, x, sx[0], y, blocks * ROWS_Q, (int)(N - blocks * ROWS_Q), K);
+    } else {
+        const uint8_t *Q = (const uint8_t *)s->proj[p];
+#pragma omp parallel for schedule(static) if (N * K >= (1 << 16))
+        for (int64_t b = 0; b < blocks; b++) rows_int4(Q, lo, st, x, sx, y, b * ROWS_Q, ROWS_Q, K, G);
+        if (blocks * ROWS_Q < N) rows_int4(Q, lo, st, x, sx, y, blocks * ROWS_Q, (int)(N - blocks * ROWS_Q), K, G);
+    }
+}
+
+/* y = x @ W.T for projection p (of layer p / 7; -1: the head), x and y float32 holding
+ * bfloat16 values in a bfloat16 model */
+static void product(const Step *s, int64_t p, const void *W, const float *x, float *y, int64_t N, int64_t K) {
+    if (p >= 0 && s->kinds[p] != FLOAT) {
+        quantized(s, p, x, y, N, K);
+        return;
+    }
     if (!s->bf16) {
         gemv_f32((const float *)W, x, y, 1, N, K);
         return;
@@ -250,36 +335,45 @@ AVX512 static void finish(const Step *s) {
 AVX512 void step_run(const Step *s) {
     int64_t D = s->D, NH = s->N * s->H, KH = s->K * s->H, F = s->F;
     float *h = s->work, *y = h + D, *o = y + D, *q = o + D, *z = q + NH, *k = z + NH, *v = k + KH, *g = v + KH, *u = g + F;
-    for (int64_t j = 0; j < D; j++) {
-        float e = s->bf16 ? bf16_float(((const uint16_t *)s->table)[s->token * D + j]) : ((const float *)s->table)[s->token * D + j];
-        h[j] = e * (float)s->emb_scale;
+    if (s->first) {
+        memcpy(h, s->first, D * sizeof(float));
+    } else {
+        for (int64_t j = 0; j < D; j++) {
+            float e = s->bf16 ? bf16_float(((const uint16_t *)s->table)[s->token * D + j]) : ((const float *)s->table)[s->token * D + j];
+            h[j] = e * (float)s->emb_scale;
+        }
+        round_all(s, h, D);
     }
-    round_all(s, h, D);
     for (int64_t i = 0; i < s->layers; i++) {
         const void *const *w = s->proj + i * PROJECTIONS;
         const float *const *gn = s->gain + i * GAINS;
+        int64_t p = i * PROJECTIONS;
         norm(s, h, gn[PRE_ATTN], y, D);
-        product(s, w[Q], y, q, NH, D);
-        product(s, w[KP], y, k, KH, D);
-        product(s, w[VP], y, v, KH, D);
+        product(s, p + Q, w[Q], y, q, NH, D);
+        product(s, p + KP, w[KP], y, k, KH, D);
+        product(s, p + VP, w[VP], y, v, KH, D);
         for (int64_t n = 0; n < s->N; n++) norm(s, q + n * s->H, gn[Q_NORM], q + n * s->H, s->H);
         for (int64_t n = 0; n < s->K; n++) norm(s, k + n * s->H, gn[K_NORM], k + n * s->H, s->H);
         rope(s, q, s->N, s->rope[i]);
         rope(s, k, s->K, s->rope[i]);
         write_slot(s, i, k, v);
         attend(s, i, q, z);
-        product(s, w[O], z, o, D, NH);
+        product(s, p + O, w[O], z, o, D, NH);
         norm(s, o, gn[POST_ATTN], o, D);
         add_into(s, h, o, D);
         norm(s, h, gn[PRE_FFW], y, D);
-        product(s, w[GATE], y, g, F, D);
-        product(s, w[UP], y, u, F, D);
+        product(s, p + GATE, w[GATE], y, g, F, D);
+        product(s, p + UP, w[UP], y, u, F, D);
         gelu_times(s, g, u, F);
-        product(s, w[DOWN], g, o, D, F);
+        product(s, p + DOWN, w[DOWN], g, o, D, F);
         norm(s, o, gn[POST_FFW], o, D);
         add_into(s, h, o, D);
     }
     norm(s, h, s->final_gain, y, D);
+    if (!s->head) {  /* a quantized head: it runs after the call, on this */
+        memcpy(s->logits, y, D * sizeof(float));
+        return;
+    }
     if (s->bf16) {  /* the head's bfloat16 outputs land in the work area, then widen into logits */
         uint16_t *xb = (uint16_t *)(s->work + 3 * D + 2 * NH + 2 * KH + 2 * F), *yb = xb + widest(s) + 2;
         for (int64_t j = 0; j < D; j++) xb[j] = to_bf16(y[j]);
