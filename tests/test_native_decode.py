@@ -175,6 +175,39 @@ def test_quantized_layouts_the_loops_do_not_read_take_the_other_steps():
     assert q.generate(torch.tensor([[2, 17, 33]]), max_new_tokens=3, stop_ids=()).decode_path != "native"
 
 
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int4"])
+def test_rows_decoding_together_each_have_the_bits_of_that_row_alone(tiny, kind):
+    """Two rows from one prompt (generate_batch's case, the app's two columns) in one native
+    step: float32 weights read once for both, bfloat16 and quantized ones once a row. Each row's
+    logits are those of the same row decoded alone, to the bit, past the window and the cache's
+    growth, and follow the plain forward of both rows."""
+    from gemma3_lab.generate import decode_rows
+    from gemma3_lab.loading.quantize import quantize_model
+
+    if kind == "bfloat16" and not gemv.available(torch.bfloat16):
+        pytest.skip(f"no bfloat16 C loop here: {gemv.why_not(torch.bfloat16)}")
+    model = {"float32": lambda: tiny, "bfloat16": lambda: tiny_decoder().to(torch.bfloat16),
+             "int4": lambda: quantize_model(tiny_decoder(), mode="int4", group_size=32, embedding="float", screen=False)}[kind]()
+    both, plain = KVCache(model.config.text), KVCache(model.config.text)
+    alone = [KVCache(model.config.text) for _ in range(2)]
+    with torch.no_grad():
+        for cache in (both, plain, *alone):
+            prefill(model, model.to_inputs(torch.tensor([[2, 17, 33, 5]])), cache)
+        for cache in (both, plain):
+            cache.repeat_rows(2)
+        ids = [[7, 91]]
+        for _ in range(70):
+            a = decode_rows(model, ids[-1], both, fast=True)
+            for r in range(2):
+                assert torch.equal(a[r], decode_one(model, ids[-1][r], alone[r], True))
+            b = decode_rows(model, ids[-1], plain, fast=False)
+            assert torch.equal(a.argmax(-1), b.argmax(-1))
+            if kind != "bfloat16":
+                assert _rel(a, b) < 1e-4
+            ids.append([int(a[0].argmax()), int(a[1].topk(2).indices[1])])  # the rows part ways
+    assert both.paths == {"native": 70} and all(c.paths == {"native": 70} for c in alone)
+
+
 def test_the_library_and_this_files_step_agree_on_its_layout():
     """step.c's struct and native_decode.Step, field for field: the library says its size."""
     import ctypes

@@ -8,10 +8,10 @@ through `kernels.linear` (oneDNN-packed bfloat16, packed low-bit kernels).
 
 `decode_step` returns None whenever the plain forward must run instead: any hook on any
 module (instrumentation sees everything), an attention path forced explicit, padding or
-images in the cache, or a cache that was not filled by a prefill. A step of one row that
-applies takes the native step where it applies (`native_decode`: float32 or bfloat16 weights
-on a CPU with the C loops), else the model's compiled step where it is ready
-(`compiled_decode`, started by `Gemma3.compile_decode`). Several rows decoding from one prompt
+images in the cache, or a cache that was not filled by a prefill. A step that applies takes
+the native step where that applies (`native_decode`: float32 or bfloat16 weights, or int8/int4
+codes, on a CPU with its C loops; up to 4 rows), else for one row the model's compiled step
+where it is ready (`compiled_decode`, started by `Gemma3.compile_decode`). Several rows decoding from one prompt
 (`generate_batch`) take the lean step together: one pass over the weights for all of them.
 """
 
@@ -65,14 +65,14 @@ def decode_step(net, token_id: int | list[int], cache: KVCache) -> Tensor | None
     ids = [token_id] if isinstance(token_id, int) else list(token_id)
     if not applies(net, cache) or cache.next_position.shape[0] != len(ids):
         return None
-    path, logits = "lean", None
-    if len(ids) == 1:  # one row: the native step where it applies, else the compiled one where ready
-        path, logits = "native", native_decode.step(net, ids[0], cache)
-        if logits is None:
-            path, logits = "compiled", compiled_decode.step(net, ids[0], cache)
+    # the native step where it applies (up to 4 rows), else for one row the compiled one where ready
+    path, logits = "native", native_decode.step(net, token_id, cache)
+    if logits is None and len(ids) == 1:
+        path, logits = "compiled", compiled_decode.step(net, ids[0], cache)
+        logits = logits if logits is None or isinstance(token_id, int) else logits[None]
     cache.paths["lean" if logits is None else path] += 1
     if logits is not None:
-        return logits if isinstance(token_id, int) else logits[None]
+        return logits
     cfg = net.config.text
     dev = net.final_norm.weight.device
     positions = cache.next_position[:, None]  # (B, 1)

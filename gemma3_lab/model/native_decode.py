@@ -54,10 +54,10 @@ ENV = "GEMMA3_LAB_NATIVE_STEP"  # "0": never take it
 class Step(ctypes.Structure):
     """step.c's `Step`, field for field (every field 8 bytes wide)."""
 
-    _fields_ = ([(n, ctypes.c_int64) for n in ("layers", "D", "N", "K", "H", "F", "V", "bf16", "token", "slots_max")]
+    _fields_ = ([(n, ctypes.c_int64) for n in ("layers", "D", "N", "K", "H", "F", "V", "bf16", "rows", "slots_max")]
                 + [(n, ctypes.c_double) for n in ("eps", "scale", "emb_scale", "softcap")]
                 + [(n, ctypes.c_void_p) for n in ("table", "head", "final_gain", "proj", "gain", "kc", "vc", "slots",
-                                                  "lo", "end", "rope", "kinds", "groups", "qlo", "qstep", "first",
+                                                  "lo", "end", "rope", "kinds", "groups", "qlo", "qstep", "tokens", "first",
                                                   "work", "logits", "lse", "argmax")])
 
 
@@ -200,32 +200,39 @@ def _gain(norm: RMSNorm) -> Tensor:
     return kernels.packed(norm, norm.weight, lambda w: 1.0 + w.detach().float())
 
 
-def _buffers_fit(cache: KVCache, dtype: torch.dtype) -> bool:
-    return all(lc._k is not None and lc._k.dtype == dtype and lc._k.shape[0] == 1 and lc._k.is_contiguous()
+def _buffers_fit(cache: KVCache, dtype: torch.dtype, rows: int) -> bool:
+    return all(lc._k is not None and lc._k.dtype == dtype and lc._k.shape[0] == rows and lc._k.is_contiguous()
                and lc._v.is_contiguous() for lc in cache.layers)
 
 
 @torch.no_grad()
-def step(net, token_id: int, cache: KVCache) -> Tensor | None:
+def step(net, token_id: int | list[int], cache: KVCache) -> Tensor | None:
     """(V,) float32 logits for the token after `token_id`, appended at the cache's next slot;
-    None (nothing done) where the native step does not apply (the caller has already checked
-    that a lean step does: `fast_decode.applies`)."""
+    for a list of ids, one per row of the cache (up to `gemv.MAX_ROWS` rows decoding together,
+    as the app's two columns do), (B, V), each row with the bits it would have alone. None
+    (nothing done) where the native step does not apply (the caller has already checked that a
+    lean step does: `fast_decode.applies`)."""
+    ids = [token_id] if isinstance(token_id, int) else list(token_id)
     if "native" not in cache.plan:
         cache.plan["native"] = None if why_not(net) else _Plan(net)
     plan: _Plan | None = cache.plan["native"]
-    if plan is None or cache.next_position.shape[0] != 1 or not _buffers_fit(cache, plan.dtype):
+    M = len(ids)
+    if plan is None or not 1 <= M <= gemv.MAX_ROWS or cache.next_position.shape[0] != M or \
+            not _buffers_fit(cache, plan.dtype, M):
         return None
     s = plan.step
-    like = plan.final_gain.new_empty(1, s.K, 1, s.H, dtype=plan.dtype)
-    positions = cache.next_position[:, None]  # (1, 1)
-    tables = [torch.cat(rope_tables(positions, f, plan.dtype)).float().contiguous() for f in plan.freqs]
+    like = plan.final_gain.new_empty(M, s.K, 1, s.H, dtype=plan.dtype)
+    positions = cache.next_position[:, None]  # (M, 1)
+    # (M, 2, H) per layer type: each row's cos, then its sin
+    tables = [torch.stack(rope_tables(positions, f, plan.dtype), 1).float().contiguous() for f in plan.freqs]
     for i, lc in enumerate(cache.layers):
         lc._make_room(like, 1)
         plan.lo[i], plan.end[i], plan.slots[i] = lc._start, lc._end, lc._k.shape[2]
         plan.kc[i], plan.vc[i] = lc._k.data_ptr(), lc._v.data_ptr()
         plan.rope[i] = tables[plan.is_global[i]].data_ptr()
-    s.token, s.slots_max = int(token_id), max(plan.slots)
-    first = None if plan.table is not None else net._embed(torch.tensor([[token_id]]), None).float().contiguous()
+    tokens = torch.tensor(ids, dtype=torch.int64)
+    s.rows, s.slots_max, s.tokens = M, max(plan.slots), tokens.data_ptr()
+    first = None if plan.table is not None else net._embed(tokens[:, None], None).float().contiguous()
     s.first = None if first is None else first.data_ptr()
     funcs = _funcs()
     need = funcs["work"](ctypes.byref(s))
@@ -233,16 +240,21 @@ def step(net, token_id: int, cache: KVCache) -> Tensor | None:
         plan.work = torch.empty(need)
         s.work = plan.work.data_ptr()
     # fresh outputs each step: a generation keeps the logits it was given
-    logits, lse, argmax = torch.empty(s.V), torch.empty(()), torch.empty((), dtype=torch.int64)
-    s.logits, s.lse, s.argmax = logits.data_ptr(), lse.data_ptr(), argmax.data_ptr()
+    out = torch.empty(M, s.V if plan.head is not None else s.D)
+    lse, argmax = torch.empty(M), torch.empty(M, dtype=torch.int64)
+    s.logits, s.lse, s.argmax = out.data_ptr(), lse.data_ptr(), argmax.data_ptr()
     funcs["run"](ctypes.byref(s))  # the GIL is let go meanwhile
     for lc in cache.layers:  # what LayerCache.update does after its write of one slot
         lc._end += 1
         if lc.keep is not None:
             lc._start = max(lc._start, lc._end - lc.keep)
     cache.advance(1, None, None, positions)
-    if plan.head is None:  # a quantized head: its own kernels on the final hidden state left in `logits`
-        cache.plan["summary"] = None
-        return net.softcap(kernels.linear(logits[:s.D].view(1, 1, s.D), net.lm_head))[0, -1].float()
-    cache.plan["summary"] = (logits, lse, argmax)  # read by `compiled_decode.summary`
-    return logits
+    cache.plan["summary"] = None
+    if plan.head is None:  # a quantized head: its own kernels on the final hidden states left in `out`
+        out = net.softcap(kernels.linear(out.view(M, 1, s.D), net.lm_head))[:, -1].float()
+    if not isinstance(token_id, int):
+        return out
+    row = out[0]
+    if plan.head is not None:
+        cache.plan["summary"] = (row, lse[0], argmax[0])  # read by `compiled_decode.summary`
+    return row

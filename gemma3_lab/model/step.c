@@ -36,26 +36,28 @@ enum { PRE_ATTN, Q_NORM, K_NORM, POST_ATTN, PRE_FFW, POST_FFW };  /* gains (1 + 
  * 8-byte fields, so that no padding can differ). */
 typedef struct {
     int64_t layers, D, N, K, H, F, V, bf16;     /* sizes; bf16: weights, caches, activations */
-    int64_t token, slots_max;                   /* the new token; the most slots any layer holds */
+    int64_t rows, slots_max;                    /* rows decoding together (<= 4); the most slots any layer holds */
     double eps, scale, emb_scale, softcap;      /* softcap <= 0: none */
     const void *table, *head;                   /* (V, D) embedding rows; head rows (the table if tied) */
     const float *final_gain;                    /* (D) */
     const void *const *proj;                    /* layers x PROJECTIONS weights */
     const float *const *gain;                   /* layers x GAINS (q and k norms: H, the rest D) */
-    void *const *kc, *const *vc;                /* per layer: (K, slots[i], H) cache buffers */
+    void *const *kc, *const *vc;                /* per layer: (rows, K, slots[i], H) cache buffers */
     const int64_t *slots, *lo, *end;            /* per layer: buffer slots, first kept slot, this token's slot */
-    const float *const *rope;                   /* per layer: (2, H) cos then sin at this position */
+    const float *const *rope;                   /* per layer: (rows, 2, H) cos then sin at each row's position */
     const int64_t *kinds, *groups;              /* per projection: FLOAT, INT4 or INT8; columns per (lo, step) */
     const float *const *qlo, *const *qstep;     /* per projection (quantized): (out, in / group) float32 */
-    const float *first;                         /* (D) this token's scaled embedding, or NULL: from `table` */
+    const int64_t *tokens;                      /* (rows) the new tokens */
+    const float *first;                         /* (rows, D) their scaled embeddings, or NULL: from `table` */
     float *work;                                /* step_work floats */
-    float *logits;                              /* (V) */
-    float *lse;                                 /* (1) */
-    int64_t *argmax;                            /* (1) */
+    float *logits;                              /* (rows, V); (rows, D) the final hidden states where head is NULL */
+    float *lse;                                 /* (rows) */
+    int64_t *argmax;                            /* (rows) */
 } Step;
 
-/* Scratch: h, y, o (D); q, z (N H); k, v (K H); gate, up (F); bf16 in and out of a product
- * (the widest input, and V outputs: the head's); scores (slots_max). */
+/* Scratch, each activation for every row, row after row: h, y, o (D); q, z (N H); k, v (K H);
+ * gate, up (F); then bf16 in and out of one row's product (the widest input, and V outputs:
+ * the head's), where a quantized product keeps its group sums instead; scores (slots_max). */
 static int64_t widest(const Step *s) {
     int64_t w = s->D;
     if (s->F > w) w = s->F;
@@ -65,8 +67,12 @@ static int64_t widest(const Step *s) {
 
 int64_t step_size(void) { return (int64_t)sizeof(Step); }  /* checked against native_decode.Step */
 
+static int64_t per_row(const Step *s) { return 3 * s->D + 2 * s->N * s->H + 2 * s->K * s->H + 2 * s->F; }
+
+static uint16_t *bf16_area(const Step *s) { return (uint16_t *)(s->work + s->rows * per_row(s)); }
+
 int64_t step_work(const Step *s) {
-    return 3 * s->D + 2 * s->N * s->H + 2 * s->K * s->H + 2 * s->F + (widest(s) + s->V) / 2 + 2 + s->slots_max + 16;
+    return s->rows * per_row(s) + (widest(s) + s->V) / 2 + 2 + s->slots_max + 16;
 }
 
 static inline float as_bf16(float f) { return bf16_float(to_bf16(f)); }
@@ -176,7 +182,7 @@ AVX512 static void rows_int4(const uint8_t *Q, const float *lo, const float *st,
 static void quantized(const Step *s, int64_t p, const float *x, float *y, int64_t N, int64_t K) {
     int64_t G = s->groups[p], blocks = N / ROWS_Q;
     const float *lo = s->qlo[p], *st = s->qstep[p];
-    float *sx = (float *)(s->work + 3 * s->D + 2 * s->N * s->H + 2 * s->K * s->H + 2 * s->F);  /* the bf16 area: free here */
+    float *sx = (float *)bf16_area(s);  /* free in a float32 model */
     for (int64_t g = 0; g < K / G; g++) {
         float t = 0.0f;
         for (int64_t k = g * G; k < (g + 1) * G; k++) t += x[k];
@@ -195,22 +201,24 @@ static void quantized(const Step *s, int64_t p, const float *x, float *y, int64_
     }
 }
 
-/* y = x @ W.T for projection p (of layer p / 7; -1: the head), x and y float32 holding
- * bfloat16 values in a bfloat16 model */
+/* y (rows, N) = x (rows, K) @ W.T for projection p (of layer p / 7; -1: the head), x and y
+ * float32 holding bfloat16 values in a bfloat16 model. float32 weights are read once for all
+ * rows (each row with its own bits: gemv.c); bfloat16 and quantized ones once per row. */
 static void product(const Step *s, int64_t p, const void *W, const float *x, float *y, int64_t N, int64_t K) {
-    if (p >= 0 && s->kinds[p] != FLOAT) {
-        quantized(s, p, x, y, N, K);
+    if (!s->bf16 && (p < 0 || s->kinds[p] == FLOAT)) {
+        gemv_f32((const float *)W, x, y, s->rows, N, K);
         return;
     }
-    if (!s->bf16) {
-        gemv_f32((const float *)W, x, y, 1, N, K);
-        return;
+    for (int64_t m = 0; m < s->rows; m++, x += K, y += N) {
+        if (p >= 0 && s->kinds[p] != FLOAT) {
+            quantized(s, p, x, y, N, K);
+            continue;
+        }
+        uint16_t *xb = bf16_area(s), *yb = xb + widest(s) + 2;
+        for (int64_t i = 0; i < K; i++) xb[i] = to_bf16(x[i]);
+        gemv_bf16((const uint16_t *)W, xb, yb, 1, N, K);
+        for (int64_t i = 0; i < N; i++) y[i] = bf16_float(yb[i]);
     }
-    uint16_t *xb = (uint16_t *)(s->work + 3 * s->D + 2 * s->N * s->H + 2 * s->K * s->H + 2 * s->F);
-    uint16_t *yb = xb + widest(s) + 2;
-    for (int64_t i = 0; i < K; i++) xb[i] = to_bf16(x[i]);
-    gemv_bf16((const uint16_t *)W, xb, yb, 1, N, K);
-    for (int64_t i = 0; i < N; i++) y[i] = bf16_float(yb[i]);
 }
 
 /* x * cos + rotate_half(x) * sin for each of n heads of H, in place; each term rounded as the
@@ -240,13 +248,13 @@ AVX512 static float dot(const float *q, const void *k, int64_t at, int64_t H, in
     return _mm512_reduce_add_ps(acc);
 }
 
-/* One query (N heads, q: N x H) over slots lo..end of layer i: z (N x H). Query heads are
- * grouped per kv head, N / K of them to each. */
-AVX512 static void attend(const Step *s, int64_t i, const float *q, float *z) {
+/* One query of row b (N heads, q: N x H) over slots lo..end of layer i: z (N x H). Query
+ * heads are grouped per kv head, N / K of them to each. */
+AVX512 static void attend(const Step *s, int64_t i, int64_t b, const float *q, float *z) {
     int64_t H = s->H, lo = s->lo[i], T = s->end[i] - lo + 1, cap = s->slots[i], group = s->N / s->K;
     float *p = s->work + step_work(s) - s->slots_max - 16;
     for (int64_t n = 0; n < s->N; n++) {
-        int64_t base = ((n / group) * cap + lo) * H;
+        int64_t base = ((b * s->K + n / group) * cap + lo) * H;
         const float *qn = q + n * H;
         float top = -INFINITY;
         for (int64_t t = 0; t < T; t++) {
@@ -275,11 +283,11 @@ AVX512 static void attend(const Step *s, int64_t i, const float *q, float *z) {
     round_all(s, z, s->N * s->H);
 }
 
-/* this token's keys and values (K x H) into slot end of layer i */
-static void write_slot(const Step *s, int64_t i, const float *k, const float *v) {
+/* row b's keys and values (K x H) into slot end of layer i */
+static void write_slot(const Step *s, int64_t i, int64_t b, const float *k, const float *v) {
     int64_t H = s->H;
     for (int64_t g = 0; g < s->K; g++) {
-        int64_t at = (g * s->slots[i] + s->end[i]) * H;
+        int64_t at = ((b * s->K + g) * s->slots[i] + s->end[i]) * H;
         if (s->bf16) {
             for (int64_t j = 0; j < H; j++) {
                 ((uint16_t *)s->kc[i])[at + j] = to_bf16(k[g * H + j]);
@@ -314,9 +322,9 @@ static void add_into(const Step *s, float *a, const float *b, int64_t n) {
     round_all(s, a, n);
 }
 
-/* the soft cap, the logsumexp and the first argmax of the V logits */
-AVX512 static void finish(const Step *s) {
-    float *x = s->logits, cap = (float)s->softcap;
+/* the soft cap, the logsumexp and the first argmax of row b's V logits */
+AVX512 static void finish(const Step *s, int64_t b) {
+    float *x = s->logits + b * s->V, cap = (float)s->softcap;
     int64_t V = s->V, best = 0;
     if (cap > 0)
         for (int64_t i = 0; i < V; i++) x[i] = s->bf16 ? as_bf16(as_bf16(tanhf(as_bf16(x[i] / cap))) * cap) : tanhf(x[i] / cap) * cap;
@@ -328,59 +336,62 @@ AVX512 static void finish(const Step *s) {
         __mmask16 m = lanes(V - i);
         sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_set1_ps(top)))));
     }
-    *s->lse = isfinite(top) ? top + logf(_mm512_reduce_add_ps(sum)) : top;
-    *s->argmax = best;
+    s->lse[b] = isfinite(top) ? top + logf(_mm512_reduce_add_ps(sum)) : top;
+    s->argmax[b] = best;
 }
 
 AVX512 void step_run(const Step *s) {
-    int64_t D = s->D, NH = s->N * s->H, KH = s->K * s->H, F = s->F;
-    float *h = s->work, *y = h + D, *o = y + D, *q = o + D, *z = q + NH, *k = z + NH, *v = k + KH, *g = v + KH, *u = g + F;
+    int64_t D = s->D, H = s->H, NH = s->N * H, KH = s->K * H, F = s->F, M = s->rows;
+    /* each activation holds every row, row after row (products take all rows at once) */
+    float *h = s->work, *y = h + M * D, *o = y + M * D, *q = o + M * D, *z = q + M * NH, *k = z + M * NH,
+          *v = k + M * KH, *g = v + M * KH, *u = g + M * F;
     if (s->first) {
-        memcpy(h, s->first, D * sizeof(float));
+        memcpy(h, s->first, M * D * sizeof(float));
     } else {
-        for (int64_t j = 0; j < D; j++) {
-            float e = s->bf16 ? bf16_float(((const uint16_t *)s->table)[s->token * D + j]) : ((const float *)s->table)[s->token * D + j];
-            h[j] = e * (float)s->emb_scale;
-        }
-        round_all(s, h, D);
+        for (int64_t b = 0; b < M; b++)
+            for (int64_t j = 0; j < D; j++) {
+                int64_t at = s->tokens[b] * D + j;
+                float e = s->bf16 ? bf16_float(((const uint16_t *)s->table)[at]) : ((const float *)s->table)[at];
+                h[b * D + j] = e * (float)s->emb_scale;
+            }
+        round_all(s, h, M * D);
     }
     for (int64_t i = 0; i < s->layers; i++) {
         const void *const *w = s->proj + i * PROJECTIONS;
         const float *const *gn = s->gain + i * GAINS;
         int64_t p = i * PROJECTIONS;
-        norm(s, h, gn[PRE_ATTN], y, D);
+        for (int64_t b = 0; b < M; b++) norm(s, h + b * D, gn[PRE_ATTN], y + b * D, D);
         product(s, p + Q, w[Q], y, q, NH, D);
         product(s, p + KP, w[KP], y, k, KH, D);
         product(s, p + VP, w[VP], y, v, KH, D);
-        for (int64_t n = 0; n < s->N; n++) norm(s, q + n * s->H, gn[Q_NORM], q + n * s->H, s->H);
-        for (int64_t n = 0; n < s->K; n++) norm(s, k + n * s->H, gn[K_NORM], k + n * s->H, s->H);
-        rope(s, q, s->N, s->rope[i]);
-        rope(s, k, s->K, s->rope[i]);
-        write_slot(s, i, k, v);
-        attend(s, i, q, z);
+        for (int64_t n = 0; n < M * s->N; n++) norm(s, q + n * H, gn[Q_NORM], q + n * H, H);
+        for (int64_t n = 0; n < M * s->K; n++) norm(s, k + n * H, gn[K_NORM], k + n * H, H);
+        for (int64_t b = 0; b < M; b++) {
+            rope(s, q + b * NH, s->N, s->rope[i] + b * 2 * H);
+            rope(s, k + b * KH, s->K, s->rope[i] + b * 2 * H);
+            write_slot(s, i, b, k + b * KH, v + b * KH);
+            attend(s, i, b, q + b * NH, z + b * NH);
+        }
         product(s, p + O, w[O], z, o, D, NH);
-        norm(s, o, gn[POST_ATTN], o, D);
-        add_into(s, h, o, D);
-        norm(s, h, gn[PRE_FFW], y, D);
+        for (int64_t b = 0; b < M; b++) {
+            norm(s, o + b * D, gn[POST_ATTN], o + b * D, D);
+            add_into(s, h + b * D, o + b * D, D);
+            norm(s, h + b * D, gn[PRE_FFW], y + b * D, D);
+        }
         product(s, p + GATE, w[GATE], y, g, F, D);
         product(s, p + UP, w[UP], y, u, F, D);
-        gelu_times(s, g, u, F);
+        gelu_times(s, g, u, M * F);
         product(s, p + DOWN, w[DOWN], g, o, D, F);
-        norm(s, o, gn[POST_FFW], o, D);
-        add_into(s, h, o, D);
+        for (int64_t b = 0; b < M; b++) {
+            norm(s, o + b * D, gn[POST_FFW], o + b * D, D);
+            add_into(s, h + b * D, o + b * D, D);
+        }
     }
-    norm(s, h, s->final_gain, y, D);
-    if (!s->head) {  /* a quantized head: it runs after the call, on this */
-        memcpy(s->logits, y, D * sizeof(float));
+    for (int64_t b = 0; b < M; b++) norm(s, h + b * D, s->final_gain, y + b * D, D);
+    if (!s->head) {  /* a quantized head: it runs after the call, on these */
+        memcpy(s->logits, y, M * D * sizeof(float));
         return;
     }
-    if (s->bf16) {  /* the head's bfloat16 outputs land in the work area, then widen into logits */
-        uint16_t *xb = (uint16_t *)(s->work + 3 * D + 2 * NH + 2 * KH + 2 * F), *yb = xb + widest(s) + 2;
-        for (int64_t j = 0; j < D; j++) xb[j] = to_bf16(y[j]);
-        gemv_bf16((const uint16_t *)s->head, xb, yb, 1, s->V, D);
-        for (int64_t j = 0; j < s->V; j++) s->logits[j] = bf16_float(yb[j]);
-    } else {
-        gemv_f32((const float *)s->head, y, s->logits, 1, s->V, D);
-    }
-    finish(s);
+    product(s, -1, s->head, y, s->logits, s->V, D);
+    for (int64_t b = 0; b < M; b++) finish(s, b);
 }

@@ -6,9 +6,10 @@ the length of a generation, so two sessions must not run the same model at once 
 session waits for the first; sessions on different models run side by side).
 
 The app does not compile decode steps (`Gemma3.compile_decode`): its two columns decode as
-one batch of two, which takes the eager lean step (the compiled graph is one row's), so a
-compile would mostly cost a minute of both cores for nothing. Each run's summary says which
-step ran.
+one batch of two, which takes the native step where it applies (`native_decode`: the two rows
+in one C call a token, float32 weights read once for both) and else the eager lean step (the
+compiled graph is one row's), so a compile would mostly cost a minute of both cores for
+nothing. Each run's summary says which step ran.
 
 Models are kept until their bytes pass a budget (half the machine's memory, or
 $GEMMA3_LAB_MODEL_MEMORY_GB); then the least recently used ones that no request is
