@@ -27,8 +27,9 @@ and its int4 default at 46-48, against 19-21 for float32 in turns (int4's loop d
 byte than int8's).
 
 It applies where every projection is a float weight of the model's dtype or, in a float32
-model, int8/int4 codes in a layout the loops read; batch 1, no vision tower, and
-`fast_decode.applies` (nothing hooked).
+model, int8/int4 codes in a layout the loops read; one to `gemv.MAX_ROWS` rows (the app's two
+columns decode as one batch: float32 weights are read once for both, each row with the bits it
+has alone), no vision tower, and `fast_decode.applies` (nothing hooked).
 The step reads and writes the caches' own buffers (`LayerCache`), so a generation can switch
 between this step, the compiled one, the eager one and the plain forward at any token.
 GEMMA3_LAB_NATIVE_STEP=0 turns it off; `why_not(net)` says why it does not apply.
@@ -107,7 +108,7 @@ def _quantized(m) -> tuple[int, Tensor, Tensor, Tensor, int] | None:
     q, lo, st = (getattr(m, n, None) for n in ("qweight", "lo", "step"))
     if getattr(m, "decode_operands", None) is None or q is None or lo is None:
         return None
-    N, K = q.shape[0], m.in_features
+    K = m.in_features
     G = K // lo.shape[1]
     fits = (lo.dtype == st.dtype == torch.float32 and q.is_contiguous() and lo.is_contiguous()
             and st.is_contiguous() and q.device.type == "cpu" and K % 32 == 0)
