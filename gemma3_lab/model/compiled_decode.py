@@ -137,6 +137,8 @@ def start(net, background: bool = True, announce: Callable[[CompileStatus], None
     applies (`native_decode`), which every step of one row takes first, nothing is compiled: the
     status says "native" (asked again, a model quantized since then compiles)."""
     if native_decode.why_not(net) is None:
+        if announce is not None:
+            announce(CompileStatus("native"))
         return CompileStatus("native")
     with _LOCK:
         entry = _ENTRIES.setdefault(net, _Entry())
