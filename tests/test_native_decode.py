@@ -129,7 +129,9 @@ def test_what_the_native_step_cannot_run_says_why_and_decodes_another_way(monkey
     model = tiny_decoder(seed=2)
     ids = torch.tensor([[2, 17, 33]])
     assert native_decode.why_not(model) is None
-    assert model.compile_decode().state == "native" and "nothing to compile" in model.compile_decode().describe()
+    told = []
+    assert model.compile_decode(announce=told.append).state == "native" and [t.state for t in told] == ["native"]
+    assert "nothing to compile" in model.compile_decode().describe() and model.compile_status.state == "off"
     with monkeypatch.context() as m:
         m.setenv(native_decode.ENV, "0")
         assert native_decode.why_not(model) == "GEMMA3_LAB_NATIVE_STEP=0"
