@@ -29,6 +29,10 @@ lean step meanwhile, and for good if the compiler is missing or fails (`status` 
 
 The step reads and writes the caches' own buffers (`LayerCache`), so a generation can
 switch between this step, the eager lean step and the plain forward at any token.
+
+Where the native step applies (`native_decode`: the whole step in one C call, on CPUs with
+AVX-512), it runs first and nothing is compiled (`start` says "native"): on the Xeon it was
+1.2-1.3x this step in float32, 1.3-1.4x in bfloat16 and 1.3-1.8x for the quantized defaults.
 """
 
 from __future__ import annotations

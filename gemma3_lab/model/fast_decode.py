@@ -11,8 +11,9 @@ module (instrumentation sees everything), an attention path forced explicit, pad
 images in the cache, or a cache that was not filled by a prefill. A step that applies takes
 the native step where that applies (`native_decode`: float32 or bfloat16 weights, or int8/int4
 codes, on a CPU with its C loops; up to 4 rows), else for one row the model's compiled step
-where it is ready (`compiled_decode`, started by `Gemma3.compile_decode`). Several rows decoding from one prompt
-(`generate_batch`) take the lean step together: one pass over the weights for all of them.
+where it is ready (`compiled_decode`, started by `Gemma3.compile_decode`). Several rows
+decoding from one prompt (`generate_batch`) take one step together, native or lean: one pass
+over the float weights for all of them.
 """
 
 from __future__ import annotations
