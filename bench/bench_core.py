@@ -243,7 +243,8 @@ def bench_decode(n: int) -> None:
     if status.state == "ready":
         runs["compiled"] = (compiled, True, False)
     why = native_decode.why_not(model)
-    print(f"  the native decode step (one C call a token): " + ("runs float32 here" if why is None else f"not here: {why}"))
+    print(f"  the native decode step (one C call a token): "
+          + (f"runs float32 here ({native_decode.isa(torch.float32)[0]} build)" if why is None else f"not here: {why}"))
     if why is None:
         runs["native"] = (model, True, True)
     seen: list[float] = []  # every head-gemv bandwidth measured in this run

@@ -86,7 +86,7 @@ def test_a_failed_build_says_why_and_is_not_retried(monkeypatch, tmp_path):
     broken.chmod(0o755)
     monkeypatch.setenv("CC", str(broken))
     assert not gemv.available()
-    assert gemv.why_not() == f"{broken} could not build gemv.c step.c: cc: error: unrecognized option -mavx512bf16"
+    assert gemv.why_not() == f"{broken} could not build gemv.c step.c step_avx2.c: cc: error: unrecognized option -mavx512bf16"
     assert gemv.why_not(torch.float32) == gemv.why_not()  # one library for both: one build, one answer
     assert not list(tmp_path.glob("kernels/*"))  # no half-written library left behind
     broken.write_text("#!/bin/sh\nexit 99\n")  # asked again: the first answer stands
@@ -188,3 +188,33 @@ def test_a_few_float32_rows_read_the_weight_once_with_each_rows_own_bits(monkeyp
     monkeypatch.setenv(kernels.FEW_ENV, "0")
     assert torch.equal(kernels.rows_times(x, w), torch.nn.functional.linear(x, w))
     torch.testing.assert_close(kernels.rows_times(x[:2], w), torch.nn.functional.linear(x[:2], w), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 15), (9, 17), (203, 700), (4099, 640)])
+def test_the_avx2_float32_loop_is_a_float32_sum_from_exact_with_each_rows_own_bits(n, k):
+    """The native step's float32 loop for CPUs with AVX2 but not AVX-512 (8 lanes, a masked
+    ragged end), called here where the CPU has both: within float32 summation error of exact,
+    and up to MAX_ROWS rows in one read each with the bits of that row alone."""
+    if not gemv.avx2_available():
+        pytest.skip(f"the AVX2 loop is not built here: {gemv.avx2_why_not()}")
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w, x = torch.randn(n, k, generator=g), torch.randn(gemv.MAX_ROWS, k, generator=g)
+    fn = gemv._STATE["avx2"]
+    outs = []
+    for m in (1, gemv.MAX_ROWS):
+        out = torch.empty(m, n)
+        fn(w.data_ptr(), x.data_ptr(), out.data_ptr(), m, n, k)
+        outs.append(out)
+    exact = x.double() @ w.double().T
+    bound = (x.double().abs() @ w.double().abs().T) * k * 2 ** -24
+    assert bool(((outs[1].double() - exact).abs() <= bound).all()), float((outs[1].double() - exact).abs().max())
+    assert torch.equal(outs[0], outs[1][:1])
+
+
+def test_the_avx2_loop_says_why_it_is_not_there(monkeypatch):
+    monkeypatch.setattr(gemv, "_STATE", {})
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert not gemv.avx2_available() and "AVX2 and FMA" in gemv.avx2_why_not()
+    monkeypatch.setattr(gemv, "_STATE", {})
+    monkeypatch.setenv(gemv.F32_ENV, "0")
+    assert gemv.avx2_why_not() == f"{gemv.F32_ENV}=0"

@@ -40,13 +40,24 @@ class _Counted:
         monkeypatch.setattr(native_decode, "step", counted)
 
 
-def test_native_steps_match_plain_ones_past_the_window_and_a_grown_buffer(tiny):
+@pytest.fixture(params=["avx512", "avx2"])
+def isa(request, monkeypatch):
+    """Each float32 test once per build of the step: AVX-512, and the AVX2 one that CPUs
+    without AVX-512 take (asked for here with GEMMA3_LAB_NATIVE_ISA=avx2)."""
+    if request.param == "avx2":
+        if not gemv.avx2_available():
+            pytest.skip(f"no AVX2 loop here: {gemv.avx2_why_not()}")
+        monkeypatch.setenv(native_decode.ISA_ENV, "avx2")
+    return request.param
+
+
+def test_native_steps_match_plain_ones_past_the_window_and_a_grown_buffer(tiny, isa):
     """70 steps: the local layers' buffers slide several times, the global one grows past its
     first 64 slots (and the step's scratch with it)."""
     ids = torch.tensor([[2, 17, 33, 5, 80]])
     cache = KVCache(tiny.config.text)
     fast, plain = greedy_steps(tiny, ids, 70, True, cache), greedy_steps(tiny, ids, 70, False)
-    assert cache.paths == {"native": 70}  # every step: no silent fallback
+    assert cache.paths == {"native": 70} and cache.plan["native"].isa == isa  # every step: no silent fallback
     assert cache.layers[1]._k.shape[2] > 64  # the global layer's buffer grew
     assert torch.equal(fast.argmax(-1), plain.argmax(-1))
     assert _rel(fast, plain) < 1e-5, _rel(fast, plain)
@@ -150,7 +161,7 @@ def test_what_the_native_step_cannot_run_says_why_and_decodes_another_way(monkey
 
 @pytest.mark.parametrize("mode, options", [("int8", {}), ("int4", dict(group_size=16)),
                                            ("int4", dict(group_size=32, embedding="float", screen=False))])
-def test_quantized_projections_read_their_codes_and_follow_the_plain_forward(tiny, mode, options):
+def test_quantized_projections_read_their_codes_and_follow_the_plain_forward(tiny, mode, options, isa):
     """int8 per row and int4 in groups, read by the C loops from the codes (float32
     activations, float32 lo and step): the plain forward's arithmetic on its dequantized
     weights, reordered. With a float head the logits agree to ~1e-5; a quantized head and
@@ -163,7 +174,7 @@ def test_quantized_projections_read_their_codes_and_follow_the_plain_forward(tin
     ids = torch.tensor([[2, 17, 33, 5, 80]])
     cache = KVCache(q.config.text)
     fast, plain = greedy_steps(q, ids, 40, True, cache), greedy_steps(q, ids, 40, False)
-    assert cache.paths == {"native": 40}
+    assert cache.paths == {"native": 40} and cache.plan["native"].isa == isa
     assert torch.equal(fast.argmax(-1), plain.argmax(-1))
     gap = float((torch.log_softmax(fast, -1) - torch.log_softmax(plain, -1)).abs().max())
     assert gap < (1e-4 if q.lm_head is None else 0.05), gap
@@ -177,8 +188,9 @@ def test_quantized_layouts_the_loops_do_not_read_take_the_other_steps():
     assert q.generate(torch.tensor([[2, 17, 33]]), max_new_tokens=3, stop_ids=()).decode_path != "native"
 
 
-@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int4"])
-def test_rows_decoding_together_each_have_the_bits_of_that_row_alone(tiny, kind):
+@pytest.mark.parametrize("kind, build", [("float32", "avx512"), ("float32", "avx2"), ("bfloat16", "avx512"),
+                                         ("int4", "avx512"), ("int4", "avx2")])
+def test_rows_decoding_together_each_have_the_bits_of_that_row_alone(tiny, kind, build, monkeypatch):
     """Two rows from one prompt (generate_batch's case, the app's two columns) in one native
     step: float32 weights read once for both, bfloat16 and quantized ones once a row. Each row's
     logits are those of the same row decoded alone, to the bit, past the window and the cache's
@@ -188,6 +200,10 @@ def test_rows_decoding_together_each_have_the_bits_of_that_row_alone(tiny, kind)
 
     if kind == "bfloat16" and not gemv.available(torch.bfloat16):
         pytest.skip(f"no bfloat16 C loop here: {gemv.why_not(torch.bfloat16)}")
+    if build == "avx2":  # bfloat16 takes the AVX-512 build only
+        if not gemv.avx2_available():
+            pytest.skip(f"no AVX2 loop here: {gemv.avx2_why_not()}")
+        monkeypatch.setenv(native_decode.ISA_ENV, "avx2")
     model = {"float32": lambda: tiny, "bfloat16": lambda: tiny_decoder().to(torch.bfloat16),
              "int4": lambda: quantize_model(tiny_decoder(), mode="int4", group_size=32, embedding="float", screen=False)}[kind]()
     both, plain = KVCache(model.config.text), KVCache(model.config.text)
@@ -208,13 +224,29 @@ def test_rows_decoding_together_each_have_the_bits_of_that_row_alone(tiny, kind)
                 assert _rel(a, b) < 1e-4
             ids.append([int(a[0].argmax()), int(a[1].topk(2).indices[1])])  # the rows part ways
     assert both.paths == {"native": 70} and all(c.paths == {"native": 70} for c in alone)
+    assert both.plan["native"].isa == build
+
+
+def test_a_cpu_without_avx512_takes_the_avx2_build_for_float32_only(tiny, monkeypatch):
+    """Where the AVX-512 loops are missing (made so here), float32 and int8/int4 models take
+    the AVX2 build, and bfloat16 ones the other steps."""
+    if not gemv.avx2_available():
+        pytest.skip(f"no AVX2 loop here: {gemv.avx2_why_not()}")
+    monkeypatch.setattr(gemv, "available", lambda dtype=torch.bfloat16: False)
+    monkeypatch.setattr(gemv, "why_not", lambda dtype=torch.bfloat16: "the CPU has no AVX-512")
+    assert native_decode.isa(torch.float32) == ("avx2", None)
+    assert native_decode.isa(torch.bfloat16) == (None, "no C loop for bfloat16 products here: the CPU has no AVX-512")
+    res = tiny.generate(torch.tensor([[2, 17, 33]]), max_new_tokens=6, stop_ids=())
+    assert res.decode_paths == {"native": 5}
+    assert res.token_ids == tiny.generate(torch.tensor([[2, 17, 33]]), max_new_tokens=6, stop_ids=(), fast=False).token_ids
 
 
 def test_the_library_and_this_files_step_agree_on_its_layout():
     """step.c's struct and native_decode.Step, field for field: the library says its size."""
     import ctypes
 
-    assert gemv.library().step_size() == ctypes.sizeof(native_decode.Step) == 8 * len(native_decode.Step._fields_)
+    lib = gemv.library()
+    assert lib.step_size() == lib.step_size_avx2() == ctypes.sizeof(native_decode.Step) == 8 * len(native_decode.Step._fields_)
 
 
 @pytest.mark.real

@@ -31,7 +31,7 @@ The step reads and writes the caches' own buffers (`LayerCache`), so a generatio
 switch between this step, the eager lean step and the plain forward at any token.
 
 Where the native step applies (`native_decode`: the whole step in one C call, on CPUs with
-AVX-512), it runs first and nothing is compiled (`start` says "native"): in three bench runs
+AVX-512 or AVX2), it runs first and nothing is compiled (`start` says "native"): in three bench runs
 on the Xeon its tok/s were 1.04-1.27x this step's in float32, 1.27-1.39x in bfloat16 and
 1.27-1.72x for the quantized defaults.
 """

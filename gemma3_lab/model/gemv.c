@@ -104,3 +104,42 @@ AVX512 void gemv_f32(const float *W, const float *x, float *y, int64_t M, int64_
     OVER_ROWS(ROWS_F32, N, K, F32_AT);
 #undef F32_AT
 }
+
+/* float32 on CPUs with AVX2 and FMA but not AVX-512 (for the native step, step_avx2.c): the
+ * loop above in 8 lanes, the last K % 8 columns through a masked load. */
+#define AVX2 __attribute__((target("avx2,fma")))
+
+AVX2 static void rows_f32_avx2(const float *W, const float *x, float *y, int64_t n0, int r, int64_t N, int64_t K, int M) {
+    __m256 acc[MAX_M][ROWS_F32];
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < r; i++) acc[m][i] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        for (int i = 0; i < r; i++) {
+            const float *p = W + (n0 + i) * K + k;
+            if ((k & 15) == 0) _mm_prefetch((const char *)(p + AHEAD_F32 * K), _MM_HINT_T1);
+            __m256 wv = _mm256_loadu_ps(p);
+            for (int m = 0; m < M; m++) acc[m][i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][i]);
+        }
+    }
+    if (k < K) {
+        __m256i mk = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(K - k)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (int i = 0; i < r; i++) {
+            __m256 wv = _mm256_maskload_ps(W + (n0 + i) * K + k, mk);
+            for (int m = 0; m < M; m++) acc[m][i] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + m * K + k, mk), acc[m][i]);
+        }
+    }
+    for (int m = 0; m < M; m++)
+        for (int i = 0; i < r; i++) {
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m][i]), _mm256_extractf128_ps(acc[m][i], 1));
+            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            y[m * N + n0 + i] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+        }
+}
+
+/* y (M, N) = x (M, K) @ W.T for 1 <= M <= MAX_M */
+AVX2 void gemv_f32_avx2(const float *W, const float *x, float *y, int64_t M, int64_t N, int64_t K) {
+#define F32_AVX2_AT(n0, r) rows_f32_avx2(W, x, y, n0, r, N, K, (int)M)
+    OVER_ROWS(ROWS_F32, N, K, F32_AVX2_AT);
+#undef F32_AVX2_AT
+}

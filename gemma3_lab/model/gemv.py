@@ -45,8 +45,8 @@ from torch import Tensor
 from gemma3_lab.config.paths import cache_root
 
 # gemv.c's loops, and step.c's whole decode step (`native_decode`) that calls them
-SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "step.c")]
-HEADERS = [Path(__file__).with_name("bfloat16.h")]
+SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "step.c", "step_avx2.c")]
+HEADERS = [Path(__file__).with_name(n) for n in ("bfloat16.h", "simd.h")]
 # the instructions are named per function in the C; no multiply-add fused unless written
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off"]
 PLAIN = "GEMMA3_LAB_PLAIN_KERNELS"  # kernels.FORCE_PLAIN (which imports this module): "1", every product plain
@@ -68,6 +68,8 @@ LOOPS = {
     torch.bfloat16: Loop("gemv_bf16", 1, "GEMMA3_LAB_BF16_GEMV", "avx512_bf16", "AVX512-BF16"),
     torch.float32: Loop("gemv_f32", MAX_ROWS, "GEMMA3_LAB_F32_GEMV", "avx512f", "AVX-512"),
 }
+# float32 in 8 lanes, for the native step on CPUs with AVX2 but not AVX-512 (`avx2_available`)
+AVX2 = Loop("gemv_f32_avx2", MAX_ROWS, "GEMMA3_LAB_F32_GEMV", "avx2", "AVX2 and FMA")
 ENV = LOOPS[torch.bfloat16].env
 F32_ENV = LOOPS[torch.float32].env
 # "lib": the loaded library, or "lib why": why none; per dtype: its checked function, or (dtype, "why")
@@ -92,6 +94,30 @@ def why_not(dtype: torch.dtype = torch.bfloat16) -> str | None:
     return None if _load(dtype) is not None else _STATE.get((dtype, "why"))
 
 
+def avx2_available() -> bool:
+    """Is the AVX2 float32 loop built and checked here (for `native_decode` where the CPU has
+    AVX2 and FMA but not AVX-512, or where a test asks for it)?"""
+    return avx2_why_not() is None
+
+
+def avx2_why_not() -> str | None:
+    if os.environ.get(AVX2.env) == "0":
+        return f"{AVX2.env}=0"
+    if os.environ.get(PLAIN) == "1":
+        return f"{PLAIN}=1"
+    if "avx2" not in _STATE and "avx2 why" not in _STATE:
+        with _LOCK:
+            try:
+                if not _cpu_has("avx2", "fma"):
+                    raise _NotHere("the CPU has no AVX2 and FMA (or torch is held below AVX2)")
+                fn = _typed(getattr(_library(), AVX2.symbol))
+                _check(fn, torch.float32, AVX2.rows)
+                _STATE["avx2"] = fn
+            except _NotHere as e:
+                _STATE["avx2 why"] = str(e)
+    return _STATE.get("avx2 why")
+
+
 def gemv(x: Tensor, weight: Tensor) -> Tensor:
     """x (M, K) @ weight (N, K).T, both bfloat16 (M = 1) or both float32 (M <= MAX_ROWS) on the
     CPU, as (M, N) of that dtype. The caller has checked `available(weight.dtype)`."""
@@ -107,16 +133,17 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
-def _cpu_has(flag: str) -> bool:
+def _cpu_has(flag: str, *more: str) -> bool:
     cap = torch.backends.cpu.get_cpu_capability()  # AVX2 where ATEN_CPU_CAPABILITY=avx2 holds torch back
-    if not (cap.startswith("AVX512") or cap.startswith("AMX")):
+    wide = ("AVX512", "AMX") + (("AVX2",) if flag == "avx2" else ())
+    if not cap.startswith(wide):
         return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:  # not Linux: no way to ask without risking an illegal instruction
         return False
-    return flag in flags.split()
+    return all(f in flags.split() for f in (flag, *more))
 
 
 def _load(dtype: torch.dtype):
@@ -139,10 +166,14 @@ def _checked(dtype: torch.dtype):
     loop = LOOPS[dtype]
     if not _cpu_has(loop.flag):
         raise _NotHere(f"the CPU has no {loop.needs} (or torch is held below AVX-512)")
-    fn = getattr(_library(), loop.symbol)
+    fn = _typed(getattr(_library(), loop.symbol))
+    _check(fn, dtype, loop.rows)
+    return fn
+
+
+def _typed(fn):
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     fn.restype = None
-    _check(fn, dtype, loop.rows)
     return fn
 
 

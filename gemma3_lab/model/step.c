@@ -15,17 +15,21 @@
  * `rows_int4`); a quantized embedding's row is looked up before the call (`first`), and a
  * quantized head runs after it, on the final hidden state left in `logits` (`head` NULL).
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "bfloat16.h"
+#include "simd.h"
 
 void gemv_f32(const float *W, const float *x, float *y, int64_t M, int64_t N, int64_t K);
+void gemv_f32_avx2(const float *W, const float *x, float *y, int64_t M, int64_t N, int64_t K);
 void gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K);
-
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#ifdef STEP_AVX2
+#define GEMV_F32 gemv_f32_avx2
+#else
+#define GEMV_F32 gemv_f32
+#endif
 
 enum { PROJECTIONS = 7, GAINS = 6 };            /* per layer, in the order below */
 enum { FLOAT = 0, INT4 = 4, INT8 = 8 };         /* how a projection is stored (kinds) */
@@ -65,13 +69,13 @@ static int64_t widest(const Step *s) {
     return w;
 }
 
-int64_t step_size(void) { return (int64_t)sizeof(Step); }  /* checked against native_decode.Step */
+int64_t STEP_NAME(step_size)(void) { return (int64_t)sizeof(Step); }  /* checked against native_decode.Step */
 
 static int64_t per_row(const Step *s) { return 3 * s->D + 2 * s->N * s->H + 2 * s->K * s->H + 2 * s->F; }
 
 static uint16_t *bf16_area(const Step *s) { return (uint16_t *)(s->work + s->rows * per_row(s)); }
 
-int64_t step_work(const Step *s) {
+int64_t STEP_NAME(step_work)(const Step *s) {
     return s->rows * per_row(s) + (widest(s) + s->V) / 2 + 2 + s->slots_max + 16;
 }
 
@@ -82,49 +86,44 @@ static void round_all(const Step *s, float *x, int64_t n) {
         for (int64_t i = 0; i < n; i++) x[i] = as_bf16(x[i]);
 }
 
-/* 16 lanes of a float32 or bfloat16 array from element i on; m: which lanes are real */
-AVX512 static inline __m512 load16(const void *p, int64_t i, int bf16, __mmask16 m) {
-    if (!bf16) return _mm512_maskz_loadu_ps(m, (const float *)p + i);
-    __m256i b = _mm256_maskz_loadu_epi16(m, (const uint16_t *)p + i);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+/* VL lanes of a float32 or bfloat16 array from element i on; m: which lanes are real */
+ISA static inline vf load_lanes(const void *p, int64_t i, int bf16, vmask m) {
+    return bf16 ? v_load_bf16((const uint16_t *)p + i, m) : v_maskload(m, (const float *)p + i);
 }
 
-static inline __mmask16 lanes(int64_t left) { return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1); }
-
-/* e^x in 16 lanes: 2^n e^r with |r| <= ln 2 / 2, e^r by Cephes' expf polynomial (~1 ulp) */
-AVX512 static inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-104.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+/* e^x in VL lanes: 2^n e^r with |r| <= ln 2 / 2, e^r by Cephes' expf polynomial (~1 ulp) */
+ISA static inline vf exp_lanes(vf x) {
+    x = v_max(v_min(x, v_set1(88.7f)), v_set1(-104.0f));
+    vf n = v_round(v_mul(x, v_set1(1.44269504088896341f)));
+    vf r = v_fnmadd(n, v_set1(0.693359375f), x);
+    r = v_fnmadd(n, v_set1(-2.12194440e-4f), r);
+    vf p = v_set1(1.9875691500e-4f);
+    p = v_fmadd(p, r, v_set1(1.3981999507e-3f));
+    p = v_fmadd(p, r, v_set1(8.3334519073e-3f));
+    p = v_fmadd(p, r, v_set1(4.1665795894e-2f));
+    p = v_fmadd(p, r, v_set1(1.6666665459e-1f));
+    p = v_fmadd(p, r, v_set1(5.0000001201e-1f));
+    p = v_fmadd(p, v_mul(r, r), v_add(r, v_set1(1.0f)));
+    return v_scale(p, n);
 }
 
 /* tanh(x) = 1 - 2 / (e^2x + 1): exact at the ends (e^2x overflows to inf, or is 0) */
-AVX512 static inline __m512 tanh16(__m512 x) {
-    __m512 e = exp16(_mm512_add_ps(x, x));
-    return _mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+ISA static inline vf tanh_lanes(vf x) {
+    vf e = exp_lanes(v_add(x, x));
+    return v_sub(v_set1(1.0f), v_div(v_set1(2.0f), v_add(e, v_set1(1.0f))));
 }
 
-AVX512 static float sum_squares(const float *x, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) {
-        __m512 v = _mm512_maskz_loadu_ps(lanes(n - i), x + i);
-        acc = _mm512_fmadd_ps(v, v, acc);
+ISA static float sum_squares(const float *x, int64_t n) {
+    vf acc = v_zero();
+    for (int64_t i = 0; i < n; i += VL) {
+        vf v = v_maskload(v_lanes(n - i), x + i);
+        acc = v_fmadd(v, v, acc);
     }
-    return _mm512_reduce_add_ps(acc);
+    return v_reduce(acc);
 }
 
 /* y = (x / rms(x)) * gain over n, then the cast back (RMSNorm.forward) */
-AVX512 static void norm(const Step *s, const float *x, const float *gain, float *y, int64_t n) {
+ISA static void norm(const Step *s, const float *x, const float *gain, float *y, int64_t n) {
     float r = 1.0f / sqrtf(sum_squares(x, n) / (float)n + (float)s->eps);
     for (int64_t i = 0; i < n; i++) y[i] = (x[i] * r) * gain[i];
     round_all(s, y, n);
@@ -134,47 +133,45 @@ AVX512 static void norm(const Step *s, const float *x, const float *gain, float 
 #define AHEAD_Q 16
 
 /* int8 per row: w[n, k] = lo[n] + Q[n, k] * st[n], so y[n] = st[n] (Q[n] . x) + lo[n] sum(x) */
-AVX512 static void rows_int8(const int8_t *Q, const float *lo, const float *st, const float *x, float sum_x,
-                             float *y, int64_t n0, int r, int64_t K) {
+ISA static void rows_int8(const int8_t *Q, const float *lo, const float *st, const float *x, float sum_x,
+                          float *y, int64_t n0, int r, int64_t K) {
     for (int i = 0; i < r; i++) {
         const int8_t *q = Q + (n0 + i) * K;
-        __m512 acc = _mm512_setzero_ps();
-        for (int64_t k = 0; k < K; k += 16) {
+        vf acc = v_zero();
+        for (int64_t k = 0; k < K; k += VL) {
             if ((k & 63) == 0) _mm_prefetch((const char *)(q + k + AHEAD_Q * K), _MM_HINT_T1);
-            __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + k))));
-            acc = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + k), acc);
+            acc = v_fmadd(v_i8(q + k), v_loadu(x + k), acc);
         }
-        y[n0 + i] = st[n0 + i] * _mm512_reduce_add_ps(acc) + lo[n0 + i] * sum_x;
+        y[n0 + i] = st[n0 + i] * v_reduce(acc) + lo[n0 + i] * sum_x;
     }
 }
 
 /* int4 in groups of G columns: row n holds K/2 bytes, byte j = column j (low nibble) and
- * column j + K/2 (high nibble) (`lowbit.pack_int4`). Each group's codes . x is kept in 16
+ * column j + K/2 (high nibble) (`lowbit.pack_int4`). Each group's codes . x is kept in VL
  * lanes and scaled by its step as a whole; the lo terms are sum_g lo[n, g] sum(x in g), from
  * the group sums `sx` made once per product. */
-AVX512 static void rows_int4(const uint8_t *Q, const float *lo, const float *st, const float *x, const float *sx,
-                             float *y, int64_t n0, int r, int64_t K, int64_t G) {
+ISA static void rows_int4(const uint8_t *Q, const float *lo, const float *st, const float *x, const float *sx,
+                          float *y, int64_t n0, int r, int64_t K, int64_t G) {
     int64_t half = K / 2, groups = K / G;
-    const __m512i nibble = _mm512_set1_epi32(15);
     for (int i = 0; i < r; i++) {
         int64_t n = n0 + i;
         const uint8_t *q = Q + n * half;
         const float *sn = st + n * groups, *ln = lo + n * groups;
-        __m512 total = _mm512_setzero_ps();
+        vf total = v_zero();
         for (int64_t g0 = 0; g0 < half; g0 += G) {
-            __m512 al = _mm512_setzero_ps(), ah = _mm512_setzero_ps();
-            for (int64_t j = g0; j < g0 + G; j += 16) {
+            vf al = v_zero(), ah = v_zero();
+            for (int64_t j = g0; j < g0 + G; j += VL) {
                 if ((j & 63) == 0) _mm_prefetch((const char *)(q + j + AHEAD_Q * half), _MM_HINT_T1);
-                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + j)));
-                al = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, nibble)), _mm512_loadu_ps(x + j), al);
-                ah = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(x + half + j), ah);
+                __typeof__(v_u8(q)) b = v_u8(q + j);
+                al = v_fmadd(v_low_nibble(b), v_loadu(x + j), al);
+                ah = v_fmadd(v_high_nibble(b), v_loadu(x + half + j), ah);
             }
-            total = _mm512_fmadd_ps(al, _mm512_set1_ps(sn[g0 / G]), total);
-            total = _mm512_fmadd_ps(ah, _mm512_set1_ps(sn[(half + g0) / G]), total);
+            total = v_fmadd(al, v_set1(sn[g0 / G]), total);
+            total = v_fmadd(ah, v_set1(sn[(half + g0) / G]), total);
         }
         float off = 0.0f;
         for (int64_t g = 0; g < groups; g++) off += ln[g] * sx[g];
-        y[n] = _mm512_reduce_add_ps(total) + off;
+        y[n] = v_reduce(total) + off;
     }
 }
 
@@ -206,7 +203,7 @@ static void quantized(const Step *s, int64_t p, const float *x, float *y, int64_
  * rows (each row with its own bits: gemv.c); bfloat16 and quantized ones once per row. */
 static void product(const Step *s, int64_t p, const void *W, const float *x, float *y, int64_t N, int64_t K) {
     if (!s->bf16 && (p < 0 || s->kinds[p] == FLOAT)) {
-        gemv_f32((const float *)W, x, y, s->rows, N, K);
+        GEMV_F32((const float *)W, x, y, s->rows, N, K);
         return;
     }
     for (int64_t m = 0; m < s->rows; m++, x += K, y += N) {
@@ -239,20 +236,20 @@ static void rope(const Step *s, float *x, int64_t n, const float *cs) {
         }
 }
 
-AVX512 static float dot(const float *q, const void *k, int64_t at, int64_t H, int bf16) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < H; i += 16) {
-        __mmask16 m = lanes(H - i);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i), load16(k, at + i, bf16, m), acc);
+ISA static float dot(const float *q, const void *k, int64_t at, int64_t H, int bf16) {
+    vf acc = v_zero();
+    for (int64_t i = 0; i < H; i += VL) {
+        vmask m = v_lanes(H - i);
+        acc = v_fmadd(v_maskload(m, q + i), load_lanes(k, at + i, bf16, m), acc);
     }
-    return _mm512_reduce_add_ps(acc);
+    return v_reduce(acc);
 }
 
 /* One query of row b (N heads, q: N x H) over slots lo..end of layer i: z (N x H). Query
  * heads are grouped per kv head, N / K of them to each. */
-AVX512 static void attend(const Step *s, int64_t i, int64_t b, const float *q, float *z) {
+ISA static void attend(const Step *s, int64_t i, int64_t b, const float *q, float *z) {
     int64_t H = s->H, lo = s->lo[i], T = s->end[i] - lo + 1, cap = s->slots[i], group = s->N / s->K;
-    float *p = s->work + step_work(s) - s->slots_max - 16;
+    float *p = s->work + STEP_NAME(step_work)(s) - s->slots_max - 16;
     for (int64_t n = 0; n < s->N; n++) {
         int64_t base = ((b * s->K + n / group) * cap + lo) * H;
         const float *qn = q + n * H;
@@ -262,22 +259,22 @@ AVX512 static void attend(const Step *s, int64_t i, int64_t b, const float *q, f
             p[t] = s->bf16 ? as_bf16(as_bf16(d) * (float)s->scale) : d * (float)s->scale;
             if (p[t] > top) top = p[t];
         }
-        __m512 sum = _mm512_setzero_ps();
-        for (int64_t t = 0; t < T; t += 16) {
-            __mmask16 m = lanes(T - t);
-            __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + t), _mm512_set1_ps(top)));
-            _mm512_mask_storeu_ps(p + t, m, e);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+        vf sum = v_zero();
+        for (int64_t t = 0; t < T; t += VL) {
+            vmask m = v_lanes(T - t);
+            vf e = exp_lanes(v_sub(v_maskload(m, p + t), v_set1(top)));
+            v_maskstore(p + t, m, e);
+            sum = v_add(sum, v_keep(m, e));
         }
-        float total = _mm512_reduce_add_ps(sum);
+        float total = v_reduce(sum);
         for (int64_t t = 0; t < T; t++) p[t] = s->bf16 ? as_bf16(p[t] / total) : p[t] / total;
         float *zn = z + n * H;
-        for (int64_t j = 0; j < H; j += 16) {
-            __mmask16 m = lanes(H - j);
-            __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < H; j += VL) {
+            vmask m = v_lanes(H - j);
+            vf acc = v_zero();
             for (int64_t t = 0; t < T; t++)
-                acc = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load16(s->vc[i], base + t * H + j, (int)s->bf16, m), acc);
-            _mm512_mask_storeu_ps(zn + j, m, acc);
+                acc = v_fmadd(v_set1(p[t]), load_lanes(s->vc[i], base + t * H + j, (int)s->bf16, m), acc);
+            v_maskstore(zn + j, m, acc);
         }
     }
     round_all(s, z, s->N * s->H);
@@ -301,15 +298,14 @@ static void write_slot(const Step *s, int64_t i, int64_t b, const float *k, cons
 }
 
 /* gelu(gate, tanh approximation) * up, into gate; the constants are torch's */
-AVX512 static void gelu_times(const Step *s, float *g, const float *u, int64_t n) {
+ISA static void gelu_times(const Step *s, float *g, const float *u, int64_t n) {
     const float beta = 0.7978845608028654f, kappa = 0.044715f;
-    for (int64_t i = 0; i < n; i += 16) {
-        __mmask16 m = lanes(n - i);
-        __m512 x = _mm512_maskz_loadu_ps(m, g + i);
-        __m512 inner = _mm512_mul_ps(_mm512_set1_ps(beta),
-                                     _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(kappa), _mm512_mul_ps(_mm512_mul_ps(x, x), x))));
-        __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.0f), tanh16(inner)));
-        _mm512_mask_storeu_ps(g + i, m, y);
+    for (int64_t i = 0; i < n; i += VL) {
+        vmask m = v_lanes(n - i);
+        vf x = v_maskload(m, g + i);
+        vf inner = v_mul(v_set1(beta), v_add(x, v_mul(v_set1(kappa), v_mul(v_mul(x, x), x))));
+        vf y = v_mul(v_mul(v_set1(0.5f), x), v_add(v_set1(1.0f), tanh_lanes(inner)));
+        v_maskstore(g + i, m, y);
     }
     round_all(s, g, n);
     for (int64_t i = 0; i < n; i++) g[i] = g[i] * u[i];
@@ -323,7 +319,7 @@ static void add_into(const Step *s, float *a, const float *b, int64_t n) {
 }
 
 /* the soft cap, the logsumexp and the first argmax of row b's V logits */
-AVX512 static void finish(const Step *s, int64_t b) {
+ISA static void finish(const Step *s, int64_t b) {
     float *x = s->logits + b * s->V, cap = (float)s->softcap;
     int64_t V = s->V, best = 0;
     if (cap > 0)
@@ -331,16 +327,16 @@ AVX512 static void finish(const Step *s, int64_t b) {
     float top = x[0];
     for (int64_t i = 1; i < V; i++)
         if (x[i] > top || (isnan(x[i]) && !isnan(top))) top = x[i], best = i;
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t i = 0; i < V; i += 16) {
-        __mmask16 m = lanes(V - i);
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_set1_ps(top)))));
+    vf sum = v_zero();
+    for (int64_t i = 0; i < V; i += VL) {
+        vmask m = v_lanes(V - i);
+        sum = v_add(sum, v_keep(m, exp_lanes(v_sub(v_maskload(m, x + i), v_set1(top)))));
     }
-    s->lse[b] = isfinite(top) ? top + logf(_mm512_reduce_add_ps(sum)) : top;
+    s->lse[b] = isfinite(top) ? top + logf(v_reduce(sum)) : top;
     s->argmax[b] = best;
 }
 
-AVX512 void step_run(const Step *s) {
+ISA void STEP_NAME(step_run)(const Step *s) {
     int64_t D = s->D, H = s->H, NH = s->N * H, KH = s->K * H, F = s->F, M = s->rows;
     /* each activation holds every row, row after row (products take all rows at once) */
     float *h = s->work, *y = h + M * D, *o = y + M * D, *q = o + M * D, *z = q + M * NH, *k = z + M * NH,

@@ -1,0 +1,4 @@
+/* step.c again for CPUs with AVX2 and FMA but not AVX-512: the same step in 8 lanes, its
+ * functions named with _avx2 (simd.h), its float32 products through gemv.c's AVX2 loop. */
+#define STEP_AVX2 1
+#include "step.c"
