@@ -250,7 +250,7 @@ def test_the_library_and_this_files_step_agree_on_its_layout():
 
 
 @pytest.mark.real
-def test_real_native_greedy_is_the_plain_greedy(real_model):
+def test_real_native_greedy_is_the_plain_greedy(real_model, isa):
     for prompt in ["The capital of France is", "Once upon a time"]:
         fast = real_model.generate(prompt, max_new_tokens=24, stop_ids=())
         plain = real_model.generate(prompt, max_new_tokens=24, stop_ids=(), fast=False)
