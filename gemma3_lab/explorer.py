@@ -99,8 +99,8 @@ class Gemma3(HookedMixin, TransformerLensMixin, Gemma3Network):
         take it. Returns the status (`.describe()` says it in words); CPU models with float32
         activations (float32, or int8/int4 weights with packed kernels), or bfloat16 ones where
         the CPU has native bfloat16 products, only; anything else reports why not and keeps the
-        eager lean step. Where the native C step runs the model (float32 or int8/int4 on
-        AVX-512 or AVX2, bfloat16 on AVX512-BF16: `model.native_decode`), nothing is compiled and the
+        eager lean step. Where the native C step runs the model (float32, int8/int4 or
+        bfloat16, on AVX-512 or AVX2: `model.native_decode`), nothing is compiled and the
         status says "native". `announce(status)` is called when the
         compile ends."""
         return compiled_decode.start(self, background, announce)

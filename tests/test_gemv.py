@@ -199,7 +199,7 @@ def test_the_avx2_float32_loop_is_a_float32_sum_from_exact_with_each_rows_own_bi
         pytest.skip(f"the AVX2 loop is not built here: {gemv.avx2_why_not()}")
     g = torch.Generator().manual_seed(n * 1000 + k)
     w, x = torch.randn(n, k, generator=g), torch.randn(gemv.MAX_ROWS, k, generator=g)
-    fn = gemv._STATE["avx2"]
+    fn = gemv._STATE[f"avx2 {gemv.AVX2.symbol}"]
     outs = []
     for m in (1, gemv.MAX_ROWS):
         out = torch.empty(m, n)
@@ -209,6 +209,19 @@ def test_the_avx2_float32_loop_is_a_float32_sum_from_exact_with_each_rows_own_bi
     bound = (x.double().abs() @ w.double().abs().T) * k * 2 ** -24
     assert bool(((outs[1].double() - exact).abs() <= bound).all()), float((outs[1].double() - exact).abs().max())
     assert torch.equal(outs[0], outs[1][:1])
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 15), (9, 17), (203, 700), (4099, 640)])
+def test_the_avx2_bfloat16_loop_is_one_rounding_from_exact(n, k):
+    """bfloat16 for the native step's AVX2 build (CPUs without AVX512-BF16): weights widened to
+    float32, the float32 sum rounded to bfloat16 once."""
+    if not gemv.avx2_available(torch.bfloat16):
+        pytest.skip(f"the AVX2 loop is not built here: {gemv.avx2_why_not(torch.bfloat16)}")
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(1, k, generator=g).bfloat16()
+    out = torch.empty(1, n, dtype=torch.bfloat16)
+    gemv._STATE[f"avx2 {gemv.AVX2_BF16.symbol}"](w.data_ptr(), x.data_ptr(), out.data_ptr(), 1, n, k)
+    _within_a_rounding(out, x, w)
 
 
 def test_the_avx2_loop_says_why_it_is_not_there(monkeypatch):

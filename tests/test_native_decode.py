@@ -189,7 +189,7 @@ def test_quantized_layouts_the_loops_do_not_read_take_the_other_steps():
 
 
 @pytest.mark.parametrize("kind, build", [("float32", "avx512"), ("float32", "avx2"), ("bfloat16", "avx512"),
-                                         ("int4", "avx512"), ("int4", "avx2")])
+                                         ("bfloat16", "avx2"), ("int4", "avx512"), ("int4", "avx2")])
 def test_rows_decoding_together_each_have_the_bits_of_that_row_alone(tiny, kind, build, monkeypatch):
     """Two rows from one prompt (generate_batch's case, the app's two columns) in one native
     step: float32 weights read once for both, bfloat16 and quantized ones once a row. Each row's
@@ -198,9 +198,9 @@ def test_rows_decoding_together_each_have_the_bits_of_that_row_alone(tiny, kind,
     from gemma3_lab.generate import decode_rows
     from gemma3_lab.loading.quantize import quantize_model
 
-    if kind == "bfloat16" and not gemv.available(torch.bfloat16):
+    if kind == "bfloat16" and build == "avx512" and not gemv.available(torch.bfloat16):
         pytest.skip(f"no bfloat16 C loop here: {gemv.why_not(torch.bfloat16)}")
-    if build == "avx2":  # bfloat16 takes the AVX-512 build only
+    if build == "avx2":
         if not gemv.avx2_available():
             pytest.skip(f"no AVX2 loop here: {gemv.avx2_why_not()}")
         monkeypatch.setenv(native_decode.ISA_ENV, "avx2")
@@ -227,18 +227,27 @@ def test_rows_decoding_together_each_have_the_bits_of_that_row_alone(tiny, kind,
     assert both.plan["native"].isa == build
 
 
-def test_a_cpu_without_avx512_takes_the_avx2_build_for_float32_only(tiny, monkeypatch):
-    """Where the AVX-512 loops are missing (made so here), float32 and int8/int4 models take
-    the AVX2 build, and bfloat16 ones the other steps."""
-    if not gemv.avx2_available():
+def test_a_cpu_without_avx512_takes_the_avx2_build(tiny, monkeypatch):
+    """Where the AVX-512 loops are missing (made so here), float32, int8/int4 and bfloat16
+    models take the AVX2 build (bfloat16 weights widened to float32 as they are read): float32
+    greedy as the plain path's, bfloat16 within bfloat16 noise of it; without AVX2 either,
+    none, and it says why."""
+    if not gemv.avx2_available() or not gemv.avx2_available(torch.bfloat16):
         pytest.skip(f"no AVX2 loop here: {gemv.avx2_why_not()}")
     monkeypatch.setattr(gemv, "available", lambda dtype=torch.bfloat16: False)
     monkeypatch.setattr(gemv, "why_not", lambda dtype=torch.bfloat16: "the CPU has no AVX-512")
-    assert native_decode.isa(torch.float32) == ("avx2", None)
-    assert native_decode.isa(torch.bfloat16) == (None, "no C loop for bfloat16 products here: the CPU has no AVX-512")
-    res = tiny.generate(torch.tensor([[2, 17, 33]]), max_new_tokens=6, stop_ids=())
+    assert native_decode.isa(torch.float32) == native_decode.isa(torch.bfloat16) == ("avx2", None)
+    ids = torch.tensor([[2, 17, 33, 5, 80]])
+    res = tiny.generate(ids, max_new_tokens=6, stop_ids=())
     assert res.decode_paths == {"native": 5}
-    assert res.token_ids == tiny.generate(torch.tensor([[2, 17, 33]]), max_new_tokens=6, stop_ids=(), fast=False).token_ids
+    assert res.token_ids == tiny.generate(ids, max_new_tokens=6, stop_ids=(), fast=False).token_ids
+    bf = tiny_decoder().to(torch.bfloat16)
+    cache = KVCache(bf.config.text)
+    fast = greedy_steps(bf, ids, 30, True, cache)
+    assert cache.paths == {"native": 30} and cache.plan["native"].isa == "avx2"
+    bf16_noise_check(fast, greedy_steps(bf, ids, 30, False), greedy_steps(tiny, ids, 30, False))
+    monkeypatch.setattr(gemv, "avx2_available", lambda dtype=torch.float32: False)
+    assert native_decode.why_not(tiny) == "no C loop for float32 products here: the CPU has no AVX-512"
 
 
 def test_the_library_and_this_files_step_agree_on_its_layout():
@@ -276,11 +285,11 @@ def test_real_quantized_native_greedy_is_the_plain_greedy(mode, request):
 
 
 @pytest.mark.real
-def test_real_native_bfloat16_stays_within_rounding_of_the_plain_path(real_model):
+def test_real_native_bfloat16_stays_within_rounding_of_the_plain_path(real_model, isa):
     import gemma3_lab as gl
 
-    if not gemv.available(torch.bfloat16):
-        pytest.skip(f"no bfloat16 C loop here: {gemv.why_not(torch.bfloat16)}")
+    if native_decode.isa(torch.bfloat16)[0] != isa:
+        pytest.skip(f"no bfloat16 C loop for the {isa} build here: {native_decode.isa(torch.bfloat16)[1]}")
     model = gl.load(dtype="bfloat16", progress=False)
     ids = model.to_inputs("The capital of France is").input_ids
     cache = KVCache(model.config.text)

@@ -79,8 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="compile the decode step first (torch.compile; float32, int8, int4, and bfloat16 on CPUs "
                       "with native bfloat16; 30-90 s on two "
                       "cores, less with its disk cache warm; worth it for long generations) and decode with it; "
-                      "nothing to compile where the native C step runs the model (float32 and int8/int4 on CPUs "
-                      "with AVX-512 or AVX2, bfloat16 with AVX512-BF16): it is the default there")
+                      "nothing to compile where the native C step runs the model (float32, int8/int4 and "
+                      "bfloat16 on CPUs with AVX-512 or AVX2): it is the default there")
     step.add_argument("--plain", action="store_true",
                       help="decode every token through the plain instrumented forward (no lean, native or compiled step)")
 

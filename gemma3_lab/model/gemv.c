@@ -143,3 +143,40 @@ AVX2 void gemv_f32_avx2(const float *W, const float *x, float *y, int64_t M, int
     OVER_ROWS(ROWS_F32, N, K, F32_AVX2_AT);
 #undef F32_AVX2_AT
 }
+
+/* bfloat16 for the native step's AVX2 build (CPUs without AVX512-BF16): each weight widened to
+ * float32 (a shift), products and sums in float32 in 8 lanes, the sum rounded to bfloat16
+ * once, as gemv_bf16's is. x is widened once per call. */
+#define ROWS_BF16_AVX2 4
+
+AVX2 static void rows_bf16_avx2(const uint16_t *W, const float *xf, uint16_t *y, int64_t n0, int r, int64_t K) {
+    __m256 acc[ROWS_BF16_AVX2];
+    for (int i = 0; i < r; i++) acc[i] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 xv = _mm256_loadu_ps(xf + k);
+        for (int i = 0; i < r; i++) {
+            const uint16_t *p = W + (n0 + i) * K + k;
+            if ((k & 31) == 0) _mm_prefetch((const char *)(p + AHEAD_BF16 * K), _MM_HINT_T1);
+            __m256i w = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+            acc[i] = _mm256_fmadd_ps(_mm256_castsi256_ps(w), xv, acc[i]);
+        }
+    }
+    for (int i = 0; i < r; i++) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        float t = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+        for (int64_t j = k; j < K; j++) t += bf16_float(W[(n0 + i) * K + j]) * xf[j];  /* the last K % 8 */
+        y[n0 + i] = to_bf16(t);
+    }
+}
+
+/* y (1, N) = x (1, K) @ W.T, bfloat16, on AVX2 (M is always 1) */
+AVX2 void gemv_bf16_avx2(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K) {
+    (void)M;
+    float xf[K];  /* a few KB: one row of a decode step */
+    for (int64_t k = 0; k < K; k++) xf[k] = bf16_float(x[k]);
+#define BF16_AVX2_AT(n0, r) rows_bf16_avx2(W, xf, y, n0, r, K)
+    OVER_ROWS(ROWS_BF16_AVX2, N, K, BF16_AVX2_AT);
+#undef BF16_AVX2_AT
+}

@@ -68,8 +68,10 @@ LOOPS = {
     torch.bfloat16: Loop("gemv_bf16", 1, "GEMMA3_LAB_BF16_GEMV", "avx512_bf16", "AVX512-BF16"),
     torch.float32: Loop("gemv_f32", MAX_ROWS, "GEMMA3_LAB_F32_GEMV", "avx512f", "AVX-512"),
 }
-# float32 in 8 lanes, for the native step on CPUs with AVX2 but not AVX-512 (`avx2_available`)
+# float32 and bfloat16 (widened to float32) in 8 lanes, for the native step on CPUs without
+# AVX-512 (or without AVX512-BF16) but with AVX2 and FMA (`avx2_available`)
 AVX2 = Loop("gemv_f32_avx2", MAX_ROWS, "GEMMA3_LAB_F32_GEMV", "avx2", "AVX2 and FMA")
+AVX2_BF16 = Loop("gemv_bf16_avx2", 1, "GEMMA3_LAB_BF16_GEMV", "avx2", "AVX2 and FMA")
 ENV = LOOPS[torch.bfloat16].env
 F32_ENV = LOOPS[torch.float32].env
 # "lib": the loaded library, or "lib why": why none; per dtype: its checked function, or (dtype, "why")
@@ -94,28 +96,31 @@ def why_not(dtype: torch.dtype = torch.bfloat16) -> str | None:
     return None if _load(dtype) is not None else _STATE.get((dtype, "why"))
 
 
-def avx2_available() -> bool:
-    """Is the AVX2 float32 loop built and checked here (for `native_decode` where the CPU has
-    AVX2 and FMA but not AVX-512, or where a test asks for it)?"""
-    return avx2_why_not() is None
+def avx2_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Is the AVX2 loop for `dtype` (float32 or bfloat16) built and checked here (for
+    `native_decode` where the CPU has AVX2 and FMA but not the AVX-512 loop, or where a test
+    asks for it)?"""
+    return avx2_why_not(dtype) is None
 
 
-def avx2_why_not() -> str | None:
-    if os.environ.get(AVX2.env) == "0":
-        return f"{AVX2.env}=0"
+def avx2_why_not(dtype: torch.dtype = torch.float32) -> str | None:
+    loop = AVX2 if dtype == torch.float32 else AVX2_BF16
+    if os.environ.get(loop.env) == "0":
+        return f"{loop.env}=0"
     if os.environ.get(PLAIN) == "1":
         return f"{PLAIN}=1"
-    if "avx2" not in _STATE and "avx2 why" not in _STATE:
+    key = f"avx2 {loop.symbol}"
+    if key not in _STATE and f"{key} why" not in _STATE:
         with _LOCK:
             try:
                 if not _cpu_has("avx2", "fma"):
                     raise _NotHere("the CPU has no AVX2 and FMA (or torch is held below AVX2)")
-                fn = _typed(getattr(_library(), AVX2.symbol))
-                _check(fn, torch.float32, AVX2.rows)
-                _STATE["avx2"] = fn
+                fn = _typed(getattr(_library(), loop.symbol))
+                _check(fn, dtype, loop.rows)
+                _STATE[key] = fn
             except _NotHere as e:
-                _STATE["avx2 why"] = str(e)
-    return _STATE.get("avx2 why")
+                _STATE[f"{key} why"] = str(e)
+    return _STATE.get(f"{key} why")
 
 
 def gemv(x: Tensor, weight: Tensor) -> Tensor:

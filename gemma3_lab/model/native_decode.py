@@ -1,14 +1,15 @@
 """The whole decode step of one token in one C call (`step.c`), for float32 models where the
 CPU has AVX-512, or AVX2 and FMA (their projections float32, or int8/int4 codes:
-`loading.lowbit`), and bfloat16 ones where it has AVX512-BF16: the step that `generate` takes
+`loading.lowbit`), and bfloat16 ones on the same CPUs: the step that `generate` takes
 there by default, before the compiled one (`compiled_decode`), with nothing to compile.
 
 Two builds of one source (`simd.h` gives step.c its vector operations): AVX-512 in 16 lanes,
-and `step_avx2.c` in 8 lanes with gemv.c's AVX2 float32 loop, for CPUs without AVX-512
-(float32 activations only: bfloat16 products need AVX512-BF16). `isa(dtype)` says which runs
-here; GEMMA3_LAB_NATIVE_ISA=avx2 takes the AVX2 build on an AVX-512 CPU too, as the tests do.
-On the Xeon, in turns, the AVX2 build decoded float32 at 21-25 tok/s against 26 for the AVX-512
-one, int8 at 51-66 against 75 and int4 at 60-68 against 67-70.
+and `step_avx2.c` in 8 lanes with gemv.c's AVX2 loops (float32, and bfloat16 weights widened to
+float32 as they are read), for CPUs without AVX-512 or without AVX512-BF16. `isa(dtype)` says
+which runs here; GEMMA3_LAB_NATIVE_ISA=avx2 takes the AVX2 build on an AVX-512 CPU too, as the tests do.
+On the Xeon, in turns, the AVX2 build decoded float32 at 21-26 tok/s against 26-29 for the
+AVX-512 one, bfloat16 at 47-50 against 48-50, int8 at 51-66 against 75 and int4 at 60-68
+against 67-70.
 
 Why: a float32 step of the 270M reads 1.07 GB of weights in 127 products. On a 2-core Xeon
 (AVX10.1, AMX) the products called back to back from C took 44-48 ms, at the head's own rate,
@@ -92,14 +93,14 @@ def _funcs(isa: str) -> dict[str, object]:
 
 def isa(dtype: torch.dtype) -> tuple[str | None, str | None]:
     """(which build of the step runs `dtype` weights here, why none does): "avx512" where
-    `gemv` has its AVX-512 loop for them, else for float32 "avx2" where the CPU has AVX2 and
-    FMA (or GEMMA3_LAB_NATIVE_ISA=avx2 asks for it)."""
+    `gemv` has its AVX-512 loop for them (AVX512-BF16 for bfloat16), else "avx2" where the CPU
+    has AVX2 and FMA (or GEMMA3_LAB_NATIVE_ISA=avx2 asks for it)."""
     name = str(dtype).removeprefix("torch.")
-    if dtype == torch.float32 and os.environ.get(ISA_ENV) == "avx2":
-        return ("avx2", None) if gemv.avx2_available() else (None, f"no AVX2 loop here: {gemv.avx2_why_not()}")
+    if os.environ.get(ISA_ENV) == "avx2":
+        return ("avx2", None) if gemv.avx2_available(dtype) else (None, f"no AVX2 loop here: {gemv.avx2_why_not(dtype)}")
     if gemv.available(dtype):
         return "avx512", None
-    if dtype == torch.float32 and gemv.avx2_available():
+    if gemv.avx2_available(dtype):
         return "avx2", None
     return None, f"no C loop for {name} products here: {gemv.why_not(dtype)}"
 

@@ -25,10 +25,13 @@
 void gemv_f32(const float *W, const float *x, float *y, int64_t M, int64_t N, int64_t K);
 void gemv_f32_avx2(const float *W, const float *x, float *y, int64_t M, int64_t N, int64_t K);
 void gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K);
+void gemv_bf16_avx2(const uint16_t *W, const uint16_t *x, uint16_t *y, int64_t M, int64_t N, int64_t K);
 #ifdef STEP_AVX2
 #define GEMV_F32 gemv_f32_avx2
+#define GEMV_BF16 gemv_bf16_avx2
 #else
 #define GEMV_F32 gemv_f32
+#define GEMV_BF16 gemv_bf16
 #endif
 
 enum { PROJECTIONS = 7, GAINS = 6 };            /* per layer, in the order below */
@@ -213,7 +216,7 @@ static void product(const Step *s, int64_t p, const void *W, const float *x, flo
         }
         uint16_t *xb = bf16_area(s), *yb = xb + widest(s) + 2;
         for (int64_t i = 0; i < K; i++) xb[i] = to_bf16(x[i]);
-        gemv_bf16((const uint16_t *)W, xb, yb, 1, N, K);
+        GEMV_BF16((const uint16_t *)W, xb, yb, 1, N, K);
         for (int64_t i = 0; i < N; i++) y[i] = bf16_float(yb[i]);
     }
 }
