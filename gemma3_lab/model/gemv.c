@@ -109,6 +109,12 @@ AVX512 void gemv_f32(const float *W, const float *x, float *y, int64_t M, int64_
  * loop above in 8 lanes, the last K % 8 columns through a masked load. */
 #define AVX2 __attribute__((target("avx2,fma")))
 
+AVX2 static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 AVX2 static void rows_f32_avx2(const float *W, const float *x, float *y, int64_t n0, int r, int64_t N, int64_t K, int M) {
     __m256 acc[MAX_M][ROWS_F32];
     for (int m = 0; m < M; m++)
@@ -130,11 +136,7 @@ AVX2 static void rows_f32_avx2(const float *W, const float *x, float *y, int64_t
         }
     }
     for (int m = 0; m < M; m++)
-        for (int i = 0; i < r; i++) {
-            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[m][i]), _mm256_extractf128_ps(acc[m][i], 1));
-            s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            y[m * N + n0 + i] = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-        }
+        for (int i = 0; i < r; i++) y[m * N + n0 + i] = sum8(acc[m][i]);
 }
 
 /* y (M, N) = x (M, K) @ W.T for 1 <= M <= MAX_M */
@@ -163,9 +165,7 @@ AVX2 static void rows_bf16_avx2(const uint16_t *W, const float *xf, uint16_t *y,
         }
     }
     for (int i = 0; i < r; i++) {
-        __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
-        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        float t = _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+        float t = sum8(acc[i]);
         for (int64_t j = k; j < K; j++) t += bf16_float(W[(n0 + i) * K + j]) * xf[j];  /* the last K % 8 */
         y[n0 + i] = to_bf16(t);
     }
