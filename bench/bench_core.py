@@ -183,7 +183,7 @@ def _step_products(model, tries: int = 5) -> tuple[float, float | None]:
 
     ways = {"op": through_op}
     if loop:
-        fn, outs = gemv._STATE[torch.float32], [torch.empty(1, w.shape[0]) for w in weights]
+        fn, outs = gemv.loop_function(gemv.LOOPS[torch.float32]), [torch.empty(1, w.shape[0]) for w in weights]
         calls = [(w.data_ptr(), rows[w.shape[1]].data_ptr(), o.data_ptr(), 1, *w.shape) for w, o in zip(weights, outs)]
 
         def straight():

@@ -199,7 +199,7 @@ def test_the_avx2_float32_loop_is_a_float32_sum_from_exact_with_each_rows_own_bi
         pytest.skip(f"the AVX2 loop is not built here: {gemv.avx2_why_not()}")
     g = torch.Generator().manual_seed(n * 1000 + k)
     w, x = torch.randn(n, k, generator=g), torch.randn(gemv.MAX_ROWS, k, generator=g)
-    fn = gemv._STATE[f"avx2 {gemv.AVX2.symbol}"]
+    fn = gemv.loop_function(gemv.AVX2_LOOPS[torch.float32])
     outs = []
     for m in (1, gemv.MAX_ROWS):
         out = torch.empty(m, n)
@@ -220,7 +220,7 @@ def test_the_avx2_bfloat16_loop_is_one_rounding_from_exact(n, k):
     g = torch.Generator().manual_seed(n * 1000 + k)
     w, x = torch.randn(n, k, generator=g).bfloat16(), torch.randn(1, k, generator=g).bfloat16()
     out = torch.empty(1, n, dtype=torch.bfloat16)
-    gemv._STATE[f"avx2 {gemv.AVX2_BF16.symbol}"](w.data_ptr(), x.data_ptr(), out.data_ptr(), 1, n, k)
+    gemv.loop_function(gemv.AVX2_LOOPS[torch.bfloat16])(w.data_ptr(), x.data_ptr(), out.data_ptr(), 1, n, k)
     _within_a_rounding(out, x, w)
 
 

@@ -62,6 +62,7 @@ class Loop:
     env: str  # "0" there: never use it
     flag: str  # the /proc/cpuinfo flag it needs
     needs: str  # that flag in words, for why_not
+    also: tuple[str, ...] = ()  # more flags it needs
 
 
 LOOPS = {
@@ -70,11 +71,14 @@ LOOPS = {
 }
 # float32 and bfloat16 (widened to float32) in 8 lanes, for the native step on CPUs without
 # AVX-512 (or without AVX512-BF16) but with AVX2 and FMA (`avx2_available`)
-AVX2 = Loop("gemv_f32_avx2", MAX_ROWS, "GEMMA3_LAB_F32_GEMV", "avx2", "AVX2 and FMA")
-AVX2_BF16 = Loop("gemv_bf16_avx2", 1, "GEMMA3_LAB_BF16_GEMV", "avx2", "AVX2 and FMA")
+AVX2_LOOPS = {
+    torch.bfloat16: Loop("gemv_bf16_avx2", 1, "GEMMA3_LAB_BF16_GEMV", "avx2", "AVX2 and FMA", ("fma",)),
+    torch.float32: Loop("gemv_f32_avx2", MAX_ROWS, "GEMMA3_LAB_F32_GEMV", "avx2", "AVX2 and FMA", ("fma",)),
+}
 ENV = LOOPS[torch.bfloat16].env
 F32_ENV = LOOPS[torch.float32].env
-# "lib": the loaded library, or "lib why": why none; per dtype: its checked function, or (dtype, "why")
+# "lib": the loaded library, or "lib why": why none; per loop, by its symbol: its checked
+# function, or (symbol, "why")
 _STATE: dict[object, object] = {}
 _LOCK = threading.Lock()
 
@@ -87,13 +91,7 @@ def available(dtype: torch.dtype = torch.bfloat16) -> bool:
 def why_not(dtype: torch.dtype = torch.bfloat16) -> str | None:
     """Why the loop for `dtype` is not used (None: it is)."""
     loop = LOOPS.get(dtype)
-    if loop is None:
-        return f"no C loop for {dtype}"
-    if os.environ.get(loop.env) == "0":
-        return f"{loop.env}=0"
-    if os.environ.get(PLAIN) == "1":
-        return f"{PLAIN}=1"
-    return None if _load(dtype) is not None else _STATE.get((dtype, "why"))
+    return f"no C loop for {dtype}" if loop is None else _why_not(loop, dtype)
 
 
 def avx2_available(dtype: torch.dtype = torch.float32) -> bool:
@@ -104,23 +102,21 @@ def avx2_available(dtype: torch.dtype = torch.float32) -> bool:
 
 
 def avx2_why_not(dtype: torch.dtype = torch.float32) -> str | None:
-    loop = AVX2 if dtype == torch.float32 else AVX2_BF16
+    return _why_not(AVX2_LOOPS[dtype], dtype)
+
+
+def loop_function(loop: Loop):
+    """The checked ctypes function of a loop `_why_not` said yes to."""
+    return _STATE[loop.symbol]
+
+
+def _why_not(loop: Loop, dtype: torch.dtype) -> str | None:
+    """Why `loop` (of `dtype` products) is not used (None: it is), switched off or not loaded."""
     if os.environ.get(loop.env) == "0":
         return f"{loop.env}=0"
     if os.environ.get(PLAIN) == "1":
         return f"{PLAIN}=1"
-    key = f"avx2 {loop.symbol}"
-    if key not in _STATE and f"{key} why" not in _STATE:
-        with _LOCK:
-            try:
-                if not _cpu_has("avx2", "fma"):
-                    raise _NotHere("the CPU has no AVX2 and FMA (or torch is held below AVX2)")
-                fn = _typed(getattr(_library(), loop.symbol))
-                _check(fn, dtype, loop.rows)
-                _STATE[key] = fn
-            except _NotHere as e:
-                _STATE[f"{key} why"] = str(e)
-    return _STATE.get(f"{key} why")
+    return None if _load(loop, dtype) is not None else _STATE.get((loop.symbol, "why"))
 
 
 def gemv(x: Tensor, weight: Tensor) -> Tensor:
@@ -134,7 +130,7 @@ def gemv(x: Tensor, weight: Tensor) -> Tensor:
     if M > LOOPS[weight.dtype].rows:
         raise ValueError(f"the {weight.dtype} loop takes at most {LOOPS[weight.dtype].rows} rows, not {M}")
     out = torch.empty(M, N, dtype=weight.dtype)
-    _STATE[weight.dtype](weight.data_ptr(), x.data_ptr(), out.data_ptr(), M, N, K)  # the GIL is let go meanwhile
+    _STATE[LOOPS[weight.dtype].symbol](weight.data_ptr(), x.data_ptr(), out.data_ptr(), M, N, K)  # the GIL is let go meanwhile
     return out
 
 
@@ -151,34 +147,31 @@ def _cpu_has(flag: str, *more: str) -> bool:
     return all(f in flags.split() for f in (flag, *more))
 
 
-def _load(dtype: torch.dtype):
-    if dtype in _STATE or (dtype, "why") in _STATE:
-        return _STATE.get(dtype)
+def _load(loop: Loop, dtype: torch.dtype):
+    key = loop.symbol
+    if key in _STATE or (key, "why") in _STATE:
+        return _STATE.get(key)
     with _LOCK:
-        if dtype not in _STATE and (dtype, "why") not in _STATE:
+        if key not in _STATE and (key, "why") not in _STATE:
             try:
-                _STATE[dtype] = _checked(dtype)
+                _STATE[key] = _checked(loop, dtype)
             except _NotHere as e:
-                _STATE[(dtype, "why")] = str(e)
-    return _STATE.get(dtype)
+                _STATE[(key, "why")] = str(e)
+    return _STATE.get(key)
 
 
 class _NotHere(Exception):
     pass
 
 
-def _checked(dtype: torch.dtype):
-    loop = LOOPS[dtype]
-    if not _cpu_has(loop.flag):
-        raise _NotHere(f"the CPU has no {loop.needs} (or torch is held below AVX-512)")
-    fn = _typed(getattr(_library(), loop.symbol))
-    _check(fn, dtype, loop.rows)
-    return fn
-
-
-def _typed(fn):
+def _checked(loop: Loop, dtype: torch.dtype):
+    if not _cpu_has(loop.flag, *loop.also):
+        held = "AVX2" if loop.flag == "avx2" else "AVX-512"
+        raise _NotHere(f"the CPU has no {loop.needs} (or torch is held below {held})")
+    fn = getattr(_library(), loop.symbol)
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     fn.restype = None
+    _check(fn, dtype, loop.rows)
     return fn
 
 
