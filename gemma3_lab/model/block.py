@@ -59,3 +59,14 @@ class Block(nn.Module):
         x = self.hook_resid_mid(x + self.hook_attn_out(a))
         m = self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
         return self.hook_resid_post(x + self.hook_mlp_out(m))
+
+    def projections(self) -> tuple[nn.Module, ...]:
+        """q, k, v, o, gate, up, down: the order in which the decode steps (compiled graph,
+        native C step) are passed a layer's weights."""
+        a, m = self.attn, self.mlp
+        return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
+
+    def norms(self) -> tuple[RMSNorm, ...]:
+        """pre-attention, q, k, post-attention, pre-ffw, post-ffw: likewise."""
+        a = self.attn
+        return self.pre_attention_norm, a.q_norm, a.k_norm, self.post_attention_norm, self.pre_ffw_norm, self.post_ffw_norm

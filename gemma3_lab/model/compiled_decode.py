@@ -113,12 +113,12 @@ def unsupported(net) -> str | None:
         return "multimodal models decode with the eager lean step"
     head = net.embed if net.lm_head is None else net.lm_head
     if w.dtype == torch.bfloat16:  # every product bfloat16 (`kernels.bf16_product`)
-        for m in [p for b in net.blocks for p in _projections(b)] + [head]:
+        for m in [p for b in net.blocks for p in b.projections()] + [head]:
             v = m._parameters.get("weight")
             if getattr(m, "decode_forward", None) is not None or v is None or v.dtype != torch.bfloat16:
                 return "a bfloat16 model with a quantized or non-bfloat16 product keeps the eager lean step"
         return None
-    for m in (p for b in net.blocks for p in _projections(b)):
+    for m in (p for b in net.blocks for p in b.projections()):
         if getattr(m, "decode_operands", None) is not None:
             if m.decode_operands() is None:
                 return ("a quantized projection has no packed CPU kernel here (its group or shape, or "
@@ -247,11 +247,6 @@ def step(net, token_id: int, cache: KVCache) -> Tensor | None:
         return None
 
 
-def _projections(b):
-    a, m = b.attn, b.mlp
-    return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
-
-
 def _owners(net) -> tuple:
     """What a step passes its graph, made once per generation: per block the six norms and
     the seven projections (in `_step_graph`'s order) and how each projection is computed
@@ -260,9 +255,8 @@ def _owners(net) -> tuple:
     runs its own kernels after the graph, a quantized table is looked up before it), and how
     the graph multiplies by float weights (`_float_kind`).
     Weights are read afresh every step (an edit or a new Parameter is seen)."""
-    norms = [(b.pre_attention_norm, b.attn.q_norm, b.attn.k_norm, b.post_attention_norm, b.pre_ffw_norm,
-              b.post_ffw_norm) for b in net.blocks]
-    projections = [_projections(b) for b in net.blocks]
+    norms = [b.norms() for b in net.blocks]
+    projections = [b.projections() for b in net.blocks]
     head = net.embed if net.lm_head is None else net.lm_head
     head = head if getattr(head, "decode_forward", None) is None else None
     floats = ("bf16",) if net.final_norm.weight.dtype == torch.bfloat16 else _float_kind(head)

@@ -26,7 +26,7 @@ from gemma3_lab.model import compiled_decode, kernels, native_decode
 from gemma3_lab.model.explicit import grouped_matmul
 from gemma3_lab.model.hook_point import LOCAL_HOOKS, _global_hooks_present
 from gemma3_lab.model.kv_cache import KVCache
-from gemma3_lab.model.norm import RMSNorm, fused_rms_norm
+from gemma3_lab.model.norm import RMSNorm, decode_gain, fused_rms_norm
 from gemma3_lab.model.rope import apply_rope, rope_tables
 
 
@@ -94,11 +94,7 @@ def decode_step(net, token_id: int | list[int], cache: KVCache) -> Tensor | None
 def _norm(norm: RMSNorm, x: Tensor) -> Tensor:
     """RMSNorm.forward's arithmetic in torch's one fused kernel (float32 inside, the (1 + w)
     multiply before the single cast back), with the (1 + w) factor kept between steps."""
-    return fused_rms_norm(x, _offset(norm), norm.eps)
-
-
-def _offset(norm: RMSNorm) -> Tensor:
-    return kernels.packed(norm, norm.weight, lambda w: 1.0 + w.detach().float())
+    return fused_rms_norm(x, decode_gain(norm), norm.eps)
 
 
 def _block(b, x: Tensor, cos: Tensor, sin: Tensor, layer_cache) -> Tensor:

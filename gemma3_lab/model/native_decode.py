@@ -54,7 +54,7 @@ from torch import Tensor
 from gemma3_lab.model import gemv, kernels
 from gemma3_lab.model.kv_cache import KVCache
 from gemma3_lab.model.network import embed_scale
-from gemma3_lab.model.norm import RMSNorm
+from gemma3_lab.model.norm import decode_gain
 from gemma3_lab.model.rope import rope_tables
 
 ENV = "GEMMA3_LAB_NATIVE_STEP"  # "0": never take it
@@ -105,16 +105,6 @@ def isa(dtype: torch.dtype) -> tuple[str | None, str | None]:
     return None, f"no C loop for {name} products here: {gemv.why_not(dtype)}"
 
 
-def _projections(b):
-    a, m = b.attn, b.mlp
-    return a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj
-
-
-def _norms(b):
-    a = b.attn
-    return b.pre_attention_norm, a.q_norm, a.k_norm, b.post_attention_norm, b.pre_ffw_norm, b.post_ffw_norm
-
-
 def _float_weight(m, dtype: torch.dtype) -> Tensor | None:
     """The module's plain weight where it is one of `dtype` this step can read in place."""
     if getattr(m, "decode_operands", None) is not None or getattr(m, "decode_forward", None) is not None:
@@ -162,11 +152,11 @@ def why_not(net) -> str | None:
     head = net.embed if net.lm_head is None else net.lm_head
     name = str(w.dtype).removeprefix('torch.')
     if w.dtype == torch.bfloat16:
-        if any(_float_weight(m, w.dtype) is None for b in net.blocks for m in _projections(b)) or \
+        if any(_float_weight(m, w.dtype) is None for b in net.blocks for m in b.projections()) or \
                 _float_weight(head, w.dtype) is None or _float_weight(net.embed, w.dtype) is None:
             return "a bfloat16 model with a quantized or non-bfloat16 product or embedding"
     else:  # float32, int8 per row or int4 in groups; a quantized head or table runs in torch
-        if any(_float_weight(m, w.dtype) is None and _quantized(m) is None for b in net.blocks for m in _projections(b)):
+        if any(_float_weight(m, w.dtype) is None and _quantized(m) is None for b in net.blocks for m in b.projections()):
             return "a projection is neither float32 nor int8/int4 in a layout the C loops read"
         if getattr(head, "decode_forward", None) is None and _float_weight(head, w.dtype) is None:
             return f"the head is neither {name} nor quantized"
@@ -188,16 +178,17 @@ class _Plan:
         head = net.embed if net.lm_head is None else net.lm_head
         # a quantized table (its rows looked up by torch before the call) or head (run by torch after it)
         self.table, self.head = _float_weight(net.embed, self.dtype), _float_weight(head, self.dtype)
-        stored = [_quantized(m) if _float_weight(m, self.dtype) is None else _float_weight(m, self.dtype)
-                  for b in net.blocks for m in _projections(b)]
+        projections = [m for b in net.blocks for m in b.projections()]
+        stored = [_float_weight(m, self.dtype) for m in projections]
+        stored = [_quantized(m) if w is None else w for w, m in zip(stored, projections)]
         weights = [t if isinstance(t, Tensor) else t[1] for t in stored]
         self.quant = [(0, None, None, 0) if isinstance(t, Tensor) else (t[0], t[2], t[3], t[4]) for t in stored]
         self.kinds = torch.tensor([b for b, *_ in self.quant], dtype=torch.int64)
         self.groups = torch.tensor([g for *_, g in self.quant], dtype=torch.int64)
         self.qlo = torch.tensor([0 if lo is None else lo.data_ptr() for _, lo, _, _ in self.quant], dtype=torch.int64)
         self.qstep = torch.tensor([0 if st is None else st.data_ptr() for _, _, st, _ in self.quant], dtype=torch.int64)
-        self.gains = [_gain(n) for b in net.blocks for n in _norms(b)]
-        self.final_gain = _gain(net.final_norm)
+        self.gains = [decode_gain(n) for b in net.blocks for n in b.norms()]
+        self.final_gain = decode_gain(net.final_norm)
         self.proj = torch.tensor([t.data_ptr() for t in weights], dtype=torch.int64)
         self.gain = torch.tensor([t.data_ptr() for t in self.gains], dtype=torch.int64)
         L = cfg.num_layers
@@ -219,11 +210,6 @@ class _Plan:
         s.qlo, s.qstep = self.qlo.data_ptr(), self.qstep.data_ptr()
         for name in ("kc", "vc", "slots", "lo", "end", "rope"):
             setattr(s, name, ctypes.cast(getattr(self, name), ctypes.c_void_p))
-
-
-def _gain(norm: RMSNorm) -> Tensor:
-    """(1 + w) in float32, as the eager step keeps it (remade after an edit of w)."""
-    return kernels.packed(norm, norm.weight, lambda w: 1.0 + w.detach().float())
 
 
 def _buffers_fit(cache: KVCache, dtype: torch.dtype, rows: int) -> bool:

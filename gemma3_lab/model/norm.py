@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gemma3_lab.model import kernels
 from gemma3_lab.model.hook_point import HookPoint
 
 
@@ -13,6 +14,12 @@ def fused_rms_norm(x: Tensor, gain: Tensor, eps: float) -> Tensor:
     """`RMSNorm.forward`'s arithmetic in torch's one fused kernel, for the decode steps: x in
     float32 over its last dim, times `gain` = (1 + w) in float32, one cast back."""
     return F.rms_norm(x.float(), x.shape[-1:], gain, eps).type_as(x)
+
+
+def decode_gain(norm: "RMSNorm") -> Tensor:
+    """(1 + w) in float32, for the decode steps' fused norms: made once and kept until w
+    changes (a new tensor or an edit in place)."""
+    return kernels.packed(norm, norm.weight, lambda w: 1.0 + w.detach().float())
 
 
 class RMSNorm(nn.Module):
