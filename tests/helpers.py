@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from gemma3_lab.config import Gemma3Config, TextConfig, pattern_layer_types
@@ -26,6 +28,25 @@ def random_gemma(config: Gemma3Config, seed: int = 0, std: float = 0.2) -> Gemma
         for p in model.parameters():
             p.normal_(0.0, std)
     return model
+
+
+def steps_in_turns(model, ids, n: int, fast_module, cache=None):
+    """(n + 1, V) logits like `greedy_steps`, the decode steps taken in turns: the fast step
+    (where it applies), then the eager lean step (`fast_module.step`, the compiled or native
+    step, made to step aside), then the plain forward, and again; all into one cache."""
+    from unittest import mock
+
+    from gemma3_lab.generate import decode_one, prefill
+    from gemma3_lab.model.kv_cache import KVCache
+
+    cache = KVCache(model.config.text) if cache is None else cache
+    with torch.no_grad():
+        logits = [prefill(model, model.to_inputs(ids), cache)]
+        for i in range(n):
+            nxt = int(logits[-1].argmax())
+            with mock.patch.object(fast_module, "step", lambda *a: None) if i % 3 == 1 else contextlib.nullcontext():
+                logits.append(decode_one(model, nxt, cache, i % 3 != 2))
+    return torch.stack(logits)
 
 
 def greedy_steps(model, ids, n: int, fast: bool, cache=None):

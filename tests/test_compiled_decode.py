@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import bf16_noise_check, greedy_steps, tiny_decoder
+from helpers import bf16_noise_check, greedy_steps, steps_in_turns, tiny_decoder
 
 from gemma3_lab.generate import decode_one, prefill
 from gemma3_lab.model import compiled_decode, native_decode
@@ -84,23 +84,9 @@ def test_a_step_switches_between_compiled_eager_and_plain_mid_generation(compile
     """All three read and write the same cache buffers: mixing them gives the plain logits."""
     counted = _Counted(monkeypatch)
     ids = torch.tensor([[7, 3, 250, 9]])
-    cache = KVCache(compiled_tiny.config.text)
-    got = []
-    with torch.no_grad():
-        logits = prefill(compiled_tiny, compiled_tiny.to_inputs(ids), cache)
-        for i in range(21):
-            got.append(logits)
-            nxt = int(logits.argmax())
-            if i % 3 == 0:
-                logits = decode_one(compiled_tiny, nxt, cache, True)  # compiled
-            elif i % 3 == 1:
-                with monkeypatch.context() as m:  # the eager lean step
-                    m.setattr(compiled_decode, "step", lambda *a: None)
-                    logits = decode_one(compiled_tiny, nxt, cache, True)
-            else:
-                logits = decode_one(compiled_tiny, nxt, cache, False)  # the plain forward
+    got = steps_in_turns(compiled_tiny, ids, 21, compiled_decode)  # compiled, lean, plain, ...
     assert counted.n == 7
-    got, plain = torch.stack(got), greedy_steps(compiled_tiny, ids, 20, False)
+    plain = greedy_steps(compiled_tiny, ids, 21, False)
     assert torch.equal(got.argmax(-1), plain.argmax(-1))
     assert float((got - plain).abs().max() / plain.abs().max()) < 1e-4
 

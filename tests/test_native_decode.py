@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import bf16_noise_check, greedy_steps, tiny_decoder
+from helpers import bf16_noise_check, greedy_steps, steps_in_turns, tiny_decoder
 
 from gemma3_lab.generate import decode_one, prefill
 from gemma3_lab.model import gemv, native_decode
@@ -63,22 +63,13 @@ def test_native_steps_match_plain_ones_past_the_window_and_a_grown_buffer(tiny, 
     assert _rel(fast, plain) < 1e-5, _rel(fast, plain)
 
 
-def test_a_step_switches_between_native_eager_and_plain_mid_generation(tiny, monkeypatch):
+def test_a_step_switches_between_native_eager_and_plain_mid_generation(tiny):
     """All three read and write the same cache buffers: mixing them gives the plain logits."""
     ids = torch.tensor([[7, 3, 250, 9]])
     cache = KVCache(tiny.config.text)
-    got = []
-    with torch.no_grad():
-        logits = prefill(tiny, tiny.to_inputs(ids), cache)
-        for i in range(21):
-            got.append(logits)
-            nxt = int(logits.argmax())
-            with monkeypatch.context() as m:
-                if i % 3 == 1:  # the eager lean step
-                    m.setattr(native_decode, "step", lambda *a: None)
-                logits = decode_one(tiny, nxt, cache, i % 3 != 2)  # native, lean, plain
+    got = steps_in_turns(tiny, ids, 21, native_decode, cache)  # native, lean, plain, ...
     assert cache.paths == {"native": 7, "lean": 7, "plain": 7}
-    got, plain = torch.stack(got), greedy_steps(tiny, ids, 20, False)
+    plain = greedy_steps(tiny, ids, 21, False)
     assert torch.equal(got.argmax(-1), plain.argmax(-1))
     assert _rel(got, plain) < 1e-5
 
