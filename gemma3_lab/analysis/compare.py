@@ -148,3 +148,89 @@ def compare_residuals(ra: Tensor, rb: Tensor, kl: Tensor, top1_a: Tensor, top1_b
         top1_a=top1_a,
         top1_b=top1_b,
     )
+
+
+# ---------------------------------------------------------------------------- greedy generations
+@dataclass
+class Divergence:
+    """Where B's greedy generation parts from A's, and why it could: A's margin at each of its
+    tokens against what B does to that margin. Logprobs in nats; "along A" means B is fed A's
+    own tokens (teacher-forced), so each position asks only "would B pick A's next token here?"."""
+
+    labels: tuple[str, str]
+    prompt_ids: list[int]
+    a_ids: list[int]  # A's greedy tokens
+    b_ids: list[int]  # B's greedy tokens, from the same prompt
+    a_margin: Tensor  # (n,) A's logprob of its token minus its runner-up's
+    b_margin: Tensor  # (n,) B's logprob of A's token minus A's runner-up's, along A's tokens
+    b_agrees: Tensor  # (n,) bool: B's own top token along A's tokens is A's token
+    a_pieces: list[str]  # A's tokens and runners-up, as pieces
+    runner_up: list[str]
+
+    @property
+    def shared(self) -> int:
+        """Greedy tokens B keeps before the first difference."""
+        return next((i for i, (x, y) in enumerate(zip(self.a_ids, self.b_ids)) if x != y), min(len(self.a_ids), len(self.b_ids)))
+
+    @property
+    def first(self) -> int | None:
+        """Index of the first generated token where B differs from A (None: none does)."""
+        return None if self.shared == len(self.a_ids) else self.shared  # both run to max_new_tokens
+
+    @property
+    def same_positions(self) -> int:
+        """Tokens of B equal to A's at the same index (after a difference, only by chance)."""
+        return sum(x == y for x, y in zip(self.a_ids, self.b_ids))
+
+    @property
+    def margin_shift(self) -> Tensor:
+        """(n,) how far B moves A's margin: |b_margin - a_margin|."""
+        return (self.b_margin - self.a_margin).abs()
+
+    def summary(self) -> str:
+        """One paragraph: how much of A's greedy output B keeps, what A's margin was where they
+        part, and how far B moves margins in general (the bar a margin must clear to survive)."""
+        a, b = self.labels
+        n = len(self.a_ids)
+        shift = float(self.margin_shift.median())
+        along = f"fed {a}'s tokens, {b} picks {a}'s next token at {int(self.b_agrees.sum())} of {n} positions"
+        if self.first is None:
+            return f"{b} keeps all {n} of {a}'s greedy tokens; {along}; it moves {a}'s margins by {shift:.3f} nats (median)."
+        i = self.first
+        return (f"{b} keeps {i} of {a}'s {n} greedy tokens, then parts: at token {i + 1} {a} chose {self.a_pieces[i]!r} "
+                f"over {self.runner_up[i]!r} by {float(self.a_margin[i]):.3f} nats, and {b} moves {a}'s margins by "
+                f"{shift:.3f} nats (median, max {float(self.margin_shift.max()):.3f}); {along}.")
+
+
+@torch.no_grad()
+def greedy_divergence(a, b, inputs, max_new_tokens: int = 16, labels: tuple[str, str] = ("A", "B")) -> Divergence:
+    """Generate greedily with A and B from one text prompt (or ids), then run both over A's
+    output to see where B parts from it and by how little A's choice was made there: a
+    low-bit variant that keeps few of float32's tokens may differ only at a near-tie."""
+    if a.config.text != b.config.text:
+        raise ValueError("greedy_divergence needs two variants of the same model (their text configs differ)")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number >= 1, not {max_new_tokens!r}")
+    inp = a.to_inputs(inputs)
+    if inp.input_ids.shape[0] != 1 or inp.pixel_values is not None:
+        raise ValueError("greedy_divergence takes one text prompt (no image) at a time")
+    ra = a.generate(inp, max_new_tokens=max_new_tokens, stop_ids=())
+    rb = b.generate(inp, max_new_tokens=max_new_tokens, stop_ids=())
+    prompt = inp.input_ids[0].tolist()
+    n, p = len(ra.token_ids), len(prompt)
+    ids = torch.tensor([prompt + ra.token_ids[:-1]])
+    # position p - 1 + t predicts A's token t
+    lpa, lpb = (m(ids.to(m.device)).logits[0, p - 1:].float().cpu().log_softmax(-1) for m in (a, b))
+    tok = torch.tensor(ra.token_ids, dtype=torch.long)
+    rival = lpa.scatter(1, tok[:, None], float("-inf")).argmax(-1)  # A's runner-up at each position
+
+    def margin(lp: Tensor) -> Tensor:
+        return lp.gather(1, tok[:, None])[:, 0] - lp.gather(1, rival[:, None])[:, 0]
+
+    tok_of = getattr(a, "tokenizer", None)
+    piece = (lambda i: tok_of.id_to_token(int(i))) if tok_of is not None else (lambda i: str(int(i)))  # a bare network: ids
+    return Divergence(
+        labels=tuple(labels), prompt_ids=prompt, a_ids=list(ra.token_ids), b_ids=list(rb.token_ids),
+        a_margin=margin(lpa), b_margin=margin(lpb), b_agrees=lpb.argmax(-1) == tok,
+        a_pieces=[piece(i) for i in tok], runner_up=[piece(i) for i in rival],
+    )
