@@ -205,7 +205,8 @@ def _build():
         done = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", str(tmp), "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
-            first = (done.stderr.strip().splitlines() or ["no message"])[0]
+            lines = done.stderr.strip().splitlines() or ["no message"]
+            first = next((ln for ln in lines if "error" in ln), lines[0])  # gcc's first line may be "In function ..." 
             raise _NotHere(f"{cc} could not build {' '.join(p.name for p in SOURCES)}: {first[:200]}")
         os.replace(tmp, lib_path)  # whole or not at all, whoever builds it at the same time
     return ctypes.CDLL(str(lib_path))
