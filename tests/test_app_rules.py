@@ -77,3 +77,34 @@ def test_comparison_summary_line(tiny_gqa):
     line = c.summary(by_layer=False)
     assert line == c.summary().splitlines()[0] and "\n" not in line
     assert line.startswith("B: y vs A: x on 4 tokens") and "top-1 agreement 100.0%" in line
+
+
+def test_the_divergence_line_says_what_each_column_gave_the_others_token(tiny_gqa):
+    """The app's divergence line reads both step records at the first difference: each
+    column's probability of the other's token from its recorded top k, and how many nats
+    below (or, for a sampled column, above) its own choice that is."""
+    import math
+
+    from gemma3_lab.app.ui.render import divergence_line
+
+    ids = torch.tensor([[2, 7, 40, 3]])
+    a = tiny_gqa.generate(ids, max_new_tokens=12, stop_ids=())
+    assert divergence_line(a, a) == "A and B chose the same 12 tokens."
+    b = next(r for seed in range(50)
+             for r in [tiny_gqa.generate(ids, max_new_tokens=12, stop_ids=(), do_sample=True, temperature=3.0, seed=seed)]
+             if (d := a.first_divergence(r)) is not None and r.steps[d].token_id in a.steps[d].top_k_ids)
+    d = a.first_divergence(b)
+    sa, sb = a.steps[d], b.steps[d]
+    line = divergence_line(a, b)
+    p = dict(zip(sa.top_k_ids, (q for _, q in sa.top_k)))[sb.token_id]
+    assert d > 0 and line.startswith(f"A and B first differ at step {d}: A chose {sa.token!r} (p = {sa.prob:.4g}), "
+                                     f"B chose {sb.token!r} (p = {sb.prob:.4g}). ")
+    assert f"A gave {sb.token!r} p = {p:.4g}, {math.log(sa.prob / p):.2f} nats below its choice" in line
+    if sa.token_id in sb.top_k_ids:
+        q = dict(zip(sb.top_k_ids, (x for _, x in sb.top_k)))[sa.token_id]
+        gap = math.log(sb.prob / q)
+        assert f"B gave {sa.token!r} p = {q:.4g}, {abs(gap):.2f} nats {'below' if gap >= 0 else 'above'}" in line
+    else:
+        assert f"{sa.token!r} was not in B's top {len(sb.top_k_ids)}" in line
+    short = tiny_gqa.generate(ids, max_new_tokens=d, stop_ids=())  # A's first d tokens, then it stops
+    assert divergence_line(short, a) == f"A and B agree on their first {d} tokens; then one of them stops."

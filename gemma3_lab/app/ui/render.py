@@ -4,8 +4,10 @@ divergence between A and B outlined, each token clickable) and the results as JS
 from __future__ import annotations
 
 import html
+import math
 
 from gemma3_lab.app.ui.session import ColumnRun, Session
+from gemma3_lab.generate import GenerationResult
 
 # JavaScript for the token strips: a click (or Enter) on a token sends its column and step
 # index to Python as a `select` event (gr.SelectData.index / .value); a prompt token sends
@@ -148,14 +150,28 @@ def divergence_md(session: Session) -> str:
     a, b = session.runs.get("A"), session.runs.get("B")
     if a is None or b is None or a.result is None or b.result is None:
         return ""
-    d = session.first_divergence()
+    return divergence_line(a.result, b.result)
+
+
+def divergence_line(a: GenerationResult, b: GenerationResult) -> str:
+    """Where A and B first chose differently, and how close each choice was: what each run's
+    step record gave the other's token (from its recorded top k), in nats below its own."""
+    d = a.first_divergence(b)
     if d is None:
-        return f"A and B chose the same {len(a.result.steps)} tokens."
+        return f"A and B chose the same {len(a.steps)} tokens."
     if d >= min(len(a.steps), len(b.steps)):
         return f"A and B agree on their first {d} tokens; then one of them stops."
     sa, sb = a.steps[d], b.steps[d]
-    return (f"A and B first differ at step {d}: A chose {sa.token!r} (p = {sa.prob:.4f}), "
-            f"B chose {sb.token!r} (p = {sb.prob:.4f}).")
+
+    def gave(who: str, s, other) -> str:
+        if other.token_id not in s.top_k_ids:
+            return f"{other.token!r} was not in {who}'s top {len(s.top_k_ids)}"
+        p = s.top_k[s.top_k_ids.index(other.token_id)][1]
+        gap = math.log(s.prob / p) if p > 0 and s.prob > 0 else float("inf")
+        return f"{who} gave {other.token!r} p = {p:.4g}, {abs(gap):.2f} nats {'below' if gap >= 0 else 'above'} its choice"
+
+    return (f"A and B first differ at step {d}: A chose {sa.token!r} (p = {sa.prob:.4g}), "
+            f"B chose {sb.token!r} (p = {sb.prob:.4g}). {gave('A', sa, sb)}; {gave('B', sb, sa)}.")
 
 
 def results_json(session: Session) -> dict:
