@@ -90,13 +90,33 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for cmd in ("generate", "masks", "verify", "convert", "info"):
+    for cmd in ("generate", "compare", "masks", "verify", "convert", "info"):
         assert cmd in out
 
 
 def test_cli_reports_errors_without_traceback(capsys):
     assert main(["info", "--model", "/nonexistent/folder"]) == 2
     assert "error:" in capsys.readouterr().err
+    assert main(["compare", "Hello", "--tokens", "0"]) == 2  # refused before loading anything
+    assert capsys.readouterr().err.strip() == "error: --tokens must be at least 1, not 0"
+
+
+@pytest.mark.real
+def test_cli_compare_prints_the_librarys_divergence_and_comparison(capsys, real_model):
+    """`compare` prints both greedy texts, `greedy_divergence`'s summary and `compare`'s, each
+    the library's own on the same two models."""
+    from gemma3_lab.analysis.compare import compare, greedy_divergence, load_precision
+
+    assert main(["compare", "Once upon a time", "--b", "int8", "--tokens", "10"]) == 0
+    out = capsys.readouterr()
+    int8 = load_precision(precision="int8", progress=False)
+    d = greedy_divergence(real_model, int8, "Once upon a time", 10, ("float32", "int8"))
+    lines = out.out.splitlines()
+    assert lines[0] == f"  float32: {real_model.tokenizer.decode(d.a_ids)!r}"
+    assert lines[1] == f"     int8: {real_model.tokenizer.decode(d.b_ids)!r}"
+    assert lines[2] == d.summary()
+    assert out.out.rstrip().endswith(compare(real_model, int8, "Once upon a time", ("float32", "int8")).summary())
+    assert "[B: gemma-3-270m" in out.err and "int8/row" in out.err
 
 
 @pytest.mark.real

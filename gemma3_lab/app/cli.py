@@ -1,10 +1,12 @@
-"""`python -m gemma3_lab`: generate, inspect masks, verify against transformers, convert GGUF."""
+"""`python -m gemma3_lab`: generate, compare precisions, inspect masks, verify against transformers,
+convert GGUF."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from gemma3_lab.analysis.compare import PRECISIONS, compare, greedy_divergence, load_precision
 from gemma3_lab.analysis.verify import load_reference, verify
 from gemma3_lab.config import BUNDLED
 from gemma3_lab.errors import Gemma3LabError
@@ -16,6 +18,7 @@ from gemma3_lab.viz.mask_visualizer import AttentionMaskVisualizer
 EXAMPLES = """examples:
   python -m gemma3_lab generate "The capital of France is"
   python -m gemma3_lab generate "Once upon a time" --sample --temperature 0.8 --top-p 0.95 --seed 1
+  python -m gemma3_lab compare "Once upon a time" --b int4   # where int4's greedy parts from float32's, and why
   python -m gemma3_lab masks "The quick brown fox jumps" --window 3
   python -m gemma3_lab verify --tokens 32
   python -m gemma3_lab convert gemma-3-270m ./gemma-3-270m-hf   # the bundled GGUF, or any .gguf file
@@ -84,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--plain", action="store_true",
                       help="decode every token through the plain instrumented forward (no lean, native or compiled step)")
 
+    k = command("compare", "run one prompt through two precisions of a model: where their greedy outputs part and "
+                "how close the first one's choice was there, the next-token KL, the residual stream's error by layer")
+    k.add_argument("prompt", help="the prompt text")
+    k.add_argument("--model", default=BUNDLED,
+                   help=f"{BUNDLED} (the bundled real weights), demo-multimodal, a Hugging Face folder or a .gguf file")
+    k.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    k.add_argument("--a", default="float32", choices=list(PRECISIONS), help="the precision compared against")
+    k.add_argument("--b", default="int4", choices=list(PRECISIONS), help="the precision compared with it")
+    k.add_argument("--tokens", type=int, default=16, help="greedy tokens each one generates")
+
     m = command("masks", "print the attention mask of every distinct layer type")
     m.add_argument("prompt", help="the prompt text whose tokens the masks are drawn over")
     _model_args(m, weights=False)
@@ -111,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return 0
     try:
-        return {"generate": _generate, "masks": _masks, "verify": _verify, "convert": _convert, "info": _info}[
+        return {"generate": _generate, "compare": _compare, "masks": _masks, "verify": _verify, "convert": _convert,
+                "info": _info}[
             args.command
         ](args)
     except (Gemma3LabError, ValueError, OSError, ImportError) as e:  # bad input: one line, no traceback
@@ -160,6 +174,21 @@ def _generate(args) -> int:
 
 def _masks(args) -> int:
     AttentionMaskVisualizer(args.model, window=args.window)(args.prompt, images=args.image or None)
+    return 0
+
+
+def _compare(args) -> int:
+    if args.tokens < 1:  # before two loads, not after
+        raise Gemma3LabError(f"--tokens must be at least 1, not {args.tokens}")
+    a, b = (load_precision(args.model, p, device=args.device) for p in (args.a, args.b))
+    for label, m in (("A", a), ("B", b)):
+        print(f"[{label}: {m.describe()}]", file=sys.stderr)
+    labels = (args.a, args.b)
+    d = greedy_divergence(a, b, args.prompt, args.tokens, labels)
+    for label, ids in zip(labels, (d.a_ids, d.b_ids)):
+        print(f"{label:>9}: {a.tokenizer.decode(ids)!r}")
+    print(d.summary())
+    print(compare(a, b, args.prompt, labels).summary())
     return 0
 
 
