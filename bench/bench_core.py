@@ -20,6 +20,7 @@ import time
 import torch
 
 PROMPT = "The capital of France is"
+QUALITY_PROMPTS = (PROMPT, "Once upon a time")  # the int4 quality target's bench prompts
 SNIPPETS = {
     "ours_warm": "import time, gemma3_lab as gl; t=time.perf_counter(); gl.load(progress=False); print(time.perf_counter()-t)",
     # the tokenizer.json parse is deferred to first use; this is the time until text can go in
@@ -304,6 +305,12 @@ def bench_decode(n: int) -> None:
               f"({read / 1e9:4.2f} GB read a step, {tensor_bytes(m) / 1e9:4.2f} GB stored)" + (f"; quantized in {made:4.1f} s" if quant else ""))
         if label == "bf16":
             print(f"  bf16 {_same_moment(moments[label], read)}")
+        if label == "int4 (load's default)":  # the quality target, with why a prompt falls short of it
+            from gemma3_lab.analysis.compare import greedy_divergence
+
+            for prompt in QUALITY_PROMPTS:
+                d = greedy_divergence(model, m, prompt, 16, ("float32", "int4"))
+                print(f"  int4 on {prompt!r} (target: keeps >= 8 of float32's 16 greedy tokens): {d.summary()}")
         del m
     print(f"  targets: bf16 >= 70% of its ceiling and >= fp32; int8 >= 1.5x fp32; int4 >= 2x fp32 "
           f"(ceilings: the fastest of {len(seen)} head gemvs, {max(seen) / 1e9:4.1f} GB/s)")
