@@ -170,7 +170,8 @@ class Divergence:
     @property
     def shared(self) -> int:
         """Greedy tokens B keeps before the first difference."""
-        return next((i for i, (x, y) in enumerate(zip(self.a_ids, self.b_ids)) if x != y), min(len(self.a_ids), len(self.b_ids)))
+        pairs = zip(self.a_ids, self.b_ids)
+        return next((i for i, (x, y) in enumerate(pairs) if x != y), min(len(self.a_ids), len(self.b_ids)))
 
     @property
     def first(self) -> int | None:
@@ -217,7 +218,7 @@ def greedy_divergence(a, b, inputs, max_new_tokens: int = 16, labels: tuple[str,
     ra = a.generate(inp, max_new_tokens=max_new_tokens, stop_ids=())
     rb = b.generate(inp, max_new_tokens=max_new_tokens, stop_ids=())
     prompt = inp.input_ids[0].tolist()
-    n, p = len(ra.token_ids), len(prompt)
+    p = len(prompt)
     ids = torch.tensor([prompt + ra.token_ids[:-1]])
     # position p - 1 + t predicts A's token t
     lpa, lpb = (m(ids.to(m.device)).logits[0, p - 1:].float().cpu().log_softmax(-1) for m in (a, b))

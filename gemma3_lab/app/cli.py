@@ -37,11 +37,12 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
         return super()._get_help_string(action)
 
 
-def _model_args(p: argparse.ArgumentParser, weights: bool = True) -> None:
+def _model_args(p: argparse.ArgumentParser, weights: bool = True, dtype: bool = True) -> None:
     p.add_argument("--model", default=BUNDLED,
                    help=f"{BUNDLED} (the bundled real weights), demo-multimodal, a Hugging Face folder or a .gguf file")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="the dtype weights and activations are computed in")
+    if dtype:  # compare names its two precisions instead
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="the dtype weights and activations are computed in")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     if not weights:  # masks need only the config and tokenizer
         return
@@ -90,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     k = command("compare", "run one prompt through two precisions of a model: where their greedy outputs part and "
                 "how close the first one's choice was there, the next-token KL, the residual stream's error by layer")
     k.add_argument("prompt", help="the prompt text")
-    k.add_argument("--model", default=BUNDLED,
-                   help=f"{BUNDLED} (the bundled real weights), demo-multimodal, a Hugging Face folder or a .gguf file")
-    k.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    _model_args(k, weights=False, dtype=False)
     k.add_argument("--a", default="float32", choices=list(PRECISIONS), help="the precision compared against")
     k.add_argument("--b", default="int4", choices=list(PRECISIONS), help="the precision compared with it")
     k.add_argument("--tokens", type=int, default=16, help="greedy tokens each one generates")
