@@ -50,7 +50,7 @@ def parsers(parser: argparse.ArgumentParser):
 
 def test_every_cli_argument_has_help_and_defaults_are_shown(capsys):
     every = list(parsers(build_parser()))
-    assert {p.prog.split()[-1] for p in every[1:]} == {"generate", "masks", "verify", "convert", "info"}
+    assert {p.prog.split()[-1] for p in every[1:]} == {"generate", "compare", "masks", "verify", "convert", "info"}
     for p in every:
         for a in p._actions:
             assert a.help and a.help.strip(), f"{p.prog}: {a.option_strings or a.dest} has no help"
