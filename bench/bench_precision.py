@@ -88,14 +88,13 @@ def main() -> None:
           "float32's margin there, how far the variant moves float32's margins (median), and fed float32's tokens, "
           "at how many positions it picks float32's token.")
     for prompt in PROMPTS:
-        first = None
+        shown = False  # float32's margins, once per prompt
         for label, model in models.items():
             if label == "float32":
                 continue
             d = greedy_divergence(ref, model, prompt, args.tokens, ("float32", label))
-            if first is None:
-                first = d
-                m = d.a_margin
+            if not shown:
+                shown, m = True, d.a_margin
                 print(f"  {prompt!r}: float32's margins {' '.join(f'{x:.2f}' for x in m.tolist())}; "
                       f"{int((m < 0.1).sum())} under 0.1 nats, {int((m < 0.3).sum())} under 0.3")
             n, i = len(d.a_ids), d.first

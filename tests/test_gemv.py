@@ -100,7 +100,7 @@ def test_the_sources_build_wherever_there_is_a_compiler(monkeypatch, tmp_path):
     """A build error would not fail the loops' tests: they, and the native step's, skip with
     the compiler's message as their reason, and every path has a fallback. So on an x86
     machine with a C compiler the build itself is asserted, whatever the CPU runs (each
-    function names its own instructions). The message is the compiler's first line."""
+    function names its own instructions). The message is the compiler's first error line."""
     if not any(shutil.which(c) for c in (os.environ.get("CC"), "gcc", "cc") if c):
         pytest.skip("no C compiler on this machine")
     monkeypatch.setattr(gemv, "_STATE", {})

@@ -206,7 +206,7 @@ def _build():
         if done.returncode != 0:
             tmp.unlink(missing_ok=True)
             lines = done.stderr.strip().splitlines() or ["no message"]
-            first = next((ln for ln in lines if "error" in ln), lines[0])  # gcc's first line may be "In function ..." 
+            first = next((ln for ln in lines if "error" in ln), lines[0])  # gcc's first line may be "In function ..."
             raise _NotHere(f"{cc} could not build {' '.join(p.name for p in SOURCES)}: {first[:200]}")
         os.replace(tmp, lib_path)  # whole or not at all, whoever builds it at the same time
     return ctypes.CDLL(str(lib_path))

@@ -116,18 +116,19 @@ ISA static inline vf tanh_lanes(vf x) {
     return v_sub(v_set1(1.0f), v_div(v_set1(2.0f), v_add(e, v_set1(1.0f))));
 }
 
-ISA static float sum_squares(const float *x, int64_t n) {
+/* q . k[at:at + H] in VL lanes, k float32 or bfloat16 (a cache's keys, say; x . x for a norm) */
+ISA static float dot(const float *q, const void *k, int64_t at, int64_t H, int bf16) {
     vf acc = v_zero();
-    for (int64_t i = 0; i < n; i += VL) {
-        vf v = v_maskload(v_lanes(n - i), x + i);
-        acc = v_fmadd(v, v, acc);
+    for (int64_t i = 0; i < H; i += VL) {
+        vmask m = v_lanes(H - i);
+        acc = v_fmadd(v_maskload(m, q + i), load_lanes(k, at + i, bf16, m), acc);
     }
     return v_reduce(acc);
 }
 
 /* y = (x / rms(x)) * gain over n, then the cast back (RMSNorm.forward) */
 ISA static void norm(const Step *s, const float *x, const float *gain, float *y, int64_t n) {
-    float r = 1.0f / sqrtf(sum_squares(x, n) / (float)n + (float)s->eps);
+    float r = 1.0f / sqrtf(dot(x, x, 0, n, 0) / (float)n + (float)s->eps);
     for (int64_t i = 0; i < n; i++) y[i] = (x[i] * r) * gain[i];
     round_all(s, y, n);
 }
@@ -147,16 +148,6 @@ ISA static void rows_int8(const int8_t *Q, const float *lo, const float *st, con
         }
         y[n0 + i] = st[n0 + i] * v_reduce(acc) + lo[n0 + i] * sum_x;
     }
-}
-
-/* q . k[at:at + H] in VL lanes, k float32 or bfloat16 (a cache's keys, say) */
-ISA static float dot(const float *q, const void *k, int64_t at, int64_t H, int bf16) {
-    vf acc = v_zero();
-    for (int64_t i = 0; i < H; i += VL) {
-        vmask m = v_lanes(H - i);
-        acc = v_fmadd(v_maskload(m, q + i), load_lanes(k, at + i, bf16, m), acc);
-    }
-    return v_reduce(acc);
 }
 
 /* int4 in groups of G columns: row n holds K/2 bytes, byte j = column j (low nibble) and
